@@ -1,0 +1,144 @@
+"""The ``fentry-build`` command: a thin layer over functions the tests call too."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fentry_build import __version__
+from fentry_build.errors import FentryError
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from fentry_build import check
+
+    report = check.check_binary(Path(args.binary))
+    if args.json:
+        _print_json(report)
+    else:
+        print(check.format_report(report))
+    return 0 if report["instrumented"] else 1
+
+
+def _cmd_meson_init(args: argparse.Namespace) -> int:
+    from fentry_build import meson_init
+
+    result = meson_init.meson_init(Path(args.project_dir))
+    print(meson_init.format_result(result))
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from fentry_build import scaffold
+
+    created = scaffold.project(Path(args.dir), name=args.name)
+    print(scaffold.format_result(created))
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from fentry_build import control
+
+    reply = control.apply(args.pid, Path(args.patch))
+    print(json.dumps(reply, sort_keys=True) if args.json else control.format_apply(reply))
+    return 0
+
+
+def _cmd_revert(args: argparse.Namespace) -> int:
+    from fentry_build import control
+
+    reply = control.revert(args.pid, args.name)
+    print(json.dumps(reply, sort_keys=True) if args.json else control.format_revert(reply))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from fentry_build import control
+
+    reply = control.list_patches(args.pid)
+    print(json.dumps(reply, sort_keys=True) if args.json else control.format_list(reply))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from fentry_build import control
+
+    reply = control.status(args.pid)
+    print(json.dumps(reply, sort_keys=True) if args.json else control.format_status(reply))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fentry_build import demo
+
+    return demo.run_demo(keep=args.keep)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fentry-build",
+        description="Userspace live patching for C programs built with gcc -pg -mfentry.",
+    )
+    p.add_argument("--version", action="version", version=f"fentry-build {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("check", help="is a binary instrumented; its build-id and patchable functions")
+    s.add_argument("binary")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_cmd_check)
+
+    s = sub.add_parser("meson-init", help="put the fentry subproject into a Meson project")
+    s.add_argument("project_dir", nargs="?", default=".")
+    s.set_defaults(func=_cmd_meson_init)
+
+    s = sub.add_parser("init", help="scaffold a new live-patchable Meson project")
+    s.add_argument("dir")
+    s.add_argument("--name", help="program name (default: the folder's name)")
+    s.set_defaults(func=_cmd_init)
+
+    s = sub.add_parser("apply", help="load a patch .so into a running process")
+    s.add_argument("--pid", type=int, required=True)
+    s.add_argument("patch", help="the patch .so (its name is the file name without .so)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_apply)
+
+    s = sub.add_parser("revert", help="revert a patch of a running process by name")
+    s.add_argument("--pid", type=int, required=True)
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_revert)
+
+    s = sub.add_parser("list", help="the patches of a running process")
+    s.add_argument("--pid", type=int, required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_list)
+
+    s = sub.add_parser("status", help="pid, program, build-id and mode of a running process")
+    s.add_argument("--pid", type=int, required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_status)
+
+    s = sub.add_parser("demo", help="build the server example, fix its bug live, revert it")
+    s.add_argument("--keep", action="store_true", help="keep the temporary build directory")
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FentryError as e:
+        print(f"fentry-build: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fentry-build: interrupted", file=sys.stderr)
+        return 130
