@@ -7,6 +7,7 @@ path is tested end to end elsewhere (tests/test_meson.py).
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 from fentry_build import paths
@@ -63,7 +64,7 @@ def build_program(
 def build_patch(binary: Path, patch_c: Path, out: Path, *, cflags: list[str] | None = None) -> Path:
     """Generate the registration with the real generator and link the patch .so."""
     reg = out.with_suffix(".reg.c")
-    run(["python", "-m", "fentry_build.gen", "--binary", str(binary), "--patch", str(patch_c),
+    run([sys.executable, "-m", "fentry_build.gen", "--binary", str(binary), "--patch", str(patch_c),
          "-o", str(reg)])
     run(["gcc", "-O2", "-g", "-shared", "-fPIC", *(cflags or []), f"-I{paths.shim_dir()}",
          "-o", str(out), str(patch_c), str(reg)])
