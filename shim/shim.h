@@ -37,11 +37,15 @@ FENTRY_HIDDEN int fentry_table_publish(const struct fentry_redirect *redirects, 
 
 /* ---- module.c --------------------------------------------------------------------- */
 
+#define FENTRY_MODULE_SEGMENTS 8
+
 struct fentry_module {
 	uintptr_t base;                  /* load bias: runtime address = base + st_value */
-	char path[4096];                 /* "" for the main program is turned into its path */
+	char path[4096];                 /* file name; the main program's from /proc/self/exe */
 	uint8_t build_id[FENTRY_BUILD_ID_MAX];
 	uint32_t build_id_len;
+	unsigned nexec;                  /* executable PT_LOAD segments, for bounds checks */
+	struct { uintptr_t start, end; } exec[FENTRY_MODULE_SEGMENTS];
 };
 
 /* Find the loaded module whose GNU build-id is `id`; 0 when found, -1 otherwise. */
@@ -49,6 +53,9 @@ FENTRY_HIDDEN int fentry_module_by_build_id(const uint8_t *id, uint32_t len,
 					    struct fentry_module *out);
 /* The main program. */
 FENTRY_HIDDEN int fentry_module_main(struct fentry_module *out);
+/* 1 if [addr, addr+len) lies inside one executable segment of m. */
+FENTRY_HIDDEN int fentry_module_contains_code(const struct fentry_module *m, uintptr_t addr,
+					      size_t len);
 /* Hex of a build-id into buf (at least 2*len+1 bytes). */
 FENTRY_HIDDEN void fentry_hex(const uint8_t *id, uint32_t len, char *buf);
 
@@ -81,6 +88,9 @@ FENTRY_HIDDEN int fentry_revert_name(const char *name, char *err);
 /* Call `fn` for each loaded patch, oldest first, under the loader's lock. */
 FENTRY_HIDDEN void fentry_foreach_patch(void (*fn)(const struct fentry_patch_info *, void *),
 					void *arg);
+/* pthread_atfork handlers keeping loader_lock consistent across fork(). */
+FENTRY_HIDDEN void fentry_loader_lock_for_fork(void);
+FENTRY_HIDDEN void fentry_loader_unlock_after_fork(void);
 /* Number of patches in state FENTRY_ACTIVE. */
 FENTRY_HIDDEN unsigned fentry_active_count(void);
 /* "dispatch" (the table lookup in __fentry__) - the only mode so far. */

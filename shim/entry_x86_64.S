@@ -1,0 +1,94 @@
+/*
+ * entry_x86_64.S - __fentry__, the function every instrumented function calls first.
+ *
+ * gcc -pg -mfentry puts a call to __fentry__ at each function's entry, before the
+ * prologue (after endbr64 under -fcf-protection).  The call's return address is the
+ * address just after the call instruction: "site_end", unique per function whatever
+ * the call's form (e8, 67 e8, ff 15 - see fentry.h), so it is the lookup key.
+ *
+ * On entry:   (%rsp) = site_end (return into the function's body)
+ *            8(%rsp) = the function's own return address (its caller)
+ * Redirecting a call means replacing (%rsp) with the replacement's address: our `ret`
+ * then enters the replacement with the stack and every argument register exactly as
+ * the caller left them, and the replacement returns straight to the caller.
+ *
+ * The patch table (table.c) is an open-addressing hash table of 16-byte slots
+ * {site_end, target}; a key of 0 marks an empty slot.  Readers take no lock: they
+ * check the table's sequence number before and after the lookup and start again when
+ * it changed (the writer rewrites only tables that are no longer published; a reader
+ * that loaded such a table before the switch is the only one who can see the change).
+ * The partner of these loads is the writer's store order in fentry_table_publish().
+ */
+
+#include "table_layout.h"
+
+	.text
+	.globl	__fentry__
+	.type	__fentry__, @function
+	.p2align 4
+__fentry__:
+#if defined(__CET__) && (__CET__ & 1)
+	endbr64				/* a target of `call *GOT(%rip)` under IBT */
+#endif
+	/* Fast path, no patch applied: one load, one test, ret.  Touches only r11 and
+	 * flags, so no argument register (rdi rsi rdx rcx r8 r9, rax for varargs, r10
+	 * for the static chain, xmm0-7) needs saving. */
+	movq	fentry_active_table(%rip), %r11
+	testq	%r11, %r11
+	jnz	.Llookup
+	ret
+
+.Llookup:
+	/* Slow path: we need three scratch registers.  rax, rcx and rdx can all carry
+	 * arguments, so they are saved on the stack and restored before either `ret`.
+	 * No call is made from here, so stack alignment does not matter. */
+	pushq	%rax
+	pushq	%rcx
+	pushq	%rdx
+	movq	24(%rsp), %rax			/* rax = site_end, the key */
+
+.Lretry:
+	movq	fentry_active_table(%rip), %r11	/* the table published now */
+	testq	%r11, %r11
+	jz	.Ldone				/* everything was reverted meanwhile */
+	movq	TABLE_SEQ(%r11), %rcx		/* rcx = seq seen before the lookup */
+	testb	$1, %cl
+	jnz	.Lretry				/* odd: being rewritten, read again */
+
+	/* slot offset = ((key >> 7) ^ key) & mask; mask = (capacity - 1) * 16 keeps
+	 * the offset a multiple of 16 (same hash as fentry_slot_offset() in table.c). */
+	movq	%rax, %rdx
+	shrq	$7, %rdx
+	xorq	%rax, %rdx
+	andq	TABLE_MASK(%r11), %rdx
+
+.Lprobe:
+	cmpq	TABLE_SLOTS+SLOT_KEY(%r11,%rdx), %rax
+	je	.Lhit
+	cmpq	$0, TABLE_SLOTS+SLOT_KEY(%r11,%rdx)
+	je	.Lmiss
+	cmpq	TABLE_SEQ(%r11), %rcx		/* a stale table being rewritten can cycle: */
+	jne	.Lretry				/* leave as soon as its seq moves           */
+	addq	$SLOT_SIZE, %rdx		/* linear probing, wrapping at the end */
+	andq	TABLE_MASK(%r11), %rdx
+	jmp	.Lprobe
+
+.Lhit:
+	movq	TABLE_SLOTS+SLOT_TARGET(%r11,%rdx), %rdx
+	cmpq	TABLE_SEQ(%r11), %rcx		/* the slot was read from a stable table? */
+	jne	.Lretry
+	movq	%rdx, 24(%rsp)			/* `ret` now enters the replacement */
+	jmp	.Ldone
+
+.Lmiss:
+	cmpq	TABLE_SEQ(%r11), %rcx
+	jne	.Lretry
+
+.Ldone:
+	popq	%rdx
+	popq	%rcx
+	popq	%rax
+	ret
+	.size	__fentry__, .-__fentry__
+
+	.section .note.GNU-stack, "", @progbits

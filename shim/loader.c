@@ -1,0 +1,457 @@
+/*
+ * loader.c - checks, dlopens, validates and activates or reverts patches.
+ *
+ * Every way a patch arrives (FENTRY_PATCHES at start, the control socket later) goes
+ * through fentry_apply_path(): check the file, load exactly the file checked, validate
+ * everything against the running process, and only then change the patch table in
+ * one publish.  A patch that fails any step changes nothing.
+ *
+ * Patches of one function form a stack: the most recently activated patch is in
+ * effect; reverting it uncovers the one below, or the original.  A reverted patch's
+ * .so stays mapped (a thread may still be running its code or be about to return
+ * into it); applying the same file again re-activates it.
+ */
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "shim.h"
+
+/* The loader's record of one patch. */
+struct loaded_patch {
+	char name[FENTRY_NAME_MAX];
+	char path[4096];
+	void *handle;                    /* from dlopen; never closed (see top)       */
+	int fd;                          /* the checked file, loaded as /proc/self/fd/N;
+	                                    kept open so that N is never reused: glibc
+	                                    matches an already-loaded object by name  */
+	const struct fentry_patch *desc; /* the descriptor inside the patch           */
+	dev_t dev;                       /* identity of the file loaded, to recognise  */
+	ino_t ino;                       /* a re-apply of the same file               */
+	enum fentry_patch_state state;
+	double applied_at;
+	uint64_t order;                  /* activation order: higher is newer          */
+	struct fentry_redirect *redirects; /* one per descriptor function              */
+	char *in_effect;                 /* per function, for list                     */
+};
+
+/* Serialises every change and every reader of the records below. */
+static pthread_mutex_t loader_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct loaded_patch **patches;
+static size_t npatches;
+static uint64_t next_order = 1;
+
+static int fail(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static int fail(char *err, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(err, FENTRY_ERR_MAX, fmt, ap);
+	va_end(ap);
+	/* Keep messages to one line whatever dlerror() or a path contained. */
+	for (char *p = err; *p; p++)
+		if (*p == '\n' || *p == '\r')
+			*p = ' ';
+	return -1;
+}
+
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static struct loaded_patch *find(const char *name)
+{
+	for (size_t i = 0; i < npatches; i++)
+		if (strcmp(patches[i]->name, name) == 0)
+			return patches[i];
+	return NULL;
+}
+
+/* A patch's name is its file name without ".so". */
+static int name_of(const char *path, char *name, char *err)
+{
+	const char *base = strrchr(path, '/');
+	size_t len;
+
+	base = base ? base + 1 : path;
+	len = strlen(base);
+	if (len > 3 && strcmp(base + len - 3, ".so") == 0)
+		len -= 3;
+	if (len == 0 || len >= FENTRY_NAME_MAX)
+		return fail(err, "%s: not a patch file name (expected NAME.so)", path);
+	memcpy(name, base, len);
+	name[len] = '\0';
+	return 0;
+}
+
+/*
+ * Open the patch file and check it: a regular file (not a symlink, directory or FIFO),
+ * not writable by group or others, owned by us or by root.  The returned descriptor is
+ * what gets loaded, so the file cannot be swapped between this check and dlopen().
+ */
+static int open_checked(const char *path, struct stat *st, char *err)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+
+	if (fd < 0) {
+		if (errno == ELOOP)
+			return fail(err, "%s: is a symbolic link; pass the path of the file itself", path);
+		return fail(err, "%s: cannot open: %s", path, strerror(errno));
+	}
+	if (fstat(fd, st) < 0) {
+		fail(err, "%s: cannot stat: %s", path, strerror(errno));
+		goto bad;
+	}
+	if (!S_ISREG(st->st_mode)) {
+		fail(err, "%s: not a regular file", path);
+		goto bad;
+	}
+	if (st->st_mode & (S_IWGRP | S_IWOTH)) {
+		fail(err, "%s: writable by group or others (mode %03o); chmod go-w it",
+		     path, (unsigned)(st->st_mode & 0777));
+		goto bad;
+	}
+	if (st->st_uid != geteuid() && st->st_uid != 0) {
+		fail(err, "%s: owned by uid %u, not by this process's uid %u or root", path,
+		     (unsigned)st->st_uid, (unsigned)geteuid());
+		goto bad;
+	}
+	return fd;
+bad:
+	close(fd);
+	return -1;
+}
+
+static int validate_func(const struct fentry_func *f, const struct fentry_module *mod,
+			 const char *pname, struct fentry_redirect *r, char *err)
+{
+	uintptr_t addr = mod->base + (uintptr_t)f->addr;
+	Dl_info info;
+
+	if (f->name == NULL || f->replacement == NULL || *f->replacement == NULL)
+		return fail(err, "patch %s: a function entry has no name or replacement", pname);
+	if ((f->site_offset != 0 && f->site_offset != 4) || (f->site_len != 5 && f->site_len != 6) ||
+	    f->entry_len != f->site_offset + f->site_len)
+		return fail(err, "patch %s: %s: malformed site description", pname, f->name);
+	if (!fentry_module_contains_code(mod, addr, f->entry_len))
+		return fail(err, "patch %s: %s: address 0x%llx is outside %s's code", pname,
+			    f->name, (unsigned long long)f->addr, mod->path);
+	if (memcmp((const void *)addr, f->entry, f->entry_len) != 0)
+		return fail(err, "patch %s: %s: the bytes at its entry differ from the build the "
+			    "patch was made for (a breakpoint or another tool changed them?)",
+			    pname, f->name);
+	if (dladdr(*f->replacement, &info) == 0)
+		return fail(err, "patch %s: %s: replacement is not inside any loaded object",
+			    pname, f->name);
+	r->site_end = addr + f->site_offset + f->site_len;
+	r->target = (uintptr_t)*f->replacement;
+	return 0;
+}
+
+/* Check the descriptor against the running process; fill the patch's redirects. */
+static int validate(struct loaded_patch *p, char *err)
+{
+	const struct fentry_patch *d = p->desc;
+	struct fentry_module mod, main_mod;
+	char want[2 * FENTRY_BUILD_ID_MAX + 1], have[2 * FENTRY_BUILD_ID_MAX + 1];
+
+	if (d->abi_version != FENTRY_ABI_VERSION)
+		return fail(err, "patch %s: descriptor ABI version %u, this shim reads %u; "
+			    "rebuild the patch with this fentry_build", p->name,
+			    (unsigned)d->abi_version, (unsigned)FENTRY_ABI_VERSION);
+	if (d->nfuncs == 0 || d->nfuncs > 65536 || d->funcs == NULL ||
+	    d->build_id_len == 0 || d->build_id_len > FENTRY_BUILD_ID_MAX)
+		return fail(err, "patch %s: malformed descriptor", p->name);
+	if (fentry_module_by_build_id(d->build_id, d->build_id_len, &mod) < 0) {
+		fentry_hex(d->build_id, d->build_id_len, want);
+		have[0] = '\0';
+		if (fentry_module_main(&main_mod) == 0)
+			fentry_hex(main_mod.build_id, main_mod.build_id_len, have);
+		return fail(err, "patch %s was built for another build of %s (build-id %s; the "
+			    "running program's is %s); rebuild the patch against the running binary",
+			    p->name, d->target ? d->target : "its program", want,
+			    have[0] ? have : "unknown");
+	}
+	p->redirects = calloc(d->nfuncs, sizeof(*p->redirects));
+	p->in_effect = calloc(d->nfuncs, 1);
+	if (!p->redirects || !p->in_effect)
+		return fail(err, "patch %s: out of memory", p->name);
+	for (uint32_t i = 0; i < d->nfuncs; i++) {
+		if (validate_func(&d->funcs[i], &mod, p->name, &p->redirects[i], err) < 0)
+			return -1;
+		for (uint32_t j = 0; j < i; j++)
+			if (p->redirects[j].site_end == p->redirects[i].site_end)
+				return fail(err, "patch %s replaces %s twice", p->name,
+					    d->funcs[i].name);
+	}
+	return 0;
+}
+
+/*
+ * Collect the redirects of every active patch, newest last, plus `extra` (being
+ * activated, the newest of all), and publish them.  Also recompute in_effect.
+ */
+static int publish(struct loaded_patch *extra, char *err)
+{
+	struct loaded_patch **order = calloc(npatches + 1, sizeof(*order));
+	struct fentry_redirect *all;
+	size_t n = 0, nr = 0;
+	int rc;
+
+	if (!order)
+		return fail(err, "out of memory");
+	for (size_t i = 0; i < npatches; i++)
+		if (patches[i]->state == FENTRY_ACTIVE && patches[i] != extra)
+			order[n++] = patches[i];
+	/* Insertion sort by activation order: the lists are short. */
+	for (size_t i = 1; i < n; i++)
+		for (size_t j = i; j > 0 && order[j - 1]->order > order[j]->order; j--) {
+			struct loaded_patch *t = order[j];
+			order[j] = order[j - 1];
+			order[j - 1] = t;
+		}
+	if (extra)
+		order[n++] = extra;
+	for (size_t i = 0; i < n; i++)
+		nr += order[i]->desc->nfuncs;
+	all = calloc(nr ? nr : 1, sizeof(*all));
+	if (!all) {
+		free(order);
+		return fail(err, "out of memory");
+	}
+	nr = 0;
+	for (size_t i = 0; i < n; i++)
+		for (uint32_t k = 0; k < order[i]->desc->nfuncs; k++)
+			all[nr++] = order[i]->redirects[k]; /* later entries win in the table */
+	rc = fentry_table_publish(all, nr);
+	if (rc == 0) {
+		/* A function's patch is in effect if no newer active patch covers its site. */
+		for (size_t i = 0; i < npatches; i++)
+			memset(patches[i]->in_effect, 0, patches[i]->desc->nfuncs);
+		for (size_t i = 0; i < n; i++)
+			for (uint32_t k = 0; k < order[i]->desc->nfuncs; k++) {
+				int covered = 0;
+				for (size_t j = i + 1; j < n && !covered; j++)
+					for (uint32_t m = 0; m < order[j]->desc->nfuncs; m++)
+						if (order[j]->redirects[m].site_end ==
+						    order[i]->redirects[k].site_end)
+							covered = 1;
+				order[i]->in_effect[k] = !covered;
+			}
+	} else {
+		fail(err, "cannot publish the patch table: %s", strerror(errno));
+	}
+	free(all);
+	free(order);
+	return rc;
+}
+
+/* Let replacements reach the original bodies: the instruction after each site. */
+static void set_originals(const struct loaded_patch *p)
+{
+	for (uint32_t i = 0; i < p->desc->nfuncs; i++)
+		if (p->desc->funcs[i].original)
+			*p->desc->funcs[i].original = (void *)p->redirects[i].site_end;
+}
+
+static int reactivate(struct loaded_patch *p, const struct stat *st, char *err)
+{
+	if (p->state == FENTRY_ACTIVE)
+		return fail(err, "patch %s is already applied; revert it first, or give the new "
+			    "patch another file name", p->name);
+	if (p->dev != st->st_dev || p->ino != st->st_ino)
+		return fail(err, "a different file named %s.so was applied before and stays "
+			    "loaded; give the new patch another file name", p->name);
+	p->order = next_order++;
+	if (publish(p, err) < 0)
+		return -1;
+	p->state = FENTRY_ACTIVE;
+	p->applied_at = now();
+	return 0;
+}
+
+static void discard(struct loaded_patch *p)
+{
+	if (p->handle)
+		dlclose(p->handle);
+	if (p->fd >= 0)
+		close(p->fd);
+	free(p->redirects);
+	free(p->in_effect);
+	free(p);
+}
+
+/* Load, validate and activate a patch not seen before; takes ownership of fd. */
+static int load_new(const char *path, int fd, const struct stat *st, const char *name, char *err)
+{
+	struct loaded_patch *p = calloc(1, sizeof(*p)), **grown;
+	char fdpath[64];
+
+	if (!p) {
+		close(fd);
+		return fail(err, "out of memory");
+	}
+	p->fd = fd; /* owned by the record from here on */
+	snprintf(p->name, sizeof(p->name), "%s", name);
+	snprintf(p->path, sizeof(p->path), "%s", path);
+	p->dev = st->st_dev;
+	p->ino = st->st_ino;
+
+	/* Load the file we checked, through our descriptor, never the path again. */
+	snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", fd);
+	p->handle = dlopen(fdpath, RTLD_NOW | RTLD_LOCAL);
+	if (!p->handle) {
+		const char *why = dlerror();
+		const char *s = why ? strstr(why, fdpath) : NULL;
+
+		/* dlerror() names our /proc path; skip it, the message names the patch. */
+		if (s && (s = strstr(s, ": ")) != NULL)
+			why = s + 2;
+		fail(err, "%s: cannot load: %s", path, why ? why : "unknown error");
+		goto bad;
+	}
+	p->desc = dlsym(p->handle, FENTRY_PATCH_SYMBOL);
+	if (!p->desc) {
+		fail(err, "%s: no %s descriptor; build patches with the fentry generator",
+		     path, FENTRY_PATCH_SYMBOL);
+		goto bad;
+	}
+	if (validate(p, err) < 0)
+		goto bad;
+	grown = realloc(patches, (npatches + 1) * sizeof(*patches));
+	if (!grown) {
+		fail(err, "out of memory");
+		goto bad;
+	}
+	patches = grown;
+	set_originals(p);
+	p->order = next_order++;
+	if (publish(p, err) < 0)
+		goto bad;
+	p->state = FENTRY_ACTIVE;
+	p->applied_at = now();
+	patches[npatches++] = p;
+	return 0;
+bad:
+	discard(p);
+	return -1;
+}
+
+FENTRY_HIDDEN int fentry_apply_path(const char *path, char *name_out, char *err)
+{
+	char name[FENTRY_NAME_MAX];
+	struct loaded_patch *old;
+	struct stat st;
+	int fd, rc;
+
+	if (path == NULL || path[0] != '/')
+		return fail(err, "%s: the patch path must be absolute", path ? path : "(null)");
+	if (name_of(path, name, err) < 0)
+		return -1;
+	fd = open_checked(path, &st, err);
+	if (fd < 0)
+		return -1;
+	pthread_mutex_lock(&loader_lock);
+	old = find(name);
+	if (old) {
+		rc = reactivate(old, &st, err);
+		close(fd);
+	} else {
+		rc = load_new(path, fd, &st, name, err); /* takes fd */
+	}
+	pthread_mutex_unlock(&loader_lock);
+	if (rc == 0 && name_out)
+		snprintf(name_out, FENTRY_NAME_MAX, "%s", name);
+	return rc;
+}
+
+FENTRY_HIDDEN int fentry_revert_name(const char *name, char *err)
+{
+	struct loaded_patch *p;
+	int rc = 0;
+
+	pthread_mutex_lock(&loader_lock);
+	p = find(name);
+	if (!p)
+		rc = fail(err, "no patch named %s is loaded", name);
+	else if (p->state != FENTRY_ACTIVE)
+		rc = fail(err, "patch %s is not applied (already reverted)", name);
+	else {
+		p->state = FENTRY_REVERTED;
+		if (publish(NULL, err) < 0) {
+			p->state = FENTRY_ACTIVE;
+			rc = -1;
+		}
+	}
+	pthread_mutex_unlock(&loader_lock);
+	return rc;
+}
+
+FENTRY_HIDDEN void fentry_foreach_patch(void (*fn)(const struct fentry_patch_info *, void *),
+					void *arg)
+{
+	struct fentry_patch_info *info = malloc(sizeof(*info));
+
+	if (!info)
+		return;
+	pthread_mutex_lock(&loader_lock);
+	for (size_t i = 0; i < npatches; i++) {
+		const struct loaded_patch *p = patches[i];
+
+		memcpy(info->name, p->name, sizeof(info->name));
+		memcpy(info->path, p->path, sizeof(info->path));
+		info->state = p->state;
+		info->applied_at = p->applied_at;
+		info->nfuncs = p->desc->nfuncs;
+		info->funcs = p->desc->funcs;
+		info->func_state = p->in_effect;
+		fn(info, arg);
+	}
+	pthread_mutex_unlock(&loader_lock);
+	free(info);
+}
+
+/*
+ * fork() while another thread holds loader_lock would leave it locked forever in the
+ * child, whose new control thread would then hang: take it around fork (init.c
+ * registers these with pthread_atfork, before the control thread's child handler).
+ */
+FENTRY_HIDDEN void fentry_loader_lock_for_fork(void)
+{
+	pthread_mutex_lock(&loader_lock);
+}
+
+FENTRY_HIDDEN void fentry_loader_unlock_after_fork(void)
+{
+	pthread_mutex_unlock(&loader_lock);
+}
+
+FENTRY_HIDDEN unsigned fentry_active_count(void)
+{
+	unsigned n = 0;
+
+	pthread_mutex_lock(&loader_lock);
+	for (size_t i = 0; i < npatches; i++)
+		n += patches[i]->state == FENTRY_ACTIVE;
+	pthread_mutex_unlock(&loader_lock);
+	return n;
+}
+
+FENTRY_HIDDEN const char *fentry_mode(void)
+{
+	return "dispatch";
+}

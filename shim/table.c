@@ -1,0 +1,132 @@
+/*
+ * table.c - the patch table __fentry__ reads: lock-free readers, one-store publish.
+ *
+ * Two tables of equal capacity alternate.  A change rewrites the one that is not
+ * published, then publishes it with one atomic store of fentry_active_table: a reader
+ * sees the old or the new set of redirections, never a mix.
+ *
+ * Reclaiming: a reader may still be looking into the previously published table
+ * when the writer starts rewriting it one publish later.  Each table carries a
+ * sequence number, odd while it is rewritten; readers (entry_x86_64.S) compare it
+ * before and after their lookup and start again on any change, so a stale table is
+ * safe to reuse without knowing when readers left it.  When a change needs a larger
+ * capacity, a new pair is allocated and the old pair is kept forever (a stale reader
+ * may still hold it): the memory kept is bounded by the largest pair ever used, since
+ * capacities double.
+ */
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "shim.h"
+#include "table_layout.h"
+
+struct fentry_table {
+	_Atomic uint64_t seq;
+	uint64_t mask;
+	struct fentry_redirect slot[];
+};
+
+_Static_assert(offsetof(struct fentry_table, seq) == TABLE_SEQ, "layout");
+_Static_assert(offsetof(struct fentry_table, mask) == TABLE_MASK, "layout");
+_Static_assert(offsetof(struct fentry_table, slot) == TABLE_SLOTS, "layout");
+_Static_assert(sizeof(struct fentry_redirect) == SLOT_SIZE, "layout");
+_Static_assert(offsetof(struct fentry_redirect, site_end) == SLOT_KEY, "layout");
+_Static_assert(offsetof(struct fentry_redirect, target) == SLOT_TARGET, "layout");
+
+/* Read by __fentry__ on every instrumented call; NULL when nothing is patched. */
+FENTRY_HIDDEN struct fentry_table *_Atomic fentry_active_table;
+
+static struct fentry_table *tables[2]; /* the pair in use; tables[cur] is published */
+static int cur;
+static size_t capacity; /* slots per table, a power of two */
+
+static size_t slot_offset(uintptr_t key, uint64_t mask)
+{
+	/* Must equal the hash in entry_x86_64.S. */
+	return (size_t)(((key >> 7) ^ key) & mask);
+}
+
+static struct fentry_table *table_new(size_t cap)
+{
+	struct fentry_table *t = calloc(1, sizeof(*t) + cap * sizeof(struct fentry_redirect));
+
+	if (t)
+		t->mask = (uint64_t)(cap - 1) * SLOT_SIZE;
+	return t;
+}
+
+/* Keep the load factor at or below one half so every probe sequence meets a hole. */
+static int ensure_capacity(size_t n)
+{
+	size_t cap = capacity ? capacity : 16;
+	struct fentry_table *a, *b;
+
+	while (cap < 2 * n)
+		cap *= 2;
+	if (cap == capacity)
+		return 0;
+	a = table_new(cap);
+	b = table_new(cap);
+	if (!a || !b) {
+		free(a);
+		free(b);
+		errno = ENOMEM;
+		return -1;
+	}
+	/* The old pair is deliberately not freed: see the comment at the top. */
+	tables[0] = a;
+	tables[1] = b;
+	cur = 1; /* so that the next table written is tables[0] */
+	capacity = cap;
+	return 0;
+}
+
+static void insert(struct fentry_table *t, const struct fentry_redirect *r)
+{
+	size_t off = slot_offset(r->site_end, t->mask);
+	struct fentry_redirect *s;
+
+	for (;;) {
+		s = (struct fentry_redirect *)((char *)t->slot + off);
+		if (s->site_end == 0 || s->site_end == r->site_end)
+			break;
+		off = (off + SLOT_SIZE) & t->mask;
+	}
+	s->target = r->target;
+	s->site_end = r->site_end;
+}
+
+FENTRY_HIDDEN int fentry_table_publish(const struct fentry_redirect *redirects, size_t n)
+{
+	struct fentry_table *next;
+	uint64_t seq;
+
+	if (n == 0) {
+		atomic_store_explicit(&fentry_active_table, NULL, memory_order_release);
+		return 0;
+	}
+	if (ensure_capacity(n) < 0)
+		return -1;
+	next = tables[cur ^ 1];
+
+	/*
+	 * Mark the table odd before touching a slot and even after the last one.  On
+	 * x86-64 stores are not reordered with other stores, and the readers' loads are
+	 * not reordered with other loads, so the release/acquire pairs below only need
+	 * to stop the compiler; the reader's partner is the seq check in __fentry__.
+	 */
+	seq = atomic_load_explicit(&next->seq, memory_order_relaxed);
+	atomic_store_explicit(&next->seq, seq + 1, memory_order_relaxed);
+	atomic_thread_fence(memory_order_release);
+	memset(next->slot, 0, capacity * sizeof(struct fentry_redirect));
+	for (size_t i = 0; i < n; i++)
+		insert(next, &redirects[i]);
+	atomic_store_explicit(&next->seq, seq + 2, memory_order_release);
+
+	/* The one store that switches every reader to the new set. */
+	atomic_store_explicit(&fentry_active_table, next, memory_order_release);
+	cur ^= 1;
+	return 0;
+}
