@@ -1,0 +1,102 @@
+"""``fentry-build meson-init``: put the ``fentry`` subproject into a user's Meson project."""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fentry_build import __version__, paths, render
+from fentry_build.errors import FentryError
+
+# The shim files the subproject carries: sources, headers and shim/meson.build.
+_SHIM_SUFFIXES = {".c", ".h", ".S", ".build"}
+
+
+@dataclass
+class MesonInitResult:
+    project_dir: Path
+    written: list[Path] = field(default_factory=list)    # files created or changed
+    unchanged: list[Path] = field(default_factory=list)  # files already up to date
+
+
+def _shim_files() -> list[Path]:
+    return sorted(p for p in paths.shim_dir().iterdir() if p.suffix in _SHIM_SUFFIXES)
+
+
+def _put_text(path: Path, text: str, result: MesonInitResult) -> None:
+    if path.is_file() and path.read_text() == text:
+        result.unchanged.append(path)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    result.written.append(path)
+
+
+def _put_copy(src: Path, dest: Path, result: MesonInitResult) -> None:
+    if dest.is_file() and filecmp.cmp(src, dest, shallow=False):
+        result.unchanged.append(dest)
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    result.written.append(dest)
+
+
+def meson_init(project_dir: Path) -> MesonInitResult:
+    """Write ``subprojects/fentry/`` and ``subprojects/fentry.wrap``; safe to run again.
+
+    Files of an older fentry_build are replaced; files no longer shipped are removed
+    from ``subprojects/fentry/shim`` so that a stale source can never be built.
+    """
+    project_dir = project_dir.resolve()
+    if not project_dir.is_dir():
+        raise FentryError(f"{project_dir}: no such directory; create the project first or use "
+                          "`fentry-build init DIR` to scaffold one")
+    if not (project_dir / "meson.build").is_file():
+        raise FentryError(f"{project_dir} has no meson.build; run meson-init in the project's "
+                          "top folder, or `fentry-build init DIR` to scaffold a new project")
+    result = MesonInitResult(project_dir)
+    sub = project_dir / "subprojects" / "fentry"
+    ctx = {"version": __version__}
+    _put_text(sub / "meson.build", render.render("meson/subproject_meson.build.j2", ctx), result)
+    shipped = _shim_files()
+    for src in shipped:
+        _put_copy(src, sub / "shim" / src.name, result)
+    names = {p.name for p in shipped}
+    for old in sorted((sub / "shim").iterdir()):
+        if old.is_file() and old.name not in names:
+            old.unlink()
+            result.written.append(old)
+    _put_text(project_dir / "subprojects" / "fentry.wrap",
+              render.render("meson/fentry.wrap.j2", ctx), result)
+    return result
+
+
+def format_result(result: MesonInitResult) -> str:
+    rel = [str(p.relative_to(result.project_dir)) for p in result.written]
+    if rel:
+        head = f"fentry subproject written to {result.project_dir}/subprojects ({len(rel)} files)"
+    else:
+        head = f"fentry subproject in {result.project_dir}/subprojects is up to date"
+    return head + "\n\nAdd to your meson.build (see README.md, 'The Meson snippet'):\n\n" + SNIPPET_HINT
+
+
+SNIPPET_HINT = """\
+fentry = dependency('fentry')
+fentry_sub = subproject('fentry')
+patch_dep = fentry_sub.get_variable('patch_dep')
+patch_gen = fentry_sub.get_variable('patch_gen')
+
+prog = executable('prog', 'prog.c', dependencies: fentry)
+
+patches = {'fix': 'patches/fix.c'}
+patch_targets = []
+foreach name, src : patches
+  reg = custom_target(name + '_reg', input: [prog, src], output: name + '_reg.c',
+    command: [patch_gen, '--binary', '@INPUT0@', '--patch', '@INPUT1@', '-o', '@OUTPUT@'])
+  patch_targets += shared_module(name, src, reg, name_prefix: '',
+    build_by_default: false, dependencies: patch_dep)
+endforeach
+alias_target('patches', patch_targets)
+"""
