@@ -2,4 +2,24 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def project(first: Any, *args: Any, **kwargs: Any) -> Any:
+    """The one entry point of both build systems' users.
+
+    - ``project(DIR, name=None)``: scaffold a new Meson project in DIR (what
+      ``fentry-build init DIR`` runs); returns a ``scaffold.ScaffoldResult``.
+    - ``project(env, name, sources, patches=...)`` in an SConstruct: build the
+      instrumented program and its patches with SCons (see ``fentry_build.scons``).
+    """
+    if isinstance(first, (str, os.PathLike)):
+        from fentry_build import scaffold
+
+        return scaffold.project(first, *args, **kwargs)
+    from fentry_build import scons
+
+    return scons.project(first, *args, **kwargs)

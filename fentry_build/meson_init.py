@@ -73,30 +73,17 @@ def meson_init(project_dir: Path) -> MesonInitResult:
     return result
 
 
+def meson_snippet(name: str, sources: list[str], patches: dict[str, str]) -> str:
+    """The user's meson.build for a program and its patches (the README snippet)."""
+    return render.render("project/meson.build.j2",
+                         {"name": name, "sources": sources, "patches": patches})
+
+
 def format_result(result: MesonInitResult) -> str:
     rel = [str(p.relative_to(result.project_dir)) for p in result.written]
     if rel:
         head = f"fentry subproject written to {result.project_dir}/subprojects ({len(rel)} files)"
     else:
         head = f"fentry subproject in {result.project_dir}/subprojects is up to date"
-    return head + "\n\nAdd to your meson.build (see README.md, 'The Meson snippet'):\n\n" + SNIPPET_HINT
-
-
-SNIPPET_HINT = """\
-fentry = dependency('fentry')
-fentry_sub = subproject('fentry')
-patch_dep = fentry_sub.get_variable('patch_dep')
-patch_gen = fentry_sub.get_variable('patch_gen')
-
-prog = executable('prog', 'prog.c', dependencies: fentry)
-
-patches = {'fix': 'patches/fix.c'}
-patch_targets = []
-foreach name, src : patches
-  reg = custom_target(name + '_reg', input: [prog, src], output: name + '_reg.c',
-    command: [patch_gen, '--binary', '@INPUT0@', '--patch', '@INPUT1@', '-o', '@OUTPUT@'])
-  patch_targets += shared_module(name, src, reg, name_prefix: '',
-    build_by_default: false, dependencies: patch_dep)
-endforeach
-alias_target('patches', patch_targets)
-"""
+    snippet = meson_snippet("prog", ["prog.c"], {"fix": "patches/fix.c"})
+    return head + "\n\nYour meson.build needs (README.md, 'The Meson snippet'):\n\n" + snippet
