@@ -1,0 +1,151 @@
+"""A Meson project builds a live-patchable program and its patches (real Meson + Ninja + gcc)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fentry_build import meson_init
+from fentry_build.errors import FentryError
+from mesonrun import copy_example, meson, setup_and_compile
+
+CLI = [sys.executable, "-m", "fentry_build"]
+
+
+def run(prog: Path, env: dict[str, str] | None = None, cwd: Path | None = None,
+        args: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    full = dict(os.environ)
+    full.pop("FENTRY_PATCHES", None)
+    full.update(env or {})
+    return subprocess.run([str(prog), *args], capture_output=True, text=True, env=full,
+                          cwd=cwd, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def hello(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    project = copy_example("hello", tmp_path_factory.mktemp("meson") / "hello")
+    setup_and_compile(project)
+    return project
+
+
+def test_plain_compile_builds_the_program_and_no_patch(hello: Path) -> None:
+    assert (hello / "build" / "hello").is_file()
+    assert not (hello / "build" / "my_patch.so").exists()
+
+
+def test_meson_compile_patches_puts_each_patch_beside_the_program(hello: Path) -> None:
+    meson("compile", "-C", "build", "patches", cwd=hello)
+    assert (hello / "build" / "my_patch.so").is_file()
+    plain = run(hello / "build" / "hello")
+    assert plain.stdout == "my function: 123!\n"
+    patched = run(hello / "build" / "hello",
+                  {"FENTRY_PATCHES": str(hello / "build" / "my_patch.so")})
+    assert patched.returncode == 0, patched.stderr
+    assert patched.stdout == "my_patch: 123\n"
+    assert patched.stderr == ""
+
+
+def test_instrumentation_flags_are_on_compile_lines_only(hello: Path) -> None:
+    commands = json.loads((hello / "build" / "compile_commands.json").read_text())
+    hello_c = [c for c in commands if c["file"].endswith("hello.c")]
+    assert hello_c and all("-pg" in shlex.split(c["command"]) for c in hello_c)
+    assert all("-mfentry" in shlex.split(c["command"]) for c in hello_c)
+    # The shim is never instrumented.
+    shim = [c for c in commands if "/shim/" in c["file"]]
+    assert shim and not any("-pg" in shlex.split(c["command"]) for c in shim)
+    # The patch is not instrumented either.
+    patch = [c for c in commands if c["file"].endswith("my_patch.c")]
+    assert patch and not any("-pg" in shlex.split(c["command"]) for c in patch)
+    ninja = (hello / "build" / "build.ninja").read_text()
+    link = re.search(r"^build hello: c_LINKER .*?(?=^build )", ninja, re.S | re.M)
+    assert link is not None
+    assert "-pg" not in link.group(0)
+
+
+def test_no_gmon_out_is_ever_written(hello: Path, tmp_path: Path) -> None:
+    result = run(hello / "build" / "hello", cwd=tmp_path)
+    assert result.returncode == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_patches_are_regenerated_when_the_program_changes(hello: Path, tmp_path: Path) -> None:
+    meson("compile", "-C", "build", "patches", cwd=hello)
+    old_patch = tmp_path / "my_patch.so"
+    old_patch.write_bytes((hello / "build" / "my_patch.so").read_bytes())
+    old_reg = (hello / "build" / "my_patch_reg.c").read_text()
+
+    source = hello / "hello.c"
+    source.write_text(source.read_text().replace("my function: %d!", "my function (v2): %d!"))
+    meson("compile", "-C", "build", cwd=hello)
+    assert run(hello / "build" / "hello").stdout == "my function (v2): 123!\n"
+
+    # The stale patch is refused at start; the program runs unpatched.
+    stale = run(hello / "build" / "hello", {"FENTRY_PATCHES": str(old_patch)})
+    assert stale.returncode == 0
+    assert stale.stdout == "my function (v2): 123!\n"
+    lines = stale.stderr.splitlines()
+    assert len(lines) == 1 and "not loaded" in lines[0] and "build-id" in lines[0]
+
+    meson("compile", "-C", "build", "patches", cwd=hello)
+    new_reg = (hello / "build" / "my_patch_reg.c").read_text()
+    assert new_reg != old_reg
+    fresh = run(hello / "build" / "hello",
+                {"FENTRY_PATCHES": str(hello / "build" / "my_patch.so")})
+    assert fresh.stdout == "my_patch: 123\n"
+
+
+def test_meson_init_is_idempotent_and_repairs_its_files(tmp_path: Path) -> None:
+    (tmp_path / "meson.build").write_text("project('p', 'c')\n")
+    first = meson_init.meson_init(tmp_path)
+    assert first.written and not first.unchanged
+    assert (tmp_path / "subprojects" / "fentry.wrap").is_file()
+    assert (tmp_path / "subprojects" / "fentry" / "shim" / "fentry.h").is_file()
+    second = meson_init.meson_init(tmp_path)
+    assert second.written == [] and len(second.unchanged) == len(first.written)
+    edited = tmp_path / "subprojects" / "fentry" / "shim" / "loader.c"
+    edited.write_text("broken")
+    third = meson_init.meson_init(tmp_path)
+    assert third.written == [edited]
+    assert edited.read_text() != "broken"
+
+
+def test_meson_init_cli_tells_what_to_add(tmp_path: Path) -> None:
+    (tmp_path / "meson.build").write_text("project('p', 'c')\n")
+    out = subprocess.run([*CLI, "meson-init", str(tmp_path)], capture_output=True,
+                         text=True, env=os.environ)
+    assert out.returncode == 0, out.stderr
+    assert "dependency('fentry')" in out.stdout
+    assert "get_variable('patch_gen')" in out.stdout
+    assert "alias_target('patches'" in out.stdout
+
+
+def test_meson_init_refuses_a_folder_without_meson_build(tmp_path: Path) -> None:
+    with pytest.raises(FentryError, match="no meson.build"):
+        meson_init.meson_init(tmp_path)
+    out = subprocess.run([*CLI, "meson-init", str(tmp_path)], capture_output=True,
+                         text=True)
+    assert out.returncode != 0
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_init_scaffolds_a_project_that_builds_and_patches(tmp_path: Path) -> None:
+    out = subprocess.run([*CLI, "init", str(tmp_path / "app")], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    project = tmp_path / "app"
+    setup_and_compile(project)
+    meson("compile", "-C", "build", "patches", cwd=project)
+    prog = project / "build" / "app"
+    assert run(prog, args=("--once",)).stdout.splitlines()[1] == "hello"
+    patched = run(prog, {"FENTRY_PATCHES": str(project / "build" / "fix_greeting.so")},
+                  args=("--once",))
+    assert patched.stdout.splitlines()[1] == "hello, patched"
+    again = subprocess.run([*CLI, "init", str(project)], capture_output=True, text=True)
+    assert again.returncode != 0 and "already has a meson.build" in again.stderr
