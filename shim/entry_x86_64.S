@@ -91,4 +91,16 @@ __fentry__:
 	ret
 	.size	__fentry__, .-__fentry__
 
+	/*
+	 * The site list for jump mode.  -mrecord-mcount makes gcc list the address of every
+	 * fentry call in a read-only section __mcount_loc; in a PIE those addresses need
+	 * run-time relocations, so a read-only section would mean DT_TEXTREL (a warning,
+	 * and a link failure under -z text).  The linker gives an output section the union
+	 * of its inputs' flags: this empty writable contribution makes the whole section
+	 * writable, so it is relocated like ordinary data.  __start___mcount_loc and
+	 * __stop___mcount_loc (made by the linker) bound it; sites.c reads it.
+	 */
+	.section __mcount_loc, "aw"
+	.previous
+
 	.section .note.GNU-stack, "", @progbits

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fentry_build import paths
 
-INSTRUMENT = ["-pg", "-mfentry", "-flive-patching=inline-clone"]
+INSTRUMENT = ["-pg", "-mfentry", "-mrecord-mcount", "-flive-patching=inline-clone"]
 SHIM_CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-D_GNU_SOURCE"]
 
 
