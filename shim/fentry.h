@@ -100,6 +100,16 @@ struct fentry_patch {
 #define FENTRY_DECLARE_ORIGINAL(old)                                                 \
 	__attribute__((visibility("hidden"))) extern void *fentry_orig__##old
 
+/*
+ * For programs linked with the shim (not for patches): apply or revert a patch from
+ * inside the process, exactly as the control socket does.  Both return 0, or -1 with
+ * one line in err.  fentry_current_mode() is "jump" or "dispatch".
+ */
+#include <stddef.h>
+int fentry_apply(const char *path, char *err, size_t errlen);
+int fentry_revert(const char *name, char *err, size_t errlen);
+const char *fentry_current_mode(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -89,6 +89,7 @@ static void apply_env_patches(void)
 static void after_fork_child(void)
 {
 	fentry_loader_unlock_after_fork();
+	fentry_poke_after_fork_child();
 	fentry_control_after_fork_child();
 }
 
@@ -100,6 +101,7 @@ __attribute__((constructor)) static void fentry_init(void)
 {
 	pthread_atfork(fentry_loader_lock_for_fork, fentry_loader_unlock_after_fork,
 		       after_fork_child);
+	fentry_mode_init();
 	apply_env_patches();
 	fentry_control_start();
 }

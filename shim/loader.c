@@ -136,6 +136,24 @@ bad:
 	return -1;
 }
 
+/*
+ * Does the function's entry differ from what the generator saw?  In jump mode the site
+ * itself holds our NOP or jump: compare the bytes gcc emitted (kept by sites.c) and
+ * check that the site still holds exactly what the shim wrote there.
+ */
+static int entry_differs(const struct fentry_func *f, uintptr_t addr)
+{
+	const struct fentry_site *s = fentry_jump_mode() ? fentry_site_at(addr + f->site_offset)
+							 : NULL;
+
+	if (s == NULL)
+		return memcmp((const void *)addr, f->entry, f->entry_len) != 0;
+	return s->len != f->site_len ||
+	       memcmp((const void *)addr, f->entry, f->site_offset) != 0 ||
+	       memcmp(s->orig, f->entry + f->site_offset, s->len) != 0 ||
+	       !fentry_poke_site_is_ours(s);
+}
+
 static int validate_func(const struct fentry_func *f, const struct fentry_module *mod,
 			 const char *pname, struct fentry_redirect *r, char *err)
 {
@@ -150,7 +168,7 @@ static int validate_func(const struct fentry_func *f, const struct fentry_module
 	if (!fentry_module_contains_code(mod, addr, f->entry_len))
 		return fail(err, "patch %s: %s: address 0x%llx is outside %s's code", pname,
 			    f->name, (unsigned long long)f->addr, mod->path);
-	if (memcmp((const void *)addr, f->entry, f->entry_len) != 0)
+	if (entry_differs(f, addr))
 		return fail(err, "patch %s: %s: the bytes at its entry differ from the build the "
 			    "patch was made for (a breakpoint or another tool changed them?)",
 			    pname, f->name);
@@ -237,7 +255,7 @@ static int publish(struct loaded_patch *extra, char *err)
 	for (size_t i = 0; i < n; i++)
 		for (uint32_t k = 0; k < order[i]->desc->nfuncs; k++)
 			all[nr++] = order[i]->redirects[k]; /* later entries win in the table */
-	rc = fentry_table_publish(all, nr);
+	rc = fentry_activate(all, nr, err);
 	if (rc == 0) {
 		/* A function's patch is in effect if no newer active patch covers its site. */
 		for (size_t i = 0; i < npatches; i++)
@@ -252,8 +270,6 @@ static int publish(struct loaded_patch *extra, char *err)
 							covered = 1;
 				order[i]->in_effect[k] = !covered;
 			}
-	} else {
-		fail(err, "cannot publish the patch table: %s", strerror(errno));
 	}
 	free(all);
 	free(order);
@@ -451,7 +467,28 @@ FENTRY_HIDDEN unsigned fentry_active_count(void)
 	return n;
 }
 
-FENTRY_HIDDEN const char *fentry_mode(void)
+/* The public API of fentry.h for programs linked with the shim. */
+int fentry_apply(const char *path, char *err, size_t errlen)
 {
-	return "dispatch";
+	char buf[FENTRY_ERR_MAX];
+	int rc = fentry_apply_path(path, NULL, buf);
+
+	if (rc < 0 && err && errlen)
+		snprintf(err, errlen, "%s", buf);
+	return rc;
+}
+
+int fentry_revert(const char *name, char *err, size_t errlen)
+{
+	char buf[FENTRY_ERR_MAX];
+	int rc = fentry_revert_name(name, buf);
+
+	if (rc < 0 && err && errlen)
+		snprintf(err, errlen, "%s", buf);
+	return rc;
+}
+
+const char *fentry_current_mode(void)
+{
+	return fentry_mode();
 }

@@ -35,6 +35,52 @@ struct fentry_redirect {
  */
 FENTRY_HIDDEN int fentry_table_publish(const struct fentry_redirect *redirects, size_t n);
 
+/* ---- sites.c ---------------------------------------------------------------------- */
+
+/* One fentry site of the main program (jump mode). */
+struct fentry_site {
+	uintptr_t addr;   /* the call to __fentry__ (after endbr64, if any)              */
+	uintptr_t target; /* the replacement the site jumps to (via a trampoline); 0: NOP */
+	uint8_t len;      /* 5 or 6                                                     */
+	uint8_t orig[6];  /* the call instruction gcc emitted, for validation           */
+};
+
+/* Read and check __mcount_loc; -1 with a reason if jump mode cannot use it. */
+FENTRY_HIDDEN int fentry_sites_load(const char **why);
+/* The site at exactly addr, or NULL.  Async-signal-safe. */
+FENTRY_HIDDEN struct fentry_site *fentry_site_at(uintptr_t addr);
+/* All sites, sorted by address. */
+FENTRY_HIDDEN struct fentry_site *fentry_sites(size_t *n);
+
+/* ---- poke.c ----------------------------------------------------------------------- */
+
+/* membarrier registration, /proc/self/mem, the SIGTRAP handler; -1 with a reason. */
+FENTRY_HIDDEN int fentry_poke_init(const char **why);
+/* Turn every site into its NOP; only while no other thread can run them. */
+FENTRY_HIDDEN int fentry_poke_nop_all_single_threaded(void);
+/* Rewrite batch[i] to jump to next[i] (0: NOP) with the int3 protocol; all or nothing. */
+FENTRY_HIDDEN int fentry_poke_batch(struct fentry_site **batch, const uintptr_t *next, size_t n,
+				    char *err);
+/* 1 if the site holds exactly what this shim last wrote there. */
+FENTRY_HIDDEN int fentry_poke_site_is_ours(const struct fentry_site *s);
+FENTRY_HIDDEN void fentry_poke_after_fork_child(void);
+
+/* ---- mode.c ----------------------------------------------------------------------- */
+
+/* Choose jump or dispatch mode (FENTRY_MODE); in jump mode, NOP every site. */
+FENTRY_HIDDEN void fentry_mode_init(void);
+/* "jump" or "dispatch". */
+FENTRY_HIDDEN const char *fentry_mode(void);
+/* Why the process runs in dispatch mode ("" in jump mode). */
+FENTRY_HIDDEN const char *fentry_mode_reason(void);
+/* 1 in jump mode. */
+FENTRY_HIDDEN int fentry_jump_mode(void);
+/*
+ * Make `redirects` the complete set in effect: jump sites are rewritten, the others go
+ * to the dispatch table.  All or nothing; callers hold the loader's lock.
+ */
+FENTRY_HIDDEN int fentry_activate(const struct fentry_redirect *redirects, size_t n, char *err);
+
 /* ---- module.c --------------------------------------------------------------------- */
 
 #define FENTRY_MODULE_SEGMENTS 8
@@ -93,8 +139,6 @@ FENTRY_HIDDEN void fentry_loader_lock_for_fork(void);
 FENTRY_HIDDEN void fentry_loader_unlock_after_fork(void);
 /* Number of patches in state FENTRY_ACTIVE. */
 FENTRY_HIDDEN unsigned fentry_active_count(void);
-/* "dispatch" (the table lookup in __fentry__) - the only mode so far. */
-FENTRY_HIDDEN const char *fentry_mode(void);
 
 /* ---- control.c -------------------------------------------------------------------- */
 

@@ -123,6 +123,11 @@ const char *fentry_mode(void)
 	return "dispatch";
 }
 
+const char *fentry_mode_reason(void)
+{
+	return "stub loader";
+}
+
 int fentry_module_main(struct fentry_module *out)
 {
 	uint32_t i;

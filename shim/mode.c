@@ -1,0 +1,188 @@
+/*
+ * mode.c - jump mode or dispatch mode, and activating a set of redirections in either.
+ *
+ * Jump mode (the default where code can be written): at start every fentry site of the
+ * program becomes a NOP, so unpatched functions cost nothing measurable; a patched
+ * function's site becomes a jump to its replacement.  Dispatch mode never writes code:
+ * sites keep calling __fentry__, which looks them up in the patch table (table.c).
+ * Sites jump mode does not know (none of the program's, e.g. a shared library's) are
+ * served by the table in either mode.
+ */
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "shim.h"
+
+static int jump;
+static char reason[256] = "not initialised";
+
+/* Redirections the table holds now, to restore them if a code rewrite fails. */
+static struct fentry_redirect *table_now;
+static size_t table_now_n;
+
+static unsigned thread_count(void)
+{
+	DIR *d = opendir("/proc/self/task");
+	struct dirent *e;
+	unsigned n = 0;
+
+	if (!d)
+		return 2; /* unknown: assume other threads */
+	while ((e = readdir(d)) != NULL)
+		n += e->d_name[0] != '.';
+	closedir(d);
+	return n;
+}
+
+static void use_dispatch(const char *why)
+{
+	jump = 0;
+	snprintf(reason, sizeof(reason), "%s", why);
+}
+
+static int nop_all_live(void)
+{
+	size_t n;
+	struct fentry_site *s = fentry_sites(&n);
+	struct fentry_site **batch = calloc(n, sizeof(*batch));
+	uintptr_t *none = calloc(n, sizeof(*none));
+	char err[FENTRY_ERR_MAX];
+	int rc = -1;
+
+	if (batch && none) {
+		for (size_t i = 0; i < n; i++)
+			batch[i] = &s[i];
+		rc = fentry_poke_batch(batch, none, n, err);
+	}
+	free(batch);
+	free(none);
+	return rc;
+}
+
+FENTRY_HIDDEN void fentry_mode_init(void)
+{
+	const char *want = getenv("FENTRY_MODE");
+	const char *why = NULL;
+
+	if (want && strcmp(want, "dispatch") == 0) {
+		use_dispatch("FENTRY_MODE=dispatch");
+		return;
+	}
+	if (want && *want && strcmp(want, "jump") != 0)
+		fprintf(stderr, "fentry: FENTRY_MODE=%s is not jump or dispatch; using jump mode "
+			"where possible\n", want);
+	if (fentry_sites_load(&why) < 0 || fentry_poke_init(&why) < 0) {
+		use_dispatch(why);
+		return;
+	}
+	/* Normally no other thread exists yet and the sites are written in runs. */
+	if ((thread_count() == 1 ? fentry_poke_nop_all_single_threaded() : nop_all_live()) < 0) {
+		use_dispatch("the program's code could not be rewritten through /proc/self/mem");
+		return;
+	}
+	jump = 1;
+	reason[0] = '\0';
+}
+
+FENTRY_HIDDEN const char *fentry_mode(void)
+{
+	return jump ? "jump" : "dispatch";
+}
+
+FENTRY_HIDDEN const char *fentry_mode_reason(void)
+{
+	return reason;
+}
+
+FENTRY_HIDDEN int fentry_jump_mode(void)
+{
+	return jump;
+}
+
+/* The jump-mode site whose call ends at site_end, or NULL. */
+static struct fentry_site *site_ending_at(uintptr_t site_end)
+{
+	struct fentry_site *s = fentry_site_at(site_end - 6);
+
+	if (s && s->len == 6)
+		return s;
+	s = fentry_site_at(site_end - 5);
+	return s && s->len == 5 ? s : NULL;
+}
+
+static int publish_table(const struct fentry_redirect *r, size_t n, char *err)
+{
+	struct fentry_redirect *copy = malloc((n ? n : 1) * sizeof(*copy));
+
+	if (!copy || fentry_table_publish(r, n) < 0) {
+		free(copy);
+		return snprintf(err, FENTRY_ERR_MAX, "out of memory publishing the patch table"), -1;
+	}
+	memcpy(copy, r, n * sizeof(*copy));
+	free(table_now);
+	table_now = copy;
+	table_now_n = n;
+	return 0;
+}
+
+FENTRY_HIDDEN int fentry_activate(const struct fentry_redirect *r, size_t n, char *err)
+{
+	size_t nsites, nbatch = 0, ntable = 0;
+	struct fentry_site *sites, **batch = NULL;
+	struct fentry_redirect *table = NULL, *old_table = NULL;
+	uintptr_t *next = NULL, *want = NULL;
+	size_t old_n = table_now_n;
+	int rc = -1;
+
+	if (!jump)
+		return publish_table(r, n, err);
+
+	/* The target every jump site should have: later redirects win (newest patch). */
+	sites = fentry_sites(&nsites);
+	want = calloc(nsites ? nsites : 1, sizeof(*want));
+	table = calloc(n ? n : 1, sizeof(*table));
+	batch = calloc(nsites ? nsites : 1, sizeof(*batch));
+	next = calloc(nsites ? nsites : 1, sizeof(*next));
+	if (!want || !table || !batch || !next) {
+		snprintf(err, FENTRY_ERR_MAX, "out of memory");
+		goto out;
+	}
+	for (size_t i = 0; i < n; i++) {
+		struct fentry_site *s = site_ending_at(r[i].site_end);
+
+		if (s)
+			want[s - sites] = r[i].target;
+		else
+			table[ntable++] = r[i];
+	}
+	for (size_t i = 0; i < nsites; i++)
+		if (sites[i].target != want[i]) {
+			batch[nbatch] = &sites[i];
+			next[nbatch++] = want[i];
+		}
+
+	/* Table first (it can be put back exactly), then the code. */
+	old_table = table_now;
+	table_now = NULL;
+	if (publish_table(table, ntable, err) < 0) {
+		table_now = old_table;
+		old_table = NULL;
+		goto out;
+	}
+	if (fentry_poke_batch(batch, next, nbatch, err) < 0) {
+		char ignored[FENTRY_ERR_MAX];
+
+		publish_table(old_table, old_table ? old_n : 0, ignored);
+		goto out;
+	}
+	rc = 0;
+out:
+	free(old_table);
+	free(want);
+	free(table);
+	free(batch);
+	free(next);
+	return rc;
+}
