@@ -225,6 +225,7 @@ def test_status(host: Host) -> None:
     assert reply == {
         "ok": True, "pid": host.pid, "program": os.path.realpath(host.proc.args[0]),
         "build_id": "0102030405060708090a0b0c0d0e0f1011121314", "mode": "dispatch",
+        "mode_reason": "stub loader",
         "patches_active": 0, "patches_loaded": 0,
     }
 
