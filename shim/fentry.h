@@ -19,6 +19,7 @@
 #ifndef FENTRY_H
 #define FENTRY_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -68,6 +69,28 @@ struct fentry_func {
 	                       replacement can call the old code without recursing         */
 };
 
+/*
+ * One reference from a patch to a variable or function of the target module
+ * (FENTRY_REF): the loader stores the running address in *slot before activation.
+ */
+struct fentry_ref {
+	const char *name;   /* symbol name in the target's .symtab                       */
+	const char *file;   /* source file of a static symbol, or NULL                   */
+	uint64_t addr;      /* link-time address (st_value)                              */
+	uint64_t size;      /* st_size, checked against the module's segments             */
+	void **slot;        /* the patch's fentry_ref__<name> pointer                    */
+};
+
+/* Callbacks a patch may define (FENTRY_PRE_PATCH ...), run by the loader in order:
+ * pre_patch (may veto: return non-zero and write a reason), activation, post_patch;
+ * and on revert pre_unpatch, deactivation, post_unpatch. */
+typedef int (*fentry_pre_patch_fn)(char *why, size_t whylen);
+typedef void (*fentry_callback_fn)(void);
+
+/* struct fentry_patch.flags */
+#define FENTRY_PATCH_REPLACE_ALL 1u /* revert every earlier patch of the same module,
+                                       in the same publish that activates this one */
+
 /* The descriptor: what one patch .so changes, and in which build of which module. */
 struct fentry_patch {
 	uint32_t abi_version; /* FENTRY_ABI_VERSION of the generator that wrote it        */
@@ -76,6 +99,14 @@ struct fentry_patch {
 	uint32_t build_id_len;                 /* bytes used in build_id[]                 */
 	uint8_t build_id[FENTRY_BUILD_ID_MAX]; /* GNU build-id of the target module        */
 	const struct fentry_func *funcs;
+	uint32_t flags;       /* FENTRY_PATCH_*                                            */
+	uint32_t nrefs;       /* entries in refs[]                                         */
+	const struct fentry_ref *refs;
+	/* Each points at the patch's callback pointer (FENTRY_PRE_PATCH ...), or NULL. */
+	const fentry_pre_patch_fn *pre_patch;
+	const fentry_callback_fn *post_patch;
+	const fentry_callback_fn *pre_unpatch;
+	const fentry_callback_fn *post_unpatch;
 };
 
 /*
@@ -101,11 +132,76 @@ struct fentry_patch {
 	__attribute__((visibility("hidden"))) extern void *fentry_orig__##old
 
 /*
+ * FENTRY_REF(name, type [, "file.c"]) - at file scope in a patch: a reference to the
+ * program's own `name` (a static or global variable, or a function), not a copy.  Use
+ * it as FENTRY_VAR(name):
+ *
+ *     FENTRY_REF(requests_served, long);          // static long requests_served;
+ *     FENTRY_REF(log_line, void (const char *));  // a static function
+ *     ...  FENTRY_VAR(requests_served)++;  FENTRY_VAR(log_line)("fixed");
+ *
+ * The generator resolves the name in the program's .symtab at build time (the third
+ * argument names the source file when several statics share the name) and the loader
+ * binds it to the running address before the patch is activated.
+ */
+#define FENTRY_REF(name, type, ...)                                                   \
+	__attribute__((visibility("hidden"))) __typeof__(type) *fentry_ref__##name
+#define FENTRY_VAR(name) (*fentry_ref__##name)
+
+/*
+ * Callbacks, at file scope in a patch, each naming a function of the patch:
+ *   FENTRY_PRE_PATCH(fn)    int fn(char *why, size_t whylen): non-zero vetoes the patch;
+ *                           the reason written to why is reported and nothing changes
+ *   FENTRY_POST_PATCH(fn)   void fn(void): after activation
+ *   FENTRY_PRE_UNPATCH(fn)  void fn(void): before revert
+ *   FENTRY_POST_UNPATCH(fn) void fn(void): after revert
+ * FENTRY_REPLACE_ALL() makes the patch cumulative: applying it reverts every earlier
+ * patch of the same program in the same publish.
+ */
+#define FENTRY_PRE_PATCH(fn)                                                          \
+	__attribute__((used, visibility("hidden"))) const fentry_pre_patch_fn               \
+		fentry_cb__pre_patch = fn
+#define FENTRY_POST_PATCH(fn)                                                         \
+	__attribute__((used, visibility("hidden"))) const fentry_callback_fn                \
+		fentry_cb__post_patch = fn
+#define FENTRY_PRE_UNPATCH(fn)                                                        \
+	__attribute__((used, visibility("hidden"))) const fentry_callback_fn                \
+		fentry_cb__pre_unpatch = fn
+#define FENTRY_POST_UNPATCH(fn)                                                       \
+	__attribute__((used, visibility("hidden"))) const fentry_callback_fn                \
+		fentry_cb__post_unpatch = fn
+#define FENTRY_REPLACE_ALL()                                                          \
+	__attribute__((used, visibility("hidden"))) const int fentry_flag__replace_all = 1
+
+/*
+ * Shadow variables: new data attached to existing objects of the program without
+ * changing their layout (as the kernel's livepatch shadow API).  A shadow is keyed by
+ * (obj, id); obj is any address (usually the object the data belongs to), id a number
+ * the patch chooses.  All functions are thread-safe and are exported by the program
+ * (the shim), so patches call them directly.
+ *
+ *   fentry_shadow_get(obj, id)                      the data, or NULL
+ *   fentry_shadow_alloc(obj, id, size, ctor, arg)   new zeroed data (NULL if it exists);
+ *                                                   ctor(obj, data, arg) runs first if given
+ *   fentry_shadow_get_or_alloc(obj, id, size, ctor, arg)
+ *   fentry_shadow_free(obj, id, dtor)               dtor(obj, data) runs first if given
+ *   fentry_shadow_free_all(id, dtor)                every shadow with this id
+ */
+typedef int (*fentry_shadow_ctor)(void *obj, void *data, void *arg);
+typedef void (*fentry_shadow_dtor)(void *obj, void *data);
+void *fentry_shadow_get(void *obj, unsigned long id);
+void *fentry_shadow_alloc(void *obj, unsigned long id, size_t size, fentry_shadow_ctor ctor,
+			  void *arg);
+void *fentry_shadow_get_or_alloc(void *obj, unsigned long id, size_t size,
+				 fentry_shadow_ctor ctor, void *arg);
+void fentry_shadow_free(void *obj, unsigned long id, fentry_shadow_dtor dtor);
+void fentry_shadow_free_all(unsigned long id, fentry_shadow_dtor dtor);
+
+/*
  * For programs linked with the shim (not for patches): apply or revert a patch from
  * inside the process, exactly as the control socket does.  Both return 0, or -1 with
  * one line in err.  fentry_current_mode() is "jump" or "dispatch".
  */
-#include <stddef.h>
 int fentry_apply(const char *path, char *err, size_t errlen);
 int fentry_revert(const char *name, char *err, size_t errlen);
 const char *fentry_current_mode(void);

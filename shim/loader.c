@@ -39,6 +39,7 @@ struct loaded_patch {
 	enum fentry_patch_state state;
 	double applied_at;
 	uint64_t order;                  /* activation order: higher is newer          */
+	uintptr_t base;                  /* load base of the target module              */
 	struct fentry_redirect *redirects; /* one per descriptor function              */
 	char *in_effect;                 /* per function, for list                     */
 };
@@ -208,6 +209,18 @@ static int validate(struct loaded_patch *p, char *err)
 	p->in_effect = calloc(d->nfuncs, 1);
 	if (!p->redirects || !p->in_effect)
 		return fail(err, "patch %s: out of memory", p->name);
+	if (d->nrefs > 65536 || (d->nrefs && d->refs == NULL))
+		return fail(err, "patch %s: malformed descriptor (references)", p->name);
+	for (uint32_t i = 0; i < d->nrefs; i++) {
+		const struct fentry_ref *r = &d->refs[i];
+
+		if (r->name == NULL || r->slot == NULL)
+			return fail(err, "patch %s: a reference has no name or slot", p->name);
+		if (!fentry_module_contains(&mod, mod.base + (uintptr_t)r->addr, r->size ? r->size : 1))
+			return fail(err, "patch %s: reference %s at 0x%llx is outside %s", p->name,
+				    r->name, (unsigned long long)r->addr, mod.path);
+	}
+	p->base = mod.base;
 	for (uint32_t i = 0; i < d->nfuncs; i++) {
 		if (validate_func(&d->funcs[i], &mod, p->name, &p->redirects[i], err) < 0)
 			return -1;
@@ -276,12 +289,73 @@ static int publish(struct loaded_patch *extra, char *err)
 	return rc;
 }
 
-/* Let replacements reach the original bodies: the instruction after each site. */
-static void set_originals(const struct loaded_patch *p)
+/*
+ * Before a patch's code can run: let replacements reach the original bodies (the
+ * instruction after each site) and bind FENTRY_REF references to the running program.
+ */
+static void bind(const struct loaded_patch *p)
 {
 	for (uint32_t i = 0; i < p->desc->nfuncs; i++)
 		if (p->desc->funcs[i].original)
 			*p->desc->funcs[i].original = (void *)p->redirects[i].site_end;
+	for (uint32_t i = 0; i < p->desc->nrefs; i++)
+		*p->desc->refs[i].slot = (void *)(p->base + (uintptr_t)p->desc->refs[i].addr);
+}
+
+static void run_callback(const fentry_callback_fn *cb)
+{
+	if (cb && *cb)
+		(*cb)();
+}
+
+static int same_target(const struct loaded_patch *a, const struct loaded_patch *b)
+{
+	return a->desc->build_id_len == b->desc->build_id_len &&
+	       memcmp(a->desc->build_id, b->desc->build_id, a->desc->build_id_len) == 0;
+}
+
+/*
+ * Activate p (new, or reverted before): its pre-patch callback may veto; a cumulative
+ * patch (FENTRY_PATCH_REPLACE_ALL) reverts every other active patch of the same module
+ * in the same publish; then the post callbacks run.  Callbacks run under the loader's
+ * lock, so they must not apply or revert patches themselves.
+ */
+static int activate(struct loaded_patch *p, char *err)
+{
+	struct loaded_patch **replaced = NULL;
+	size_t nreplaced = 0;
+	char why[FENTRY_ERR_MAX / 2] = "";
+
+	if (p->desc->pre_patch && *p->desc->pre_patch && (*p->desc->pre_patch)(why, sizeof(why)))
+		return fail(err, "patch %s: its pre-patch callback refused: %s", p->name,
+			    why[0] ? why : "no reason given");
+	if (p->desc->flags & FENTRY_PATCH_REPLACE_ALL) {
+		replaced = calloc(npatches + 1, sizeof(*replaced));
+		if (!replaced)
+			return fail(err, "out of memory");
+		for (size_t i = 0; i < npatches; i++)
+			if (patches[i] != p && patches[i]->state == FENTRY_ACTIVE &&
+			    same_target(patches[i], p))
+				replaced[nreplaced++] = patches[i];
+		for (size_t i = 0; i < nreplaced; i++) {
+			run_callback(replaced[i]->desc->pre_unpatch);
+			replaced[i]->state = FENTRY_REVERTED;
+		}
+	}
+	p->order = next_order++;
+	if (publish(p, err) < 0) {
+		for (size_t i = 0; i < nreplaced; i++)
+			replaced[i]->state = FENTRY_ACTIVE;
+		free(replaced);
+		return -1;
+	}
+	p->state = FENTRY_ACTIVE;
+	p->applied_at = now();
+	run_callback(p->desc->post_patch);
+	for (size_t i = 0; i < nreplaced; i++)
+		run_callback(replaced[i]->desc->post_unpatch);
+	free(replaced);
+	return 0;
 }
 
 static int reactivate(struct loaded_patch *p, const struct stat *st, char *err)
@@ -292,12 +366,7 @@ static int reactivate(struct loaded_patch *p, const struct stat *st, char *err)
 	if (p->dev != st->st_dev || p->ino != st->st_ino)
 		return fail(err, "a different file named %s.so was applied before and stays "
 			    "loaded; give the new patch another file name", p->name);
-	p->order = next_order++;
-	if (publish(p, err) < 0)
-		return -1;
-	p->state = FENTRY_ACTIVE;
-	p->applied_at = now();
-	return 0;
+	return activate(p, err);
 }
 
 static void discard(struct loaded_patch *p)
@@ -354,12 +423,9 @@ static int load_new(const char *path, int fd, const struct stat *st, const char 
 		goto bad;
 	}
 	patches = grown;
-	set_originals(p);
-	p->order = next_order++;
-	if (publish(p, err) < 0)
+	bind(p);
+	if (activate(p, err) < 0)
 		goto bad;
-	p->state = FENTRY_ACTIVE;
-	p->applied_at = now();
 	patches[npatches++] = p;
 	return 0;
 bad:
@@ -407,10 +473,13 @@ FENTRY_HIDDEN int fentry_revert_name(const char *name, char *err)
 	else if (p->state != FENTRY_ACTIVE)
 		rc = fail(err, "patch %s is not applied (already reverted)", name);
 	else {
+		run_callback(p->desc->pre_unpatch);
 		p->state = FENTRY_REVERTED;
 		if (publish(NULL, err) < 0) {
 			p->state = FENTRY_ACTIVE;
 			rc = -1;
+		} else {
+			run_callback(p->desc->post_unpatch);
 		}
 	}
 	pthread_mutex_unlock(&loader_lock);

@@ -69,14 +69,19 @@ static int visit(struct dl_phdr_info *info, size_t size, void *arg)
 	} else {
 		strncpy(m.path, info->dlpi_name, sizeof(m.path) - 1);
 	}
-	m.nexec = 0;
-	for (int i = 0; i < info->dlpi_phnum && m.nexec < FENTRY_MODULE_SEGMENTS; i++) {
+	for (int i = 0; i < info->dlpi_phnum; i++) {
 		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+		uintptr_t start = info->dlpi_addr + ph->p_vaddr, end = start + ph->p_memsz;
 
-		if (ph->p_type == PT_LOAD && (ph->p_flags & PF_X)) {
-			m.exec[m.nexec].start = info->dlpi_addr + ph->p_vaddr;
-			m.exec[m.nexec].end = info->dlpi_addr + ph->p_vaddr + ph->p_memsz;
-			m.nexec++;
+		if (ph->p_type != PT_LOAD)
+			continue;
+		if (m.nload < FENTRY_MODULE_SEGMENTS) {
+			m.load[m.nload].start = start;
+			m.load[m.nload++].end = end;
+		}
+		if ((ph->p_flags & PF_X) && m.nexec < FENTRY_MODULE_SEGMENTS) {
+			m.exec[m.nexec].start = start;
+			m.exec[m.nexec++].end = end;
 		}
 	}
 	*s->out = m;
@@ -108,6 +113,15 @@ FENTRY_HIDDEN int fentry_module_contains_code(const struct fentry_module *m, uin
 {
 	for (unsigned i = 0; i < m->nexec; i++)
 		if (addr >= m->exec[i].start && addr + len <= m->exec[i].end && addr + len > addr)
+			return 1;
+	return 0;
+}
+
+FENTRY_HIDDEN int fentry_module_contains(const struct fentry_module *m, uintptr_t addr,
+					 size_t len)
+{
+	for (unsigned i = 0; i < m->nload; i++)
+		if (addr >= m->load[i].start && addr + len <= m->load[i].end && addr + len >= addr)
 			return 1;
 	return 0;
 }

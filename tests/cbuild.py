@@ -56,7 +56,8 @@ def build_program(
         objs.append(obj)
     if with_shim:
         objs += build_shim_objects(out.parent / (out.name + ".shim"))
-    run(["gcc", *(cflags or []), *(ldflags or []), "-o", str(out), *map(str, objs),
+    run(["gcc", *(cflags or []), *(ldflags or []), "-Wl,--export-dynamic-symbol=fentry_shadow_*",
+         "-o", str(out), *map(str, objs),
          "-lpthread", "-ldl"])
     return out
 
