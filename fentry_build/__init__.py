@@ -7,6 +7,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# Cheap (imports neither SCons nor pyelftools): makes `fentry_build.scons.generate`
+# usable after a plain `import fentry_build` in an SConstruct.
+from fentry_build import scons  # noqa: E402
+
 
 def project(first: Any, *args: Any, **kwargs: Any) -> Any:
     """The one entry point of both build systems' users.
