@@ -248,7 +248,7 @@ def format_status(reply: Reply) -> str:
         ("pid", reply.get("pid")),
         ("program", reply.get("program") or "(unknown)"),
         ("build-id", reply.get("build_id") or "(none)"),
-        ("mode", reply.get("mode")
+        ("mode", str(reply.get("mode") or "(unknown)")
          + (f" ({reply['mode_reason']})" if reply.get("mode_reason") else "")),
         ("patches", f"{reply.get('patches_active')} active, {reply.get('patches_loaded')} loaded"),
     ]
