@@ -115,3 +115,18 @@ def test_stress_10000_apply_revert_cycles_under_8_calling_threads(
     assert fields["cycles"] == "10000"
     assert fields["wrong"] == "0"
     assert int(fields["calls"]) > 0 and int(fields["new"]) > 0
+
+
+@pytest.mark.parametrize("mode", ["jump", "dispatch"])
+def test_a_forked_child_patches_itself_not_its_parent(tmp_path: Path, mode: str) -> None:
+    prog = build_program([PROGRAMS / "forkpatch.c"], tmp_path / "forkpatch")
+    # The patch replaces entry_probe; its registration is generated for this program.
+    patch = build_patch(prog, PROGRAMS / "sitebytes_patch.c", tmp_path / "sitebytes_patch.so")
+    out = execute(prog, str(patch), env={"FENTRY_MODE": mode, "FENTRY_CONTROL": "0"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines() == [
+        "child patched 101",
+        "parent after child 2",
+        "second child inherits 101",
+        "parent patched 101",
+    ]
