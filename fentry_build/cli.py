@@ -60,6 +60,14 @@ def _cmd_revert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_unload(args: argparse.Namespace) -> int:
+    from fentry_build import control
+
+    reply = control.unload(args.pid, args.name)
+    print(json.dumps(reply, sort_keys=True) if args.json else control.format_unload(reply))
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from fentry_build import control
 
@@ -80,6 +88,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from fentry_build import demo
 
     return demo.run_demo(keep=args.keep)
+
+
+def _cmd_shim_path(args: argparse.Namespace) -> int:
+    from fentry_build import shimlib
+
+    print(shimlib.shim_path(rebuild=args.rebuild))
+    return 0
+
+
+def _cmd_attach(args: argparse.Namespace) -> int:
+    from fentry_build import attach
+
+    report = attach.attach(args.pid)
+    print(json.dumps(report, sort_keys=True) if args.json else attach.format_attach(report))
+    return 0
+
+
+def _cmd_new_patch(args: argparse.Namespace) -> int:
+    from fentry_build import newpatch
+
+    result = newpatch.new_patch(args.name, args.function, Path(args.binary), Path(args.project),
+                                file=args.file)
+    print(newpatch.format_result(result))
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_revert)
 
+    s = sub.add_parser("unload", help="unload a reverted patch once no thread runs its code")
+    s.add_argument("--pid", type=int, required=True)
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_unload)
+
     s = sub.add_parser("list", help="the patches of a running process")
     s.add_argument("--pid", type=int, required=True)
     s.add_argument("--json", action="store_true")
@@ -125,6 +163,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pid", type=int, required=True)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_status)
+
+    s = sub.add_parser("shim-path", help="build (once) and print the shared shim, for LD_PRELOAD")
+    s.add_argument("--rebuild", action="store_true", help="build it again even if cached")
+    s.set_defaults(func=_cmd_shim_path)
+
+    s = sub.add_parser("attach", help="load the shim into a running instrumented process")
+    s.add_argument("--pid", type=int, required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_attach)
+
+    s = sub.add_parser("new-patch", help="write a patch skeleton for one function of a built program")
+    s.add_argument("name", help="the patch's name: writes patches/NAME.c, builds build/NAME.so")
+    s.add_argument("--function", required=True, help="the function to replace")
+    s.add_argument("--binary", required=True, help="the built program (with -g: the prototype "
+                   "comes from its DWARF)")
+    s.add_argument("--project", default=".", help="the project's top folder (default: .)")
+    s.add_argument("--file", help="the function's source file, when several static functions "
+                   "share its name")
+    s.set_defaults(func=_cmd_new_patch)
 
     s = sub.add_parser("demo", help="build the server example, fix its bug live, revert it")
     s.add_argument("--keep", action="store_true", help="keep the temporary build directory")
@@ -142,3 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fentry-build: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Output piped into e.g. `head`, which stopped reading: not an error of ours.
+        sys.stderr.close()
+        return 0

@@ -192,6 +192,15 @@ def revert(pid: int, name: str) -> Reply:
     return _checked(request(pid, {"op": "revert", "name": name}), f"revert {name} in pid {pid}")
 
 
+def unload(pid: int, name: str) -> Reply:
+    """Unload the reverted patch ``name`` from process ``pid`` once no thread runs its code.
+
+    A thread that may still be inside the patch makes the process answer "busy: ...",
+    raised here as a FentryError; the patch then stays loaded and can be unloaded later.
+    """
+    return _checked(request(pid, {"op": "unload", "name": name}), f"unload {name} in pid {pid}")
+
+
 def list_patches(pid: int) -> Reply:
     """The patches loaded into process ``pid``, oldest first."""
     return _checked(request(pid, {"op": "list"}), f"list the patches of pid {pid}")
@@ -217,6 +226,10 @@ def format_revert(reply: Reply) -> str:
     return f"reverted {reply['name']}"
 
 
+def format_unload(reply: Reply) -> str:
+    return f"unloaded {reply['name']}"
+
+
 def _format_function(func: dict[str, Any], patch_active: bool) -> str:
     where = f" ({func['file']})" if func.get("file") else ""
     if func.get("in_effect"):
@@ -231,7 +244,8 @@ def _format_function(func: dict[str, Any], patch_active: bool) -> str:
 def _format_patch(patch: dict[str, Any]) -> list[str]:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(patch["applied_at"])))
     active = patch["state"] == "active"
-    lines = [f"{patch['name']}  {patch['state']}  applied {when}  {patch['path']}"]
+    state = patch["state"] if active else f"{patch['state']} (still loaded)"
+    lines = [f"{patch['name']}  {state}  applied {when}  {patch['path']}"]
     lines += [_format_function(f, active) for f in patch.get("functions", [])]
     return lines
 
@@ -258,6 +272,7 @@ def format_status(reply: Reply) -> str:
 __all__ = [
     "apply",
     "revert",
+    "unload",
     "list_patches",
     "status",
     "request",
@@ -265,6 +280,7 @@ __all__ = [
     "runtime_dir",
     "format_apply",
     "format_revert",
+    "format_unload",
     "format_list",
     "format_status",
 ]

@@ -20,6 +20,7 @@
  * The protocol.  One JSON object per line, one reply line per request:
  *   {"op":"load","path":"/abs/x.so"} -> {"ok":true,"name":"x","functions":N}
  *   {"op":"revert","name":"x"}       -> {"ok":true,"name":"x"}
+ *   {"op":"unload","name":"x"}       -> {"ok":true,"name":"x"} or "busy: ..." (retry)
  *   {"op":"list"}                    -> {"ok":true,"patches":[...]}
  *   {"op":"status"}                  -> {"ok":true,"pid":N,"program":...,...}
  *   anything wrong                   -> {"ok":false,"error":"<one line>"}
@@ -61,7 +62,7 @@
 #define CTL_IDLE_SECONDS 30      /* default time a client may make no progress */
 #define CTL_BACKLOG 64
 #define CTL_ACCEPT_PAUSE_MS 1000 /* after accept() ran out of file descriptors */
-#define CTL_OPS "load, revert, list, status"
+#define CTL_OPS "load, revert, unload, list, status"
 #define CTL_PATH_MAX sizeof(((struct sockaddr_un *)0)->sun_path)
 #define CTL_DIR_MAX 200          /* longer cannot hold a socket path (107 bytes) anyway */
 
@@ -485,15 +486,17 @@ static void op_load(const struct request *q, struct fentry_buf *out)
 	fentry_buf_printf(out, ",\"functions\":%u}", (unsigned)count.nfuncs);
 }
 
-static void op_revert(const struct request *q, struct fentry_buf *out)
+/* revert and unload: one patch, by name. */
+static void op_by_name(const struct request *q, struct fentry_buf *out,
+		       int (*action)(const char *, char *))
 {
 	char err[FENTRY_ERR_MAX] = "";
 
 	if (!(q->seen & REQ_NAME)) {
-		reply_error(out, "revert needs a string member \"name\": the patch's name");
+		reply_error(out, "%s needs a string member \"name\": the patch's name", q->op);
 		return;
 	}
-	if (fentry_revert_name(q->name, err) < 0) {
+	if (action(q->name, err) < 0) {
 		err[FENTRY_ERR_MAX - 1] = '\0';
 		reply_error(out, "%s", err[0] ? err : "the loader gave no reason");
 		return;
@@ -554,7 +557,9 @@ static void handle_request(const char *line, size_t len, struct fentry_buf *out)
 	else if (strcmp(q.op, "load") == 0)
 		op_load(&q, out);
 	else if (strcmp(q.op, "revert") == 0)
-		op_revert(&q, out);
+		op_by_name(&q, out, fentry_revert_name);
+	else if (strcmp(q.op, "unload") == 0)
+		op_by_name(&q, out, fentry_unload_name);
 	else if (strcmp(q.op, "list") == 0)
 		op_list(out);
 	else if (strcmp(q.op, "status") == 0)

@@ -12,8 +12,10 @@
  * into it); applying the same file again re-activates it.
  */
 #include <dlfcn.h>
+#include <elf.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <link.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -380,6 +382,41 @@ static void discard(struct loaded_patch *p)
 	free(p);
 }
 
+/*
+ * dlopen() maps a file's PT_LOAD segments as their headers declare them.  In a truncated
+ * file a segment runs past the end: its pages have nothing behind them, and the first
+ * touch (relocating the patch, reading its dynamic section) kills the whole process
+ * with SIGBUS.  So refuse a file whose headers promise more bytes than it has.
+ */
+static int check_elf_extent(int fd, const struct stat *st, const char *path, char *err)
+{
+	uint64_t size = (uint64_t)st->st_size;
+	Elf64_Ehdr eh;
+	Elf64_Phdr ph;
+
+	if (pread(fd, &eh, sizeof(eh), 0) != (ssize_t)sizeof(eh) ||
+	    memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0)
+		return fail(err, "%s: not an ELF file", path);
+	if (eh.e_ident[EI_CLASS] != ELFCLASS64 || eh.e_machine != EM_X86_64 ||
+	    eh.e_type != ET_DYN)
+		return fail(err, "%s: not an x86-64 shared object", path);
+	if (eh.e_phentsize != sizeof(ph) || eh.e_phnum == 0 || eh.e_phoff > size ||
+	    (uint64_t)eh.e_phnum * sizeof(ph) > size - eh.e_phoff)
+		return fail(err, "%s: truncated or corrupt: its program headers lie past the end "
+			    "of the file", path);
+	for (unsigned i = 0; i < eh.e_phnum; i++) {
+		if (pread(fd, &ph, sizeof(ph), (off_t)(eh.e_phoff + i * sizeof(ph))) !=
+		    (ssize_t)sizeof(ph))
+			return fail(err, "%s: cannot read its program headers", path);
+		if (ph.p_type == PT_LOAD && (ph.p_offset > size || ph.p_filesz > size - ph.p_offset))
+			return fail(err, "%s: truncated: a segment ends at byte %llu but the file "
+				    "has %llu bytes; rebuild or copy the patch again", path,
+				    (unsigned long long)(ph.p_offset + ph.p_filesz),
+				    (unsigned long long)size);
+	}
+	return 0;
+}
+
 /* Load, validate and activate a patch not seen before; takes ownership of fd. */
 static int load_new(const char *path, int fd, const struct stat *st, const char *name, char *err)
 {
@@ -396,6 +433,8 @@ static int load_new(const char *path, int fd, const struct stat *st, const char 
 	p->dev = st->st_dev;
 	p->ino = st->st_ino;
 
+	if (check_elf_extent(fd, st, path, err) < 0)
+		goto bad;
 	/* Load the file we checked, through our descriptor, never the path again. */
 	snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", fd);
 	p->handle = dlopen(fdpath, RTLD_NOW | RTLD_LOCAL);
@@ -482,6 +521,84 @@ FENTRY_HIDDEN int fentry_revert_name(const char *name, char *err)
 			run_callback(p->desc->post_unpatch);
 		}
 	}
+	pthread_mutex_unlock(&loader_lock);
+	return rc;
+}
+
+/* The executable segments of a loaded patch, as [lo, hi) pairs. */
+struct code_ranges {
+	const char *path; /* the name the dynamic linker knows it by */
+	uintptr_t base;
+	uintptr_t (*ranges)[2];
+	size_t n, cap;
+};
+
+static int collect_ranges(struct dl_phdr_info *info, size_t size, void *arg)
+{
+	struct code_ranges *c = arg;
+
+	(void)size;
+	if (info->dlpi_addr != c->base || strcmp(info->dlpi_name, c->path) != 0)
+		return 0;
+	for (int i = 0; i < info->dlpi_phnum && c->n < c->cap; i++) {
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+
+		if (ph->p_type == PT_LOAD && (ph->p_flags & PF_X)) {
+			c->ranges[c->n][0] = info->dlpi_addr + ph->p_vaddr;
+			c->ranges[c->n][1] = info->dlpi_addr + ph->p_vaddr + ph->p_memsz;
+			c->n++;
+		}
+	}
+	return 1;
+}
+
+static void forget(struct loaded_patch *p)
+{
+	size_t i = 0;
+
+	while (i < npatches && patches[i] != p)
+		i++;
+	if (i < npatches) {
+		memmove(&patches[i], &patches[i + 1], (npatches - i - 1) * sizeof(*patches));
+		npatches--;
+	}
+	discard(p);
+}
+
+FENTRY_HIDDEN int fentry_unload_name(const char *name, char *err)
+{
+	uintptr_t ranges[16][2];
+	struct code_ranges c = {.ranges = ranges, .cap = 16};
+	struct link_map *lm = NULL;
+	struct loaded_patch *p;
+	int rc = -1;
+
+	pthread_mutex_lock(&loader_lock);
+	p = find(name);
+	if (!p) {
+		fail(err, "no patch named %s is loaded", name);
+		goto out;
+	}
+	if (p->state == FENTRY_ACTIVE) {
+		fail(err, "patch %s is applied; revert it before unloading it", name);
+		goto out;
+	}
+	if (dlinfo(p->handle, RTLD_DI_LINKMAP, &lm) < 0 || lm == NULL) {
+		fail(err, "patch %s: its link map is unknown; it stays loaded", name);
+		goto out;
+	}
+	c.path = lm->l_name;
+	c.base = lm->l_addr;
+	dl_iterate_phdr(collect_ranges, &c);
+	if (c.n == 0) {
+		fail(err, "patch %s: its code segments were not found; it stays loaded", name);
+		goto out;
+	}
+	if (fentry_threads_clear_of((const uintptr_t (*)[2])ranges, c.n, name, err) < 0)
+		goto out;
+	forget(p); /* dlclose() and close the descriptor */
+	rc = 0;
+out:
 	pthread_mutex_unlock(&loader_lock);
 	return rc;
 }

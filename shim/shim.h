@@ -136,6 +136,11 @@ struct fentry_patch_info {
 FENTRY_HIDDEN int fentry_apply_path(const char *path, char *name_out, char *err);
 /* Deactivate the patch `name`; its functions fall back to the patch below or the original. */
 FENTRY_HIDDEN int fentry_revert_name(const char *name, char *err);
+/*
+ * Unload the reverted patch `name` (dlclose) once no thread can be running its code;
+ * otherwise -1 with "busy: ..." and the patch stays loaded.
+ */
+FENTRY_HIDDEN int fentry_unload_name(const char *name, char *err);
 /* Call `fn` for each loaded patch, oldest first, under the loader's lock. */
 FENTRY_HIDDEN void fentry_foreach_patch(void (*fn)(const struct fentry_patch_info *, void *),
 					void *arg);
@@ -144,6 +149,16 @@ FENTRY_HIDDEN void fentry_loader_lock_for_fork(void);
 FENTRY_HIDDEN void fentry_loader_unlock_after_fork(void);
 /* Number of patches in state FENTRY_ACTIVE. */
 FENTRY_HIDDEN unsigned fentry_active_count(void);
+
+/* ---- unload.c --------------------------------------------------------------------- */
+
+/*
+ * Ask every other thread whether its registers or stack hold an address inside one of
+ * `ranges` ([lo, hi) pairs).  0 if none does; -1 with "busy: ..." (or why the check
+ * could not run) in err.  `what` names the patch in messages.
+ */
+FENTRY_HIDDEN int fentry_threads_clear_of(const uintptr_t (*ranges)[2], size_t nranges,
+					  const char *what, char *err);
 
 /* ---- control.c -------------------------------------------------------------------- */
 

@@ -118,6 +118,12 @@ unsigned fentry_active_count(void)
 	return n;
 }
 
+int fentry_unload_name(const char *name, char *err)
+{
+	snprintf(err, FENTRY_ERR_MAX, "stub loader cannot unload %s", name);
+	return -1;
+}
+
 const char *fentry_mode(void)
 {
 	return "dispatch";
