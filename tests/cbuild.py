@@ -17,7 +17,7 @@ SHIM_CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-D_GN
 
 
 def run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise AssertionError(f"command failed: {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
     return proc
