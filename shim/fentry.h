@@ -198,12 +198,13 @@ void fentry_shadow_free(void *obj, unsigned long id, fentry_shadow_dtor dtor);
 void fentry_shadow_free_all(unsigned long id, fentry_shadow_dtor dtor);
 
 /*
- * For programs linked with the shim (not for patches): apply or revert a patch from
- * inside the process, exactly as the control socket does.  Both return 0, or -1 with
- * one line in err.  fentry_current_mode() is "jump" or "dispatch".
+ * For programs linked with the shim (not for patches): apply, revert or unload a patch
+ * from inside the process, exactly as the control socket does.  Each returns 0, or -1
+ * with one line in err (unload: "busy: ..." while a thread may run the patch's code).  fentry_current_mode() is "jump" or "dispatch".
  */
 int fentry_apply(const char *path, char *err, size_t errlen);
 int fentry_revert(const char *name, char *err, size_t errlen);
+int fentry_unload(const char *name, char *err, size_t errlen);
 const char *fentry_current_mode(void);
 
 #ifdef __cplusplus

@@ -674,6 +674,16 @@ int fentry_revert(const char *name, char *err, size_t errlen)
 	return rc;
 }
 
+int fentry_unload(const char *name, char *err, size_t errlen)
+{
+	char buf[FENTRY_ERR_MAX];
+	int rc = fentry_unload_name(name, buf);
+
+	if (rc < 0 && err && errlen)
+		snprintf(err, errlen, "%s", buf);
+	return rc;
+}
+
 const char *fentry_current_mode(void)
 {
 	return fentry_mode();
