@@ -17,6 +17,7 @@
 #include <fcntl.h>
 #include <link.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,6 +45,8 @@ struct loaded_patch {
 	uintptr_t base;                  /* load base of the target module              */
 	struct fentry_redirect *redirects; /* one per descriptor function              */
 	char *in_effect;                 /* per function, for list                     */
+	int stuck;                       /* a callback overran its time limit and may still
+	                                    run the patch's code: never dlclose() it      */
 };
 
 /* Serialises every change and every reader of the records below. */
@@ -304,10 +307,117 @@ static void bind(const struct loaded_patch *p)
 		*p->desc->refs[i].slot = (void *)(p->base + (uintptr_t)p->desc->refs[i].addr);
 }
 
-static void run_callback(const fentry_callback_fn *cb)
+/*
+ * Callbacks run on a thread of their own with a time limit (FENTRY_CALLBACK_TIMEOUT_MS,
+ * default 5000): a callback that hangs must not wedge the loader or the control
+ * channel.  A thread that overruns is abandoned, still running; the patch's code then
+ * stays mapped forever (see `stuck`).
+ */
+struct callback_call {
+	pthread_mutex_t lock;
+	pthread_cond_t done_cv;
+	int done, abandoned, rc;
+	fentry_pre_patch_fn pre;   /* either this (may veto) ...            */
+	fentry_callback_fn plain;  /* ... or this                            */
+	char why[FENTRY_ERR_MAX / 2];
+};
+
+static void *callback_thread(void *arg)
 {
-	if (cb && *cb)
-		(*cb)();
+	struct callback_call *c = arg;
+	char why[sizeof(c->why)] = "";
+	int rc = 0, abandoned;
+
+	if (c->pre)
+		rc = c->pre(why, sizeof(why));
+	else
+		c->plain();
+	pthread_mutex_lock(&c->lock);
+	c->rc = rc;
+	memcpy(c->why, why, sizeof(why));
+	c->why[sizeof(c->why) - 1] = '\0';
+	c->done = 1;
+	abandoned = c->abandoned;
+	pthread_cond_signal(&c->done_cv);
+	pthread_mutex_unlock(&c->lock);
+	if (abandoned) /* the loader gave up waiting: the last one out frees */
+		free(c);
+	return NULL;
+}
+
+static long callback_timeout_ms(void)
+{
+	const char *env = getenv("FENTRY_CALLBACK_TIMEOUT_MS");
+	long ms = env && *env ? atol(env) : 5000;
+
+	return ms > 0 ? ms : 5000;
+}
+
+/* 0 when the callback returned 0 (or there is none), 1 on a veto, -1 on a timeout. */
+static int call_with_timeout(fentry_pre_patch_fn pre, fentry_callback_fn plain, char *why,
+			     size_t whylen)
+{
+	struct callback_call *c = calloc(1, sizeof(*c));
+	struct timespec deadline;
+	sigset_t all, old;
+	pthread_attr_t attr;
+	pthread_t t;
+	long ms = callback_timeout_ms();
+	int rc, started;
+
+	if (!c)
+		return snprintf(why, whylen, "out of memory"), 1;
+	pthread_mutex_init(&c->lock, NULL);
+	pthread_cond_init(&c->done_cv, NULL);
+	c->pre = pre;
+	c->plain = plain;
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_sec += ms / 1000;
+	deadline.tv_nsec += (ms % 1000) * 1000000L;
+	if (deadline.tv_nsec >= 1000000000L) {
+		deadline.tv_sec++;
+		deadline.tv_nsec -= 1000000000L;
+	}
+	/* Like the control thread, the callback's thread takes none of the program's signals. */
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	started = pthread_create(&t, &attr, callback_thread, c) == 0;
+	pthread_attr_destroy(&attr);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (!started) {
+		free(c);
+		return snprintf(why, whylen, "cannot start the callback's thread"), 1;
+	}
+	pthread_mutex_lock(&c->lock);
+	while (!c->done && pthread_cond_timedwait(&c->done_cv, &c->lock, &deadline) == 0)
+		;
+	if (!c->done) {
+		c->abandoned = 1;
+		pthread_mutex_unlock(&c->lock);
+		snprintf(why, whylen, "did not return within %ld ms", ms);
+		return -1;
+	}
+	pthread_mutex_unlock(&c->lock);
+	rc = c->rc ? 1 : 0;
+	if (rc)
+		snprintf(why, whylen, "%s", c->why[0] ? c->why : "no reason given");
+	free(c);
+	return rc;
+}
+
+/* A post/unpatch callback: its patch's state has changed already, so a timeout is
+ * reported and the patch marked stuck, nothing else. */
+static void run_callback(struct loaded_patch *p, const fentry_callback_fn *cb, const char *which)
+{
+	char why[FENTRY_ERR_MAX / 2];
+
+	if (cb && *cb && call_with_timeout(NULL, *cb, why, sizeof(why)) < 0) {
+		p->stuck = 1;
+		fprintf(stderr, "fentry: patch %s: its %s callback %s; it stays loaded\n", p->name,
+			which, why);
+	}
 }
 
 static int same_target(const struct loaded_patch *a, const struct loaded_patch *b)
@@ -328,9 +438,15 @@ static int activate(struct loaded_patch *p, char *err)
 	size_t nreplaced = 0;
 	char why[FENTRY_ERR_MAX / 2] = "";
 
-	if (p->desc->pre_patch && *p->desc->pre_patch && (*p->desc->pre_patch)(why, sizeof(why)))
-		return fail(err, "patch %s: its pre-patch callback refused: %s", p->name,
-			    why[0] ? why : "no reason given");
+	if (p->desc->pre_patch && *p->desc->pre_patch) {
+		int rc = call_with_timeout(*p->desc->pre_patch, NULL, why, sizeof(why));
+
+		if (rc < 0)
+			p->stuck = 1; /* its code is still running: never unmap it */
+		if (rc != 0)
+			return fail(err, "patch %s: its pre-patch callback %s%s; nothing applied",
+				    p->name, rc > 0 ? "refused: " : "", why);
+	}
 	if (p->desc->flags & FENTRY_PATCH_REPLACE_ALL) {
 		replaced = calloc(npatches + 1, sizeof(*replaced));
 		if (!replaced)
@@ -340,7 +456,7 @@ static int activate(struct loaded_patch *p, char *err)
 			    same_target(patches[i], p))
 				replaced[nreplaced++] = patches[i];
 		for (size_t i = 0; i < nreplaced; i++) {
-			run_callback(replaced[i]->desc->pre_unpatch);
+			run_callback(replaced[i], replaced[i]->desc->pre_unpatch, "pre-unpatch");
 			replaced[i]->state = FENTRY_REVERTED;
 		}
 	}
@@ -353,9 +469,9 @@ static int activate(struct loaded_patch *p, char *err)
 	}
 	p->state = FENTRY_ACTIVE;
 	p->applied_at = now();
-	run_callback(p->desc->post_patch);
+	run_callback(p, p->desc->post_patch, "post-patch");
 	for (size_t i = 0; i < nreplaced; i++)
-		run_callback(replaced[i]->desc->post_unpatch);
+		run_callback(replaced[i], replaced[i]->desc->post_unpatch, "post-unpatch");
 	free(replaced);
 	return 0;
 }
@@ -373,6 +489,8 @@ static int reactivate(struct loaded_patch *p, const struct stat *st, char *err)
 
 static void discard(struct loaded_patch *p)
 {
+	if (p->stuck) /* deliberately leaked: a callback thread may still run its code */
+		return;
 	if (p->handle)
 		dlclose(p->handle);
 	if (p->fd >= 0)
@@ -512,13 +630,13 @@ FENTRY_HIDDEN int fentry_revert_name(const char *name, char *err)
 	else if (p->state != FENTRY_ACTIVE)
 		rc = fail(err, "patch %s is not applied (already reverted)", name);
 	else {
-		run_callback(p->desc->pre_unpatch);
+		run_callback(p, p->desc->pre_unpatch, "pre-unpatch");
 		p->state = FENTRY_REVERTED;
 		if (publish(NULL, err) < 0) {
 			p->state = FENTRY_ACTIVE;
 			rc = -1;
 		} else {
-			run_callback(p->desc->post_unpatch);
+			run_callback(p, p->desc->post_unpatch, "post-unpatch");
 		}
 	}
 	pthread_mutex_unlock(&loader_lock);
@@ -581,6 +699,11 @@ FENTRY_HIDDEN int fentry_unload_name(const char *name, char *err)
 	}
 	if (p->state == FENTRY_ACTIVE) {
 		fail(err, "patch %s is applied; revert it before unloading it", name);
+		goto out;
+	}
+	if (p->stuck) {
+		fail(err, "patch %s: a callback of it overran its time limit and may still be "
+		     "running; it stays loaded", name);
 		goto out;
 	}
 	if (dlinfo(p->handle, RTLD_DI_LINKMAP, &lm) < 0 || lm == NULL) {
