@@ -1,9 +1,10 @@
-"""elfinfo.py - what fentry_build reads from a built ELF: build-id, functions and their fentry sites."""
+"""elfinfo.py - what fentry_build reads from a built ELF: build-id, functions and their fentry sites, data symbols."""
 
 from __future__ import annotations
 
 import bisect
 import enum
+import posixpath
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -137,6 +138,18 @@ class FunctionInfo:
 
 
 @dataclass(frozen=True)
+class DataSymbol:
+    """One defined variable of the binary (STT_OBJECT, or STT_TLS for a thread-local one)."""
+
+    name: str
+    addr: int  # link-time address (st_value); for a thread-local one, its offset in the TLS block
+    size: int
+    local: bool  # STB_LOCAL: a static variable (a function's static local is `name.N`)
+    file: str | None  # STT_FILE for static variables; None for globals
+    tls: bool
+
+
+@dataclass(frozen=True)
 class BinaryInfo:
     """What the generator and `check` need of one built program or shared library."""
 
@@ -144,6 +157,8 @@ class BinaryInfo:
     build_id: bytes | None
     has_symtab: bool  # False when stripped: only .dynsym (exported functions) was read
     functions: tuple[FunctionInfo, ...]
+    variables: tuple[DataSymbol, ...] = ()
+    has_dwarf: bool = False  # a .debug_info section is present (built with -g)
 
     @property
     def build_id_hex(self) -> str | None:
@@ -354,18 +369,42 @@ class FunctionSymbolReader:
 
     def functions(self) -> Iterator[tuple[Symbol, str | None]]:
         """Each defined function with a size, and the STT_FILE of the group it is in."""
+        for sym, current_file in self._with_files():
+            if sym["st_info"]["type"] == "STT_FUNC" and self._is_defined(sym):
+                yield sym, current_file
+
+    def variables(self) -> Iterator[DataSymbol]:
+        """Each defined variable (STT_OBJECT, STT_TLS), with its STT_FILE when it is static."""
+        for sym, current_file in self._with_files():
+            kind = sym["st_info"]["type"]
+            shndx = sym["st_shndx"]
+            if kind not in ("STT_OBJECT", "STT_TLS") or not isinstance(shndx, int) or shndx == 0:
+                continue
+            local = sym["st_info"]["bind"] == "STB_LOCAL"
+            yield DataSymbol(sym.name, sym["st_value"], sym["st_size"], local,
+                             current_file if local else None, kind == "STT_TLS")
+
+    def _with_files(self) -> Iterator[tuple[Symbol, str | None]]:
+        """Each symbol and the STT_FILE of the group it is in (meaningful for local symbols)."""
         current_file: str | None = None
         for sym in self._symbols:
-            kind = sym["st_info"]["type"]
-            if kind == "STT_FILE":
+            if sym["st_info"]["type"] == "STT_FILE":
                 current_file = sym.name or None
-            elif kind == "STT_FUNC" and self._is_defined(sym):
+            else:
                 yield sym, current_file
 
     @staticmethod
     def _is_defined(sym: Symbol) -> bool:
         shndx = sym["st_shndx"]
         return isinstance(shndx, int) and shndx != 0 and sym["st_size"] > 0
+
+
+def has_debug_info(elf: ELFFile) -> bool:
+    """Was the binary built with -g: has it a .debug_info section (compressed or not)?
+
+    ELFFile.has_dwarf_info() also counts .eh_frame, which every program has.
+    """
+    return any(elf.get_section_by_name(n) is not None for n in (".debug_info", ".zdebug_info"))
 
 
 def _read_functions(elf: ELFFile, reader: FunctionSymbolReader) -> tuple[FunctionInfo, ...]:
@@ -401,7 +440,9 @@ def read_binary(path: Path) -> BinaryInfo:
             elf = ELFFile(stream)
             _check_machine(elf, path)
             reader = FunctionSymbolReader(elf)
-            return BinaryInfo(path, BuildIdReader.read(elf), reader.has_symtab, _read_functions(elf, reader))
+            return BinaryInfo(path, BuildIdReader.read(elf), reader.has_symtab,
+                              _read_functions(elf, reader), tuple(reader.variables()),
+                              has_debug_info(elf))
     except OSError as e:
         raise FentryError(f"cannot read {path}: {e.strerror or e}; pass the built program") from None
     except (ELFError, ConstructError, struct.error, ValueError, IndexError) as e:
@@ -410,12 +451,20 @@ def read_binary(path: Path) -> BinaryInfo:
         ) from None
 
 
+def file_matches(file: str | None, wanted: str) -> bool:
+    """Does the qualifier `wanted` name `file`? Either may be the longer path ("src/a.c" ~ "a.c")."""
+    if file is None:
+        return False
+    a, b = posixpath.normpath(file), posixpath.normpath(wanted)
+    return a == b or a.endswith("/" + b) or b.endswith("/" + a)
+
+
 def site_bytes_hex(site: FentrySite) -> str:
     """The site's own bytes as 'ff 15 8a 2f 00 00' (objdump's spelling)."""
     return " ".join(f"{b:02x}" for b in site.entry[site.offset :])
 
 
 __all__ = [
-    "BinaryInfo", "CloneName", "FentrySite", "FunctionInfo", "SiteForm", "read_binary",
-    "site_bytes_hex",
+    "BinaryInfo", "CloneName", "DataSymbol", "FentrySite", "FunctionInfo", "SiteForm",
+    "file_matches", "has_debug_info", "read_binary", "site_bytes_hex",
 ]

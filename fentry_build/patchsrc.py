@@ -1,4 +1,4 @@
-"""patchsrc.py - finds the FENTRY_REPLACE / FENTRY_ORIGINAL uses in a patch source with a small C tokenizer."""
+"""patchsrc.py - finds the FENTRY_* macro uses in a patch source with a small C tokenizer."""
 
 from __future__ import annotations
 
@@ -11,10 +11,31 @@ from fentry_build.errors import FentryError
 
 REPLACE_MACRO = "FENTRY_REPLACE"
 ORIGINAL_MACROS = frozenset({"FENTRY_ORIGINAL", "FENTRY_DECLARE_ORIGINAL"})
+REF_MACRO = "FENTRY_REF"
+VAR_MACRO = "FENTRY_VAR"
+REPLACE_ALL_MACRO = "FENTRY_REPLACE_ALL"
+# Each callback macro and the field of struct fentry_patch it fills.
+CALLBACK_MACROS = {
+    "FENTRY_PRE_PATCH": "pre_patch",
+    "FENTRY_POST_PATCH": "post_patch",
+    "FENTRY_PRE_UNPATCH": "pre_unpatch",
+    "FENTRY_POST_UNPATCH": "post_unpatch",
+}
+OUR_MACROS = frozenset(
+    {REPLACE_MACRO, REF_MACRO, VAR_MACRO, REPLACE_ALL_MACRO, *ORIGINAL_MACROS, *CALLBACK_MACROS}
+)
 CONDITIONAL_OPENERS = frozenset({"if", "ifdef", "ifndef"})
 OPENING_BRACKETS = frozenset({"(", "[", "{"})
 CLOSING_BRACKETS = frozenset({")", "]", "}"})
 REPLACE_USAGE = "write FENTRY_REPLACE(old_function, new_function) or FENTRY_REPLACE(old_function, new_function, \"file.c\")"
+REF_USAGE = "write FENTRY_REF(name, type) or FENTRY_REF(name, type, \"file.c\"), e.g. FENTRY_REF(requests, long)"
+USAGES = {
+    REPLACE_MACRO: REPLACE_USAGE,
+    REF_MACRO: REF_USAGE,
+    VAR_MACRO: "write FENTRY_VAR(name) for a name of FENTRY_REF(name, type)",
+    REPLACE_ALL_MACRO: "write FENTRY_REPLACE_ALL(); once, at file scope",
+    **{m: f"write {m}(function_name); once, at file scope" for m in CALLBACK_MACROS},
+}
 
 _IDENT = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
 _PP_NUMBER = re.compile(r"\.?[0-9](?:[eEpP][+-]|'[A-Za-z0-9_]|[A-Za-z0-9_.])*")
@@ -59,12 +80,47 @@ class OriginalUse:
 
 
 @dataclass(frozen=True)
+class Reference:
+    """FENTRY_REF(name, type [, "file"]) at `line`: the program's own variable or function."""
+
+    name: str
+    type: str  # the type as spelled (tokens joined by spaces), for messages
+    file: str | None
+    line: int
+
+    def spelled(self) -> str:
+        file = f', "{self.file}"' if self.file is not None else ""
+        return f"{REF_MACRO}({self.name}, {self.type}{file})"
+
+
+@dataclass(frozen=True)
+class NameUse:
+    """A macro that takes one name: FENTRY_VAR(name), FENTRY_PRE_PATCH(fn)..., at `line`."""
+
+    macro: str
+    name: str
+    line: int
+
+
+@dataclass(frozen=True)
 class PatchSource:
     """What the generator needs of a patch source."""
 
     path: Path
     replacements: tuple[Replacement, ...]
     originals: tuple[OriginalUse, ...]
+    refs: tuple[Reference, ...] = ()
+    var_uses: tuple[NameUse, ...] = ()       # FENTRY_VAR(name)
+    callbacks: tuple[NameUse, ...] = ()      # FENTRY_PRE_PATCH(fn) ..., each macro at most once
+    replace_all_line: int | None = None      # the line of FENTRY_REPLACE_ALL(), if any
+
+    @property
+    def replace_all(self) -> bool:
+        return self.replace_all_line is not None
+
+    def callback(self, field: str) -> NameUse | None:
+        """The callback filling struct fentry_patch's `field` ("pre_patch"...), if any."""
+        return next((c for c in self.callbacks if CALLBACK_MACROS[c.macro] == field), None)
 
 
 @dataclass(frozen=True)
@@ -241,7 +297,7 @@ class MacroCallFinder:
 
     def _is_macro_call(self, i: int) -> bool:
         tok = self._tokens[i]
-        if tok.kind != "ident" or (tok.text != REPLACE_MACRO and tok.text not in ORIGINAL_MACROS):
+        if tok.kind != "ident" or tok.text not in OUR_MACROS:
             return False
         nxt = self._tokens[i + 1] if i + 1 < len(self._tokens) else None
         return nxt is not None and nxt.text == "(" and nxt.directive is None
@@ -267,14 +323,22 @@ class MacroCallFinder:
                 depth += (tok.text in OPENING_BRACKETS) - (tok.text in CLOSING_BRACKETS)
                 current.append(tok)
             j += 1
-        raise FentryError(
-            f"{self._path}:{head.line}: {head.text}( is never closed by a ')'; "
-            f"{REPLACE_USAGE}"
-        )
+        usage = USAGES.get(head.text, REPLACE_USAGE)
+        raise FentryError(f"{self._path}:{head.line}: {head.text}( is never closed by a ')'; {usage}")
 
 
 def _spell(tokens: tuple[Token, ...]) -> str:
     return " ".join(t.text for t in tokens) or "nothing"
+
+
+def _spell_type(tokens: tuple[Token, ...]) -> str:
+    """A type's tokens spaced as C is usually written: `void (const char *, int)`, `int (*)[4]`."""
+    out = ""
+    for prev, tok in zip((None, *tokens), tokens):
+        glue = prev is None or prev.text in ("(", "[", "*") or tok.text in (")", "[", "]", ",", ";") \
+            or (prev.text == ")" and tok.text == "(")
+        out += tok.text if glue else " " + tok.text
+    return out
 
 
 def _decode_c_string(literal: str) -> str:
@@ -345,29 +409,149 @@ class ReplaceCallChecker:
         return rep
 
 
+class RefCallChecker:
+    """Turns FENTRY_REF calls into References: `name, type [, "file"]`, the type parsed balanced."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._by_name: dict[str, Reference] = {}
+
+    def _error(self, line: int, message: str) -> FentryError:
+        return FentryError(f"{self._path}:{line}: {message}")
+
+    def reference(self, call: MacroCall) -> Reference:
+        # The type is one argument even when it holds commas: they are inside its
+        # parentheses (int (int, const char *)), which the call finder keeps together.
+        if len(call.args) not in (2, 3):
+            raise self._error(
+                call.line, f"{REF_MACRO} takes 2 or 3 arguments (name, type [, \"file.c\"]), "
+                f"not {len(call.args)}; {REF_USAGE}")
+        name_arg, type_arg = call.args[0], call.args[1]
+        if len(name_arg) != 1 or name_arg[0].kind != "ident":
+            raise self._error(
+                call.line, f"the first argument of {REF_MACRO} must be the name of the program's "
+                f"variable or function, not '{_spell(name_arg)}'; {REF_USAGE}")
+        if not type_arg or any(t.kind == "string" for t in type_arg):
+            raise self._error(
+                call.line, f"the second argument of {REF_MACRO} must be the type of "
+                f"{name_arg[0].text}, like long or int (const char *), not '{_spell(type_arg)}'; "
+                f"{REF_USAGE}")
+        file = None
+        if len(call.args) == 3:
+            arg = call.args[2]
+            file = _decode_c_string(arg[0].text) if len(arg) == 1 and arg[0].kind == "string" else ""
+            if not file:
+                raise self._error(
+                    call.line, f"the third argument of {REF_MACRO} must be the source file of "
+                    f"{name_arg[0].text} in quotes, like \"parser.c\", not '{_spell(arg)}'; "
+                    f"{REF_USAGE}")
+        ref = Reference(name_arg[0].text, _spell_type(type_arg), file, call.line)
+        earlier = self._by_name.get(ref.name)
+        if earlier is not None:
+            raise self._error(
+                ref.line, f"{ref.spelled()} references {ref.name} again (line {earlier.line} "
+                f"already does); {REF_MACRO} defines fentry_ref__{ref.name}, so a patch can "
+                f"reference one thing per name: remove one of them")
+        self._by_name[ref.name] = ref
+        return ref
+
+
+class OnceMacroChecker:
+    """FENTRY_PRE_PATCH(fn) ... and FENTRY_REPLACE_ALL(): each at most once, with the right arguments."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._seen: dict[str, int] = {}
+
+    def _error(self, line: int, message: str) -> FentryError:
+        return FentryError(f"{self._path}:{line}: {message}")
+
+    def _once(self, call: MacroCall) -> None:
+        earlier = self._seen.get(call.name)
+        if earlier is not None:
+            what = ("the patch is already cumulative" if call.name == REPLACE_ALL_MACRO else
+                    f"a patch has one {CALLBACK_MACROS[call.name]} callback: call both "
+                    "functions from one")
+            raise self._error(
+                call.line, f"{call.name} appears twice (line {earlier} already has it); {what}; "
+                "remove one of them")
+        self._seen[call.name] = call.line
+
+    def callback(self, call: MacroCall) -> NameUse:
+        if len(call.args) != 1 or len(call.args[0]) != 1 or call.args[0][0].kind != "ident":
+            got = ", ".join(_spell(a) for a in call.args) or "nothing"
+            raise self._error(
+                call.line, f"{call.name} takes the name of one function of the patch, not "
+                f"'{got}'; {USAGES[call.name]}")
+        self._once(call)
+        return NameUse(call.name, call.args[0][0].text, call.line)
+
+    def replace_all(self, call: MacroCall) -> int:
+        if call.args:
+            raise self._error(
+                call.line, f"{REPLACE_ALL_MACRO} takes no arguments, not "
+                f"'{', '.join(_spell(a) for a in call.args)}'; {USAGES[REPLACE_ALL_MACRO]}")
+        self._once(call)
+        return call.line
+
+
 def _original_use(call: MacroCall) -> OriginalUse | None:
     if not call.args or len(call.args[0]) != 1 or call.args[0][0].kind != "ident":
         return None  # malformed: the compiler says so, with the macro's own definition
     return OriginalUse(call.args[0][0].text, call.name, call.line)
 
 
+def _var_use(call: MacroCall) -> NameUse | None:
+    if len(call.args) != 1 or len(call.args[0]) != 1 or call.args[0][0].kind != "ident":
+        return None  # malformed: left to the compiler
+    return NameUse(call.name, call.args[0][0].text, call.line)
+
+
 def parse_patch_text(text: str, path: Path) -> PatchSource:
     """Find the macro uses in `text`, the contents of the patch source `path`."""
     spliced, lines = splice_lines(text)
     tokens = list(Tokenizer(spliced, lines).tokens())
-    checker = ReplaceCallChecker(path)
+    replace_checker = ReplaceCallChecker(path)
+    ref_checker = RefCallChecker(path)
+    once_checker = OnceMacroChecker(path)
     replacements: list[Replacement] = []
     originals: list[OriginalUse] = []
+    refs: list[Reference] = []
+    var_uses: list[NameUse] = []
+    callbacks: list[NameUse] = []
+    replace_all_line: int | None = None
     for call in MacroCallFinder(path, tokens).calls():
         if call.name == REPLACE_MACRO:
-            replacements.append(checker.replacement(call))
+            replacements.append(replace_checker.replacement(call))
+        elif call.name == REF_MACRO:
+            refs.append(ref_checker.reference(call))
+        elif call.name in CALLBACK_MACROS:
+            callbacks.append(once_checker.callback(call))
+        elif call.name == REPLACE_ALL_MACRO:
+            replace_all_line = once_checker.replace_all(call)
+        elif call.name == VAR_MACRO:
+            if (var := _var_use(call)) is not None:
+                var_uses.append(var)
         elif (use := _original_use(call)) is not None:
             originals.append(use)
     if not replacements:
         raise FentryError(
             f"{path}: no {REPLACE_MACRO}(old, new) in this patch; add one per function it replaces, "
             f"e.g. {REPLACE_MACRO}(compute, compute_fixed);")
-    return PatchSource(path, tuple(replacements), tuple(originals))
+    _check_vars(path, refs, var_uses)
+    return PatchSource(path, tuple(replacements), tuple(originals), tuple(refs), tuple(var_uses),
+                       tuple(callbacks), replace_all_line)
+
+
+def _check_vars(path: Path, refs: list[Reference], uses: list[NameUse]) -> None:
+    """Every FENTRY_VAR(name) needs a FENTRY_REF(name, type): say so before the compiler does."""
+    named = {r.name for r in refs}
+    for use in uses:
+        if use.name not in named:
+            raise FentryError(
+                f"{path}:{use.line}: {VAR_MACRO}({use.name}) but the patch has no "
+                f"{REF_MACRO}({use.name}, type); add it at file scope, e.g. "
+                f"{REF_MACRO}({use.name}, long);")
 
 
 def parse_patch(path: Path) -> PatchSource:
