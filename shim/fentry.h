@@ -186,6 +186,9 @@ struct fentry_patch {
  *   fentry_shadow_get_or_alloc(obj, id, size, ctor, arg)
  *   fentry_shadow_free(obj, id, dtor)               dtor(obj, data) runs first if given
  *   fentry_shadow_free_all(id, dtor)                every shadow with this id
+ *
+ * ctor and dtor run under the API's lock: they must not call the API themselves.
+ * A ctor that returns non-zero refuses the allocation (NULL is returned).
  */
 typedef int (*fentry_shadow_ctor)(void *obj, void *data, void *arg);
 typedef void (*fentry_shadow_dtor)(void *obj, void *data);

@@ -608,3 +608,28 @@ def test_demo_fails_with_one_line_and_cleans_up(tmp_path: Path,
         demo.run_demo()
     assert list(tmp_path.iterdir()) == []
     assert _processes_running_from(tmp_path) == []
+
+
+# ---- a fix that needs the program's statics and a shadow variable ----------------------
+
+
+def test_fix_stats_reaches_the_programs_statics_and_adds_a_shadow_field(
+        server: Server, project: Path) -> None:
+    bad = "ERR unknown command 'BAD' (try PING, SUM or QUIT)"
+    assert ask(server.port, "BAD") == bad
+    assert ask(server.port, "STATS") == "OK requests=1 errors=0", "the counting bug"
+    control.apply(server.pid, patch(project, "fix_stats"))
+    assert ask(server.port, "BAD") == bad
+    assert ask(server.port, "STATS") == (
+        "OK requests=2 errors=1 last_error=unknown command 'BAD' (try PING, SUM or QUIT)")
+    # The replacement calls the program's parse_request through its site: a fix of
+    # parse_request applied later is in effect inside fix_stats too.
+    assert ask(server.port, BUG_REQUEST) == BUGGY
+    control.apply(server.pid, patch(project))
+    assert ask(server.port, BUG_REQUEST) == FIXED
+    assert ask(server.port, "STATS") == (
+        "OK requests=4 errors=2 last_error=too many numbers (at most 8)")
+    # The counters the patch updated are the program's own: the original code sees them.
+    control.revert(server.pid, "fix_stats")
+    assert ask(server.port, "STATS") == "OK requests=4 errors=2"
+    assert server.alive()

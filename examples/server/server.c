@@ -4,6 +4,7 @@
  *   PING             -> PONG
  *   SUM 1 2 3        -> OK 6        (1 to 8 integers; "ERR sum out of range" on overflow)
  *   QUIT             -> BYE         (and the connection is closed)
+ *   STATS            -> OK requests=<n> errors=<n>   (counted since start)
  *   anything else    -> ERR <reason>
  *
  * Usage: server [PORT]   (0 or none: any free port).  It listens on 127.0.0.1, prints
@@ -27,6 +28,7 @@
 #include <unistd.h>
 
 #include "parser.h"
+#include "stats.h"
 
 #define WORKERS 4
 #define REQUEST_MAX 1024   /* bytes of one request line, its '\n' not counted        */
@@ -71,6 +73,30 @@ static int send_line(int fd, const char *line)
 	return 1;
 }
 
+/* What STATS reports (stats.h); a patch reaches both with FENTRY_REF. */
+static struct server_stats stats;
+static pthread_mutex_t stats_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/*
+ * Count one request.  The second bug of this example: answer() below passes 0 for
+ * requests the parser refused, so STATS always says errors=0 (patches/fix_stats.c).
+ */
+static void count_request(int failed)
+{
+	pthread_mutex_lock(&stats_lock);
+	stats.requests++;
+	if (failed)
+		stats.errors++;
+	pthread_mutex_unlock(&stats_lock);
+}
+
+static void report_stats(char *reply, size_t size)
+{
+	pthread_mutex_lock(&stats_lock);
+	snprintf(reply, size, "OK requests=%lu errors=%lu", stats.requests, stats.errors);
+	pthread_mutex_unlock(&stats_lock);
+}
+
 /* Carry out a parsed request; 0 when the connection should close afterwards. */
 static int execute_request(const struct request *req, char *reply, size_t size)
 {
@@ -96,20 +122,32 @@ static int execute_request(const struct request *req, char *reply, size_t size)
 	return 1;
 }
 
-/* One request line (NUL-terminated, `len` bytes before the NUL) into one answer. */
-static int answer(const char *line, size_t len, char *reply, size_t size)
+/*
+ * One request line (NUL-terminated, `len` bytes before the NUL) into one answer.
+ * noinline: gcc would inline this static function into serve_client() at -O2, and a
+ * patch of answer() would then not reach it (the generator says so when it happens).
+ */
+__attribute__((noinline)) static int answer(const char *line, size_t len, char *reply,
+					    size_t size)
 {
 	struct request req;
 	char err[128];
 
 	if (strlen(line) != len) {
+		count_request(1);
 		snprintf(reply, size, "ERR request contains a NUL byte");
 		return 1;
 	}
+	if (strcmp(line, "STATS") == 0) {
+		report_stats(reply, size);
+		return 1;
+	}
 	if (parse_request(line, &req, err, sizeof err) < 0) {
+		count_request(0); /* the bug: should be count_request(1) */
 		snprintf(reply, size, "ERR %s", err);
 		return 1;
 	}
+	count_request(0);
 	return execute_request(&req, reply, size);
 }
 
