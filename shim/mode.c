@@ -127,40 +127,59 @@ static int publish_table(const struct fentry_redirect *r, size_t n, char *err)
 	return 0;
 }
 
+/* Sites whose target is not 0 (jump mode): the only ones a change may have to reset. */
+static struct fentry_site **patched;
+static size_t npatched;
+
 FENTRY_HIDDEN int fentry_activate(const struct fentry_redirect *r, size_t n, char *err)
 {
-	size_t nsites, nbatch = 0, ntable = 0;
-	struct fentry_site *sites, **batch = NULL;
+	static unsigned epoch;
+	size_t ntouched = 0, nbatch = 0, ntable = 0, cap = n + npatched + 1;
+	struct fentry_site **touched = NULL, **batch = NULL;
 	struct fentry_redirect *table = NULL, *old_table = NULL;
-	uintptr_t *next = NULL, *want = NULL;
+	uintptr_t *next = NULL;
 	size_t old_n = table_now_n;
 	int rc = -1;
 
 	if (!jump)
 		return publish_table(r, n, err);
 
-	/* The target every jump site should have: later redirects win (newest patch). */
-	sites = fentry_sites(&nsites);
-	want = calloc(nsites ? nsites : 1, sizeof(*want));
-	table = calloc(n ? n : 1, sizeof(*table));
-	batch = calloc(nsites ? nsites : 1, sizeof(*batch));
-	next = calloc(nsites ? nsites : 1, sizeof(*next));
-	if (!want || !table || !batch || !next) {
+	/*
+	 * Only the sites named by the new set or patched now can change: mark each with
+	 * this activation's epoch and the target it should get (later redirects win: they
+	 * are the newer patches), so that no pass over every site is needed.
+	 */
+	touched = calloc(cap, sizeof(*touched));
+	batch = calloc(cap, sizeof(*batch));
+	next = calloc(cap, sizeof(*next));
+	table = calloc(n + 1, sizeof(*table));
+	if (!touched || !batch || !next || !table) {
 		snprintf(err, FENTRY_ERR_MAX, "out of memory");
 		goto out;
 	}
+	epoch++;
 	for (size_t i = 0; i < n; i++) {
 		struct fentry_site *s = site_ending_at(r[i].site_end);
 
-		if (s)
-			want[s - sites] = r[i].target;
-		else
+		if (!s) {
 			table[ntable++] = r[i];
+			continue;
+		}
+		if (s->mark != epoch)
+			touched[ntouched++] = s;
+		s->mark = epoch;
+		s->want = r[i].target;
 	}
-	for (size_t i = 0; i < nsites; i++)
-		if (sites[i].target != want[i]) {
-			batch[nbatch] = &sites[i];
-			next[nbatch++] = want[i];
+	for (size_t i = 0; i < npatched; i++)
+		if (patched[i]->mark != epoch) {
+			patched[i]->mark = epoch;
+			patched[i]->want = 0;
+			touched[ntouched++] = patched[i];
+		}
+	for (size_t i = 0; i < ntouched; i++)
+		if (touched[i]->target != touched[i]->want) {
+			batch[nbatch] = touched[i];
+			next[nbatch++] = touched[i]->want;
 		}
 
 	/* Table first (it can be put back exactly), then the code. */
@@ -177,10 +196,18 @@ FENTRY_HIDDEN int fentry_activate(const struct fentry_redirect *r, size_t n, cha
 		publish_table(old_table, old_table ? old_n : 0, ignored);
 		goto out;
 	}
+	/* Every site patched now was touched: keep those that still jump. */
+	npatched = 0;
+	for (size_t i = 0; i < ntouched; i++)
+		if (touched[i]->target != 0)
+			touched[npatched++] = touched[i];
+	free(patched);
+	patched = touched;
+	touched = NULL;
 	rc = 0;
 out:
 	free(old_table);
-	free(want);
+	free(touched);
 	free(table);
 	free(batch);
 	free(next);

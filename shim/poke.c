@@ -9,12 +9,17 @@
  *
  *   call    e8 <rel32>                 |  67 e8 <rel32>
  *   nop     0f 1f 44 00 00             |  66 0f 1f 44 00 00      (unpatched)
- *   jump    e9 <rel32 to trampoline>   |  e9 <rel32> 90          (patched)
+ *   jump    e9 <rel32 to trampoline>   |  ff 25 <rel32 to slot>  (patched)
  *
  * A trampoline (in a page mapped within +-2 GiB of the program) reaches the
- * replacement wherever the patch .so was loaded:
+ * replacement wherever the patch .so was loaded - usually more than 2 GiB away:
  *
- *   ff 25 00 00 00 00 <target:8>  cc cc     jmp *0(%rip); the 8 bytes are the target
+ *   ff 25 00 00 00 00 <target:8>  cc cc     jmp *0(%rip); the 8 bytes ("slot") are
+ *                                           the target
+ *
+ * A 6-byte site has room for `jmp *slot(%rip)` itself, so it jumps through the
+ * trampoline's slot in one branch; a 5-byte site (non-PIE) jumps to the trampoline,
+ * which jumps on (two branches).
  *
  * Trampolines are written once and never changed, one per target, so a thread that
  * has just jumped to one can never find it half-rewritten.
@@ -50,8 +55,8 @@
 
 #define OP_INT3 0xcc
 #define OP_JMP_REL32 0xe9
-#define OP_NOP 0x90
 #define TRAMPOLINE_SIZE 16
+#define TRAMPOLINE_SLOT 6 /* offset of the 8-byte target in a trampoline */
 static const uint8_t NOP5[5] = { 0x0f, 0x1f, 0x44, 0x00, 0x00 };       /* nopl 0(%rax,%rax) */
 static const uint8_t NOP6[6] = { 0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00 }; /* nopw 0(%rax,%rax) */
 static const uint8_t JMP_RIP_INDIRECT[6] = { 0xff, 0x25, 0x00, 0x00, 0x00, 0x00 };
@@ -64,6 +69,7 @@ struct trampoline {
 	uintptr_t target, slot;
 };
 static uintptr_t tramp_page, tramp_next;
+static int tramp_written; /* a trampoline was written since the last core sync */
 static struct trampoline *tramps;
 static size_t ntramps, captramps;
 
@@ -154,9 +160,13 @@ static const uint8_t *nop_for(unsigned len)
 	return len == 5 ? NOP5 : NOP6;
 }
 
-/* The bytes a site should hold: its NOP, or a jump to `to` (a trampoline). */
+/*
+ * The bytes a site should hold: its NOP, or a jump through the trampoline at `to`
+ * (6 bytes: jmp *slot(%rip) straight through its slot; 5 bytes: jmp rel32 to it).
+ */
 static int site_bytes(const struct fentry_site *s, uintptr_t to, uint8_t out[6])
 {
+	uintptr_t dest = s->len == 6 ? to + TRAMPOLINE_SLOT : to;
 	int64_t rel;
 	int32_t rel32;
 
@@ -164,14 +174,17 @@ static int site_bytes(const struct fentry_site *s, uintptr_t to, uint8_t out[6])
 		memcpy(out, nop_for(s->len), s->len);
 		return 0;
 	}
-	rel = (int64_t)to - (int64_t)(s->addr + 5);
+	rel = (int64_t)dest - (int64_t)(s->addr + s->len);
 	if (rel < INT32_MIN || rel > INT32_MAX)
 		return -1;
 	rel32 = (int32_t)rel;
-	out[0] = OP_JMP_REL32;
-	memcpy(out + 1, &rel32, 4);
-	if (s->len == 6)
-		out[5] = OP_NOP; /* never executed: the jump leaves first */
+	if (s->len == 6) {
+		memcpy(out, JMP_RIP_INDIRECT, 2); /* ff 25 */
+		memcpy(out + 2, &rel32, 4);
+	} else {
+		out[0] = OP_JMP_REL32;
+		memcpy(out + 1, &rel32, 4);
+	}
 	return 0;
 }
 
@@ -263,6 +276,7 @@ static uintptr_t trampoline_for(uintptr_t target)
 	code[14] = code[15] = OP_INT3;
 	if (write_code(tramp_next, code, sizeof(code)) < 0)
 		return 0;
+	tramp_written = 1;
 	tramps[ntramps].target = target;
 	tramps[ntramps].slot = tramp_next;
 	ntramps++;
@@ -304,8 +318,10 @@ FENTRY_HIDDEN int fentry_poke_batch(struct fentry_site **batch, const uintptr_t 
 					"site (jump mode); use FENTRY_MODE=dispatch", "a function"), -1;
 		}
 	}
-	if (sync_cores() < 0) /* the trampolines are visible before any site jumps there */
+	/* New trampolines are visible to every core before any site jumps there. */
+	if (tramp_written && sync_cores() < 0)
 		goto io_error;
+	tramp_written = 0;
 	for (i = 0; i < n; i++)
 		if (write_code(batch[i]->addr, &int3, 1) < 0)
 			goto undo;

@@ -41,6 +41,8 @@ FENTRY_HIDDEN int fentry_table_publish(const struct fentry_redirect *redirects, 
 struct fentry_site {
 	uintptr_t addr;   /* the call to __fentry__ (after endbr64, if any)              */
 	uintptr_t target; /* the replacement the site jumps to (via a trampoline); 0: NOP */
+	uintptr_t want;   /* fentry_activate()'s scratch: the target being computed     */
+	unsigned mark;    /* fentry_activate()'s scratch: `want` is for this activation */
 	uint8_t len;      /* 5 or 6                                                     */
 	uint8_t orig[6];  /* the call instruction gcc emitted, for validation           */
 };
