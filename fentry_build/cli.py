@@ -100,7 +100,7 @@ def _cmd_shim_path(args: argparse.Namespace) -> int:
 def _cmd_attach(args: argparse.Namespace) -> int:
     from fentry_build import attach
 
-    report = attach.attach(args.pid)
+    report = attach.attach(args.pid, tries=args.tries)
     print(json.dumps(report, sort_keys=True) if args.json else attach.format_attach(report))
     return 0
 
@@ -170,6 +170,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("attach", help="load the shim into a running instrumented process")
     s.add_argument("--pid", type=int, required=True)
+    s.add_argument("--tries", type=int, default=60,
+                   help="times to look for a moment safe to load the shim before giving up")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_attach)
 

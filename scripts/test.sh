@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
 command -v setpriv >/dev/null || need+=(util-linux)
+command -v gdb >/dev/null || need+=(gdb)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need[@]}"
 fi

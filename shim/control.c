@@ -86,8 +86,11 @@ struct ctl_client {
  * slot's fd is set to -1 before it is closed, so that a snapshot never names a closed
  * (perhaps reused) descriptor.
  */
+/* -1 when this process serves no channel.  Kept out of `ctl` so that `ctl` (1 MiB of
+ * client buffers) is zero-initialised .bss, not .data in every program's file. */
+static int ctl_listen_fd = -1;
+
 static struct {
-	int listen_fd;            /* -1 when this process serves no channel            */
 	ino_t listen_ino;         /* the listening socket's inode                      */
 	pid_t owner;              /* the process that bound `path`; only it unlinks it */
 	char path[CTL_PATH_MAX];
@@ -96,7 +99,7 @@ static struct {
 	int idle_ms;
 	int64_t accept_paused_until;
 	struct ctl_client clients[CTL_MAX_CLIENTS];
-} ctl = {.listen_fd = -1};
+} ctl;
 
 static int64_t now_ms(void)
 {
@@ -246,7 +249,7 @@ static int clear_path(const char *path, char *why, size_t n)
 	return -1;
 }
 
-/* Bind and listen at ctl.path; on success ctl.listen_fd and ctl.owner are set. */
+/* Bind and listen at ctl.path; on success ctl_listen_fd and ctl.owner are set. */
 static int bind_socket(char *why, size_t n)
 {
 	struct sockaddr_un a;
@@ -264,7 +267,7 @@ static int bind_socket(char *why, size_t n)
 		return -1;
 	}
 	ctl.owner = getpid();
-	ctl.listen_fd = fd;
+	ctl_listen_fd = fd;
 	if (lstat(ctl.path, &st) == 0) {
 		ctl.file_dev = st.st_dev;
 		ctl.file_ino = st.st_ino;
@@ -332,10 +335,10 @@ static int open_channel(int sweep, char *why, size_t n)
 /* Undo open_channel() after a failure (the thread is not running). */
 static void close_channel(void)
 {
-	int fd = ctl.listen_fd;
+	int fd = ctl_listen_fd;
 
 	unlink_at_exit();
-	ctl.listen_fd = -1;
+	ctl_listen_fd = -1;
 	if (fd >= 0)
 		close(fd);
 	ctl.owner = 0;
@@ -746,7 +749,7 @@ static void accept_clients(void)
 	int fd;
 
 	while ((c = free_slot()) != NULL) {
-		fd = accept4(ctl.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		fd = accept4(ctl_listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd >= 0)
 			admit(fd, c);
 		else if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
@@ -784,7 +787,7 @@ static int fill_pollfds(struct pollfd *pfd, int *slot, int *timeout)
 	int64_t now = now_ms(), wake = -1;
 	int i, n = 1;
 
-	pfd[0].fd = free_slot() ? ctl.listen_fd : -1;
+	pfd[0].fd = free_slot() ? ctl_listen_fd : -1;
 	pfd[0].events = POLLIN;
 	if (now < ctl.accept_paused_until) {
 		pfd[0].fd = -1;
@@ -809,7 +812,7 @@ static int listener_is_ours(void)
 {
 	struct stat st;
 
-	return fstat(ctl.listen_fd, &st) == 0 && S_ISSOCK(st.st_mode) &&
+	return fstat(ctl_listen_fd, &st) == 0 && S_ISSOCK(st.st_mode) &&
 	       st.st_ino == ctl.listen_ino;
 }
 
@@ -840,7 +843,7 @@ static void *serve(void *unused)
 	/* The program closed our listening socket (a daemon closing every fd, say). */
 	dprintf(STDERR_FILENO, "fentry: control channel off: the program closed its socket; "
 		"start the program without closing inherited descriptors to keep it\n");
-	ctl.listen_fd = -1;
+	ctl_listen_fd = -1;
 	for (k = 0; k < CTL_MAX_CLIENTS; k++)
 		if (ctl.clients[k].fd >= 0)
 			drop(&ctl.clients[k]);
@@ -902,8 +905,8 @@ void fentry_control_after_fork_child(void)
 	ctl.path[0] = '\0';
 	if (!had)
 		return;
-	fd = ctl.listen_fd;
-	ctl.listen_fd = -1;
+	fd = ctl_listen_fd;
+	ctl_listen_fd = -1;
 	close_ours(fd, ctl.listen_ino);
 	for (i = 0; i < CTL_MAX_CLIENTS; i++) {
 		fd = ctl.clients[i].fd;

@@ -65,13 +65,18 @@ FENTRY_HIDDEN int fentry_sites_load(const char **why)
 	size_t n = (size_t)(__stop___mcount_loc - __start___mcount_loc);
 	struct fentry_module main_mod;
 
+	if (fentry_module_main(&main_mod) < 0) {
+		*why = "the main program's segments were not found";
+		return -1;
+	}
+	if (!fentry_module_contains_code(&main_mod, (uintptr_t)&__fentry__, 1)) {
+		*why = "the shim is not linked into the program (preloaded or attached); "
+		       "jump mode needs the program built with dependency('fentry')";
+		return -1;
+	}
 	if (__start___mcount_loc == NULL || n == 0) {
 		*why = "the program has no fentry site list (build it with dependency('fentry'), "
 		       "which adds -mrecord-mcount)";
-		return -1;
-	}
-	if (fentry_module_main(&main_mod) < 0) {
-		*why = "the main program's segments were not found";
 		return -1;
 	}
 	sites = calloc(n, sizeof(*sites));
