@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -209,6 +210,9 @@ static void *worker(void *arg)
 
 		if (fd < 0)
 			continue; /* another worker took it (EAGAIN), or the client left */
+		/* Answers are small and sent one by one: without TCP_NODELAY a client that
+		 * pipelines requests waits for delayed ACKs (~40 ms a batch). */
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &(int){1}, sizeof(int));
 		if (fcntl(fd, F_SETFL, O_NONBLOCK) == 0)
 			serve_client(fd);
 		close(fd);

@@ -1,0 +1,49 @@
+"""The benchmark suite's smoke run: every variant builds, runs and checks its result.
+
+`python benchmarks/run.py --quick` runs each variant of the micro, apply and macro
+benchmarks once with tiny counts; each program checks which code ran (the patched
+variants that they ran the replacement, the modes that the shim is in the mode asked
+for).  No timing is asserted here: the numbers of a smoke run mean nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "benchmarks" / "run.py"
+
+pytestmark = pytest.mark.skipif(not RUN.is_file(), reason="benchmarks/ is not in this tree")
+
+
+def test_quick_benchmark_runs_every_variant_and_checks_it(tmp_path: Path) -> None:
+    report = tmp_path / "RESULTS.md"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
+    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--results", str(report)],
+                          capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "every variant ran and checked its result" in proc.stderr
+
+    text = report.read_text()
+    assert "Smoke run" in text
+    for row in ("uninstrumented (gcc -O2)", "direct call of the replacement's code",
+                "dispatch, unpatched", "dispatch, table active", "dispatch, patched",
+                "jump, unpatched", "jump, patched"):
+        assert f"| {row}" in text, row
+    for row in ("jump, idle program", "jump, one thread calling tiny()",
+                "dispatch, idle program", "dispatch, one thread calling tiny()"):
+        assert f"| {row}" in text, row
+    if (ROOT / "examples" / "server" / "server.c").is_file():
+        for row in ("instrumented, jump mode", "instrumented, dispatch mode",
+                    "jump mode, fix_parse applied", "dispatch mode, fix_parse applied"):
+            assert f"| {row}" in text, row
+    # XRay rows exactly when clang is there, and the report says why they are missing.
+    if "clang is not installed" in text:
+        assert "| LLVM XRay" not in text
+    else:
+        assert "| LLVM XRay, unpatched" in text and "| LLVM XRay, patched" in text
