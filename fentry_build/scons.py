@@ -39,7 +39,8 @@ INSTRUMENT_FLAGS = ["-pg", "-mfentry", "-mrecord-mcount", "-flive-patching=inlin
 #: On the program's link line, as in shim/meson.build: the build-id the generator and the
 #: loader match on, and the shim's shadow-variable API exported for patches to call.
 #: (generate() makes them Literals, so the shell SCons runs commands with leaves `*` alone.)
-LINK_FLAGS = ["-Wl,--build-id=sha1", "-Wl,--export-dynamic-symbol=fentry_shadow_*"]
+LINK_FLAGS = ["-Wl,--build-id=sha1", "-Wl,--export-dynamic-symbol=fentry_shadow_*",
+              "-Wl,--export-dynamic-symbol=__fentry__"]
 #: The shim is never instrumented and never takes the user's flags.
 SHIM_CFLAGS = list(shimlib.SHIM_CFLAGS)
 SHIM_LIBS = ["pthread", "dl"]

@@ -57,6 +57,7 @@ def build_program(
     if with_shim:
         objs += build_shim_objects(out.parent / (out.name + ".shim"))
     run(["gcc", *(cflags or []), *(ldflags or []), "-Wl,--export-dynamic-symbol=fentry_shadow_*",
+         "-Wl,--export-dynamic-symbol=__fentry__",
          "-o", str(out), *map(str, objs),
          "-lpthread", "-ldl"])
     return out
