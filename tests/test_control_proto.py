@@ -549,6 +549,8 @@ def _tasks(pid: int) -> dict[int, str]:
 
 
 def test_thread_is_named_and_blocks_all_signals(host: Host) -> None:
+    # The thread names itself when it starts, which may be just after the socket exists.
+    assert wait_for(lambda: "fentry-ctl" in _tasks(host.pid).values())
     (tid,) = [t for t, name in _tasks(host.pid).items() if name == "fentry-ctl"]
     status = Path(f"/proc/{host.pid}/task/{tid}/status").read_text()
     blocked = int(status.split("SigBlk:")[1].split()[0], 16)
