@@ -22,8 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from elftools.common.exceptions import DWARFError, ELFError
-from elftools.construct.core import ConstructError
 from elftools.dwarf.compileunit import CompileUnit
 from elftools.dwarf.die import DIE
 from elftools.dwarf.dwarf_expr import DWARFExprParser
@@ -31,11 +29,7 @@ from elftools.dwarf.dwarfinfo import DWARFInfo
 from elftools.dwarf.ranges import BaseAddressEntry, RangeEntry
 from elftools.elf.elffile import ELFFile
 
-from fentry_build.elfinfo import has_debug_info
-
-# What a damaged or unusual .debug_* section can make pyelftools raise.
-DWARF_ERRORS = (DWARFError, ELFError, ConstructError, KeyError, ValueError, IndexError, AttributeError,
-                AssertionError, TypeError)
+from fentry_build.elfinfo import DWARF_ERRORS, has_debug_info
 
 LTO_UNIT_NAME = "<artificial>"
 ORIGIN_ATTRIBUTES = ("DW_AT_abstract_origin", "DW_AT_specification")

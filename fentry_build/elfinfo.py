@@ -19,6 +19,10 @@ from elftools.elf.sections import NoteSection, Symbol, SymbolTableSection
 
 from fentry_build.errors import FentryError
 
+# What pyelftools raises on malformed debug info: DWARF is optional, so none is fatal.
+DWARF_ERRORS = (DWARFError, ELFError, ConstructError, KeyError, ValueError, IndexError,
+                AttributeError, AssertionError, TypeError)
+
 FENTRY_SYMBOL = "__fentry__"
 
 # The bytes a function entry may hold (see DESIGN.md, "Call-site forms").
@@ -172,13 +176,27 @@ class Relocation:
     addend: int
 
 
+def _file_size(elf: ELFFile) -> int:
+    stream = elf.stream
+    here = stream.tell()
+    stream.seek(0, 2)
+    size = stream.tell()
+    stream.seek(here)
+    return size
+
+
 class MemoryImage:
     """The bytes of the allocated sections, looked up by link-time address."""
 
     def __init__(self, elf: ELFFile) -> None:
         spans = []
+        size = _file_size(elf)
         for sec in elf.iter_sections():
             if sec["sh_flags"] & 0x2 and sec["sh_type"] != "SHT_NOBITS" and sec["sh_size"]:
+                # A corrupt header can promise more bytes than the file has (pyelftools
+                # would then try to read them all): that is not a readable program.
+                if sec["sh_offset"] + sec["sh_size"] > size:
+                    raise ValueError(f"section {sec.name} runs past the end of the file")
                 spans.append((sec["sh_addr"], sec.name, sec.data()))
         spans.sort(key=lambda s: s[0])
         self._starts = [s[0] for s in spans]
@@ -323,7 +341,7 @@ class CompileUnitFiles:
             if elf.has_dwarf_info():
                 self._dwarf = elf.get_dwarf_info()
                 self._aranges = self._dwarf.get_aranges()
-        except (DWARFError, ELFError, ConstructError, KeyError, ValueError):
+        except DWARF_ERRORS:
             self._aranges = None  # debug info is optional: without it, globals have no file
 
     def file_at(self, addr: int) -> str | None:
@@ -336,7 +354,7 @@ class CompileUnitFiles:
             if offset not in self._names:
                 self._names[offset] = self._cu_name(offset)
             return self._names[offset]
-        except (DWARFError, ELFError, ConstructError, KeyError, ValueError):
+        except DWARF_ERRORS:
             return None
 
     def _cu_name(self, offset: int) -> str | None:
@@ -445,7 +463,8 @@ def read_binary(path: Path) -> BinaryInfo:
                               has_debug_info(elf))
     except OSError as e:
         raise FentryError(f"cannot read {path}: {e.strerror or e}; pass the built program") from None
-    except (ELFError, ConstructError, struct.error, ValueError, IndexError) as e:
+    except (ELFError, ConstructError, struct.error, ValueError, IndexError, OverflowError,
+            MemoryError, AssertionError) as e:
         raise FentryError(
             f"{path} is not a readable ELF file ({e}); pass the built program or shared library"
         ) from None

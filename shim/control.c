@@ -123,7 +123,7 @@ static void close_ours(int fd, ino_t ino)
 /* $FENTRY_RUNTIME_DIR, $XDG_RUNTIME_DIR/fentry or /tmp/fentry-<euid>, no trailing '/'. */
 static int runtime_dir(char *dir, size_t size, char *why, size_t whylen)
 {
-	const char *env = getenv("FENTRY_RUNTIME_DIR"), *xdg = getenv("XDG_RUNTIME_DIR");
+	const char *env = secure_getenv("FENTRY_RUNTIME_DIR"), *xdg = secure_getenv("XDG_RUNTIME_DIR");
 	size_t len;
 	int n;
 
@@ -294,7 +294,7 @@ static void unlink_at_exit(void)
 
 static int idle_ms_from_env(void)
 {
-	const char *s = getenv("FENTRY_CONTROL_IDLE_SECONDS");
+	const char *s = secure_getenv("FENTRY_CONTROL_IDLE_SECONDS");
 	char *end;
 	long v = s ? strtol(s, &end, 10) : 0;
 
@@ -358,6 +358,10 @@ static void reply_error(struct fentry_buf *out, const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof msg, fmt, ap);
 	va_end(ap);
+	/* One line whatever the request echoed back contained. */
+	for (char *c = msg; *c; c++)
+		if ((unsigned char)*c < 0x20 || *c == 0x7f)
+			*c = ' ';
 	PUT(out, "{\"ok\":false,\"error\":");
 	fentry_buf_json_string(out, msg);
 	PUT(out, "}");
@@ -874,7 +878,7 @@ static int start_thread(char *why, size_t n)
 
 static void start(int sweep)
 {
-	const char *setting = getenv("FENTRY_CONTROL");
+	const char *setting = secure_getenv("FENTRY_CONTROL");
 	char why[FENTRY_ERR_MAX];
 
 	if ((setting && strcmp(setting, "0") == 0) || ctl.owner == getpid())

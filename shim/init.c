@@ -68,7 +68,7 @@ static void apply_dir(const char *dir)
 /* FENTRY_PATCHES: colon-separated .so files or directories of them. */
 static void apply_env_patches(void)
 {
-	const char *env = getenv("FENTRY_PATCHES");
+	const char *env = secure_getenv("FENTRY_PATCHES");
 	char *copy, *save = NULL;
 	struct stat st;
 

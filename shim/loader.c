@@ -33,7 +33,7 @@ struct loaded_patch {
 	char name[FENTRY_NAME_MAX];
 	char path[4096];
 	void *handle;                    /* from dlopen; never closed (see top)       */
-	int fd;                          /* the checked file, loaded as /proc/self/fd/N;
+	int fd;                          /* the checked file, loaded as /proc/<pid>/fd/N;
 	                                    kept open so that N is never reused: glibc
 	                                    matches an already-loaded object by name  */
 	const struct fentry_patch *desc; /* the descriptor inside the patch           */
@@ -347,7 +347,7 @@ static void *callback_thread(void *arg)
 
 static long callback_timeout_ms(void)
 {
-	const char *env = getenv("FENTRY_CALLBACK_TIMEOUT_MS");
+	const char *env = secure_getenv("FENTRY_CALLBACK_TIMEOUT_MS");
 	long ms = env && *env ? atol(env) : 5000;
 
 	return ms > 0 ? ms : 5000;
@@ -554,7 +554,11 @@ static int load_new(const char *path, int fd, const struct stat *st, const char 
 	if (check_elf_extent(fd, st, path, err) < 0)
 		goto bad;
 	/* Load the file we checked, through our descriptor, never the path again. */
-	snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", fd);
+	/*
+	 * Named by pid, not "self": the name is what debuggers open to read the patch's
+	 * symbols, and in gdb's own process /proc/self/fd/N is one of gdb's descriptors.
+	 */
+	snprintf(fdpath, sizeof(fdpath), "/proc/%d/fd/%d", (int)getpid(), fd);
 	p->handle = dlopen(fdpath, RTLD_NOW | RTLD_LOCAL);
 	if (!p->handle) {
 		const char *why = dlerror();

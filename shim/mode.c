@@ -63,7 +63,7 @@ static int nop_all_live(void)
 
 FENTRY_HIDDEN void fentry_mode_init(void)
 {
-	const char *want = getenv("FENTRY_MODE");
+	const char *want = secure_getenv("FENTRY_MODE");
 	const char *why = NULL;
 
 	if (want && strcmp(want, "dispatch") == 0) {
@@ -180,6 +180,14 @@ FENTRY_HIDDEN int fentry_activate(const struct fentry_redirect *r, size_t n, cha
 		if (touched[i]->target != touched[i]->want) {
 			batch[nbatch] = touched[i];
 			next[nbatch++] = touched[i]->want;
+		}
+	/* Never overwrite bytes someone else put there (a debugger's int3, a uprobe). */
+	for (size_t i = 0; i < nbatch; i++)
+		if (!fentry_poke_site_is_ours(batch[i])) {
+			snprintf(err, FENTRY_ERR_MAX, "the fentry site at %p holds bytes this shim did "
+				 "not write (a debugger's breakpoint or a uprobe?); remove it and retry",
+				 (void *)batch[i]->addr);
+			goto out;
 		}
 
 	/* Table first (it can be put back exactly), then the code. */

@@ -126,7 +126,7 @@ static int list_threads(pid_t *tids, size_t *n)
 
 static int check_signal(void)
 {
-	const char *env = getenv("FENTRY_UNLOAD_SIGNAL");
+	const char *env = secure_getenv("FENTRY_UNLOAD_SIGNAL");
 	int sig = env && *env ? atoi(env) : SIGRTMAX - 3;
 
 	return sig >= SIGRTMIN && sig <= SIGRTMAX ? sig : -1;
