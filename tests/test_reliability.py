@@ -1,0 +1,799 @@
+"""Reliability of live patching: under load, when things go wrong, and beside a debugger.
+
+Everything is real: the server example (examples/server: 4 worker threads, a line
+protocol, the bug in parse_request, patches/fix_parse.c) built from its sources with the
+real shim and the real generator, its TCP clients, the control socket, fork/exec, gdb and
+the kernel's uprobes.  Every test runs in jump mode (the default) and in dispatch mode
+(FENTRY_MODE=dispatch) and is bounded in time.
+
+The figures (cycles, requests, failures) are printed - run pytest with -s to see them -
+and recorded in docs/security.md.  tests/test_security.py and tests/test_fuzz.py use
+the helpers of the first two sections.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from cbuild import INSTRUMENT, build_patch, build_shim_objects, run
+from fentry_build import control, paths
+from fentry_build.errors import FentryError
+from test_server_demo import (
+    BUG_REQUEST, BUGGY, Server, _first_line, _server_env, ask, assert_buggy,
+    assert_fixed, assert_one_error_line,
+)
+
+TESTS = Path(__file__).resolve().parent
+PROGRAMS = TESTS / "programs"
+EXAMPLE = paths.examples_dir() / "server"
+CLI = [sys.executable, "-m", "fentry_build"]
+MODES = ["jump", "dispatch"]
+TIMEOUT = 10.0
+
+
+def figures(test: str, **values: Any) -> None:
+    """One line of figures in the test output (pytest -s), for docs/security.md."""
+    print(f"\n[figures] {test}: " + " ".join(f"{k}={v}" for k, v in values.items()))
+
+
+# ---- building (once per session) ---------------------------------------------------------
+
+
+_built: dict[str, Any] = {}
+
+
+def _shim_objects(factory: pytest.TempPathFactory) -> list[Path]:
+    if "shim" not in _built:
+        _built["shim"] = build_shim_objects(factory.mktemp("rel_shim"))
+    return list(_built["shim"])
+
+
+def build_rel_program(factory: pytest.TempPathFactory, sources: list[Path], out: Path, *,
+                      cflags: list[str] | None = None, ldflags: list[str] | None = None) -> Path:
+    """cbuild.build_program, with the shim compiled once per session."""
+    objs = []
+    for src in sources:
+        obj = out.parent / f"{out.name}.{src.name}.o"
+        run(["gcc", "-O2", "-g", *INSTRUMENT, *(cflags or []), f"-I{paths.shim_dir()}",
+             f"-I{EXAMPLE}", "-c", str(src), "-o", str(obj)])
+        objs.append(obj)
+    run(["gcc", *(cflags or []), *(ldflags or []), "-Wl,--export-dynamic-symbol=fentry_shadow_*",
+         "-o", str(out), *map(str, objs), *map(str, _shim_objects(factory)), "-lpthread", "-ldl"])
+    return out
+
+
+def build_rel_patch(binary: Path, source: Path, out_dir: Path) -> Path:
+    """The patch `source` for `binary`, as out_dir/STEM.so, mode 0755 whatever the umask."""
+    so = build_patch(binary, source, out_dir / f"{source.stem}.so", cflags=[f"-I{EXAMPLE}"])
+    so.chmod(0o755)
+    return so
+
+
+@dataclass(frozen=True)
+class ServerBuild:
+    binary: Path              # examples/server, built with the shim
+    patches: dict[str, Path]  # by name: fix_parse, fix_parse_v2, rel_veto_patch, ...
+    other_binary: Path        # the same sources built with -O1: another build-id
+    other_fix: Path           # fix_parse built for other_binary
+
+
+SERVER_PATCHES = [EXAMPLE / "patches" / "fix_parse.c", EXAMPLE / "patches" / "fix_parse_v2.c",
+                  PROGRAMS / "rel_veto_patch.c", PROGRAMS / "rel_hang_patch.c",
+                  PROGRAMS / "rel_evil_patch.c"]
+
+
+def server_sources() -> list[Path]:
+    """The C sources of the example's executable('server', ...) in its meson.build."""
+    found = re.search(r"executable\(\s*'server'\s*,([^)]*)\)", (EXAMPLE / "meson.build").read_text())
+    names = re.findall(r"'([^']+\.c)'", found.group(1)) if found else []
+    return [EXAMPLE / n for n in names] or [EXAMPLE / "server.c", EXAMPLE / "parser.c"]
+
+
+def server_build(factory: pytest.TempPathFactory) -> ServerBuild:
+    """The server example and its patches (built once per session, shared by the modules)."""
+    if "server" not in _built:
+        d = factory.mktemp("rel_server")
+        sources = server_sources()
+        binary = build_rel_program(factory, sources, d / "server")
+        patches = {src.stem: build_rel_patch(binary, src, d) for src in SERVER_PATCHES}
+        (d / "other").mkdir()
+        other = build_rel_program(factory, sources, d / "other" / "server", cflags=["-O1"])
+        other_fix = build_rel_patch(other, EXAMPLE / "patches" / "fix_parse.c", d / "other")
+        _built["server"] = ServerBuild(binary, patches, other, other_fix)
+    build: ServerBuild = _built["server"]
+    return build
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> ServerBuild:
+    return server_build(tmp_path_factory)
+
+
+# ---- running the server ----------------------------------------------------------------
+
+
+def start_server(binary: Path, mode: str, extra_env: dict[str, str] | None = None) -> Server:
+    """The server in `mode` ("jump": the default, no FENTRY_MODE; "dispatch"), checked."""
+    env = _server_env("dispatch" if mode == "dispatch" else "")
+    env.update(extra_env or {})
+    proc = subprocess.Popen([str(binary), "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            env=env, cwd=binary.parent)
+    try:
+        line = _first_line(proc)
+        assert line.startswith("listening on 127.0.0.1:"), line
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    srv = Server(proc, int(line.rsplit(":", 1)[1]), binary, mode)
+    status = control.status(srv.pid)
+    if status["mode"] != mode:
+        srv.stop()
+        if mode == "jump":
+            pytest.skip(f"jump mode is not available on this machine: {status['mode_reason']}")
+        raise AssertionError(f"asked for {mode} mode, got {status}")
+    return srv
+
+
+@pytest.fixture
+def started() -> Iterator[list[Server]]:
+    servers: list[Server] = []
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def assert_stops_cleanly(srv: Server) -> None:
+    """It was alive all along: SIGTERM makes it exit 0 with its one line."""
+    assert srv.alive(), f"the server died: status {srv.proc.returncode}"
+    assert srv.stop() == (0, "stopped (SIGTERM)\n")
+
+
+def patch_states(srv: Server) -> dict[str, str]:
+    return {p["name"]: p["state"] for p in control.list_patches(srv.pid)["patches"]}
+
+
+def assert_coherent(srv: Server) -> str:
+    """list, status and the server's behaviour agree; fix_parse's state ("none" if not loaded)."""
+    states = patch_states(srv)
+    status = control.status(srv.pid)
+    assert status["patches_loaded"] == len(states)
+    assert status["patches_active"] == sum(s == "active" for s in states.values())
+    assert set(states) <= {"fix_parse"}, states
+    state = states.get("fix_parse", "none")
+    (assert_fixed if state == "active" else assert_buggy)(srv)
+    return state
+
+
+def wait_until_quiet(srv: Server, seconds: float = 5.0) -> None:
+    """Until `list` stops changing: requests of clients that left may still be queued."""
+    deadline = time.monotonic() + seconds
+    last, same = None, 0
+    while same < 3:
+        now = control.list_patches(srv.pid)["patches"]
+        same = same + 1 if now == last else 0
+        last = now
+        assert time.monotonic() < deadline, "the patch list kept changing"
+        time.sleep(0.1)
+
+
+def raw_connect(sock_path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(TIMEOUT)
+    for _ in range(1000):
+        try:
+            s.connect(str(sock_path))
+            return s
+        except BlockingIOError:  # a full backlog: the control thread is busy
+            time.sleep(0.005)
+    raise AssertionError(f"{sock_path}: the backlog stayed full")
+
+
+# ---- under load ---------------------------------------------------------------------------
+
+LOAD_CYCLES = 1000
+LOAD_THREADS = 4  # one per server worker: 3 keep their connection, 1 reconnects every time
+
+
+@pytest.fixture(scope="module")
+def loadclient(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("loadclient") / "rel_loadclient"
+    run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o", str(out),
+         str(PROGRAMS / "rel_loadclient.c")])
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_1000_apply_revert_cycles_under_load_answer_only_old_or_new(
+        built: ServerBuild, loadclient: Path, started: list[Server], tmp_path: Path,
+        mode: str) -> None:
+    srv = start_server(built.binary, mode)
+    started.append(srv)
+    fix = built.patches["fix_parse"]
+    phase_file = tmp_path / "phase"
+    phase_file.write_bytes(bytes(16))
+    with open(phase_file, "r+b") as f, mmap.mmap(f.fileno(), 16) as shared, \
+            memoryview(shared).cast("Q") as words:
+        # One aligned 8-byte store each (struct.pack_into zero-fills first: a reader
+        # could see 0 in between).
+        def phase(value: int) -> None:
+            words[0] = value
+
+        client = subprocess.Popen([str(loadclient), str(srv.port), str(LOAD_THREADS),
+                                   str(phase_file), "120"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert client.stdout is not None and client.stdout.readline() == "started\n"
+            time.sleep(0.1)
+            begin = time.monotonic()
+            for cycle in range(LOAD_CYCLES):
+                p = 4 * cycle
+                phase(p + 1)
+                assert control.apply(srv.pid, fix)["ok"]
+                phase(p + 2)
+                if cycle % 10 == 0:
+                    time.sleep(0.002)  # let the clients see the patch in effect for a while
+                phase(p + 3)
+                assert control.revert(srv.pid, "fix_parse")["ok"]
+                phase(p + 4)
+                if cycle % 10 == 0:
+                    time.sleep(0.002)
+            elapsed = time.monotonic() - begin
+            time.sleep(0.1)
+        finally:
+            words[1] = 1
+            out, err = client.communicate(timeout=60)
+    counts = {k: int(v) for k, v in (kv.split("=") for kv in out.split()[-6:])}
+    figures(f"under load ({mode})", cycles=LOAD_CYCLES, seconds=f"{elapsed:.1f}",
+            client_threads=LOAD_THREADS, **counts)
+    assert client.returncode == 0, err
+    assert counts["wrong"] == 0 and counts["stale"] == 0 and counts["failed"] == 0, err
+    assert counts["requests"] > 10 * LOAD_CYCLES
+    assert counts["old"] > 0 and counts["new"] > 0  # both behaviours were seen
+    assert patch_states(srv) == {"fix_parse": "reverted"}
+    assert_buggy(srv)
+    assert_stops_cleanly(srv)
+
+
+# ---- clients that go away ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_clients_that_leave_mid_request_leave_the_process_consistent(
+        built: ServerBuild, started: list[Server], mode: str) -> None:
+    srv = start_server(built.binary, mode)
+    started.append(srv)
+    sock = control.socket_path(srv.pid)
+    load = json.dumps({"op": "load", "path": str(built.patches["fix_parse"])}).encode() + b"\n"
+    revert = b'{"op": "revert", "name": "fix_parse"}\n'
+    rng = random.Random(20240601)
+    resets = 0
+    for i in range(200):
+        s = raw_connect(sock)
+        s.sendall(load if i % 2 == 0 else revert)
+        if rng.random() < 0.5:  # close with a reset instead of a FIN
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            resets += 1
+        if rng.random() < 0.3:
+            time.sleep(0.001)
+        s.close()
+    wait_until_quiet(srv)
+    state = assert_coherent(srv)
+    # The same patch applies again, or is already applied - never "half" applied.
+    try:
+        control.apply(srv.pid, built.patches["fix_parse"])
+    except FentryError as e:
+        assert state == "active" and "already applied" in str(e), (state, e)
+    assert_fixed(srv)
+    control.revert(srv.pid, "fix_parse")
+    assert assert_coherent(srv) == "reverted"
+    figures(f"clients gone mid-request ({mode})", connections=200, resets=resets,
+            final_state=state)
+    assert_stops_cleanly(srv)
+
+
+def wait_for_a_socket(pid: int, seconds: float = 10) -> bool:
+    """Until process `pid` has a socket open (the CLI connected to the control channel)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if any(os.readlink(fd).startswith("socket:") for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                return True
+        except OSError:
+            pass
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_cli_killed_while_it_waits_leaves_the_process_consistent(
+        built: ServerBuild, started: list[Server], mode: str) -> None:
+    srv = start_server(built.binary, mode, {"FENTRY_CALLBACK_TIMEOUT_MS": "1500"})
+    started.append(srv)
+    # The hung pre-patch callback keeps the CLI waiting 1.5 s: kill -9 it meanwhile.
+    cli = subprocess.Popen([*CLI, "apply", "--pid", str(srv.pid),
+                            str(built.patches["rel_hang_patch"])],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert wait_for_a_socket(cli.pid), "the CLI never connected"
+    time.sleep(0.2)  # it has sent its request and waits for the reply
+    cli.kill()
+    cli.wait()
+    # ... and at random moments of apply and revert of a patch that loads at once.
+    rng = random.Random(7)
+    kills = 1
+    for i in range(8):
+        verb = ["apply", "--pid", str(srv.pid), str(built.patches["fix_parse"])] if i % 2 == 0 \
+            else ["revert", "--pid", str(srv.pid), "fix_parse"]
+        cli = subprocess.Popen([*CLI, *verb], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0.05, 0.6))
+        if cli.poll() is None:
+            cli.kill()
+            kills += 1
+        cli.wait()
+    time.sleep(1.6)  # the hung callback's time limit has passed
+    wait_until_quiet(srv)
+    state = assert_coherent(srv)
+    assert "rel_hang_patch" not in patch_states(srv)
+    if state != "active":
+        control.apply(srv.pid, built.patches["fix_parse"])
+    assert_fixed(srv)
+    figures(f"CLI killed while waiting ({mode})", kills=kills, final_state=state)
+    assert_stops_cleanly(srv)
+
+
+# ---- callbacks that refuse or hang --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_pre_patch_callback_that_refuses_leaves_nothing_applied(
+        built: ServerBuild, started: list[Server], mode: str) -> None:
+    srv = start_server(built.binary, mode)
+    started.append(srv)
+    veto = built.patches["rel_veto_patch"]
+    with pytest.raises(FentryError, match="pre-patch callback refused: rel_veto_patch: the "
+                       "service is draining, try later; nothing applied"):
+        control.apply(srv.pid, veto)
+    result = subprocess.run([*CLI, "apply", "--pid", str(srv.pid), str(veto)],
+                            capture_output=True, text=True, timeout=60)
+    assert_one_error_line(result, "refused: rel_veto_patch: the service is draining")
+    assert patch_states(srv) == {}
+    assert_buggy(srv)  # its replacement ("ERR rel_veto_patch ran") never ran
+    control.apply(srv.pid, built.patches["fix_parse"])  # the channel and the loader still work
+    assert_fixed(srv)
+    assert_stops_cleanly(srv)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_pre_patch_callback_that_hangs_times_out_and_leaves_nothing_applied(
+        built: ServerBuild, started: list[Server], mode: str) -> None:
+    srv = start_server(built.binary, mode, {"FENTRY_CALLBACK_TIMEOUT_MS": "500"})
+    started.append(srv)
+    hang = built.patches["rel_hang_patch"]
+    outcome: list[BaseException | None] = []
+
+    def apply_hung() -> None:
+        try:
+            control.apply(srv.pid, hang)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - the main thread looks at it
+            outcome.append(e)
+
+    begin = time.monotonic()
+    t = threading.Thread(target=apply_hung)
+    t.start()
+    time.sleep(0.2)
+    assert ask(srv.port, BUG_REQUEST) == BUGGY  # the program serves while the callback hangs
+    t.join(timeout=30)
+    waited = time.monotonic() - begin
+    assert not t.is_alive()
+    (error,) = outcome
+    assert isinstance(error, FentryError), error
+    assert "its pre-patch callback did not return within 500 ms; nothing applied" in str(error)
+    assert 0.45 < waited < 5, waited
+    assert control.status(srv.pid)["patches_active"] == 0  # the channel answers at once
+    assert patch_states(srv) == {}
+    assert_buggy(srv)
+    with pytest.raises(FentryError, match="did not return within 500 ms"):  # again: same
+        control.apply(srv.pid, hang)
+    control.apply(srv.pid, built.patches["fix_parse"])
+    assert_fixed(srv)
+    figures(f"hung pre-patch callback ({mode})", timeout_ms=500, waited_s=f"{waited:.2f}")
+    assert_stops_cleanly(srv)
+
+
+# ---- fork, exec and exit while patches come and go ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def forker(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("forker")
+    prog = build_rel_program(tmp_path_factory, [PROGRAMS / "rel_forker.c"], d / "rel_forker")
+    return prog, build_rel_patch(prog, PROGRAMS / "rel_forker_patch.c", d)
+
+
+def _run_forker(prog: Path, patch: Path, mode: str, seconds: float) -> dict[str, int]:
+    """Apply and revert over the control socket until rel_forker exits by itself."""
+    rundir = Path(tempfile.mkdtemp(prefix="frel-", dir="/tmp"))  # exec'd children leave sockets
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
+    env.update({"FENTRY_RUNTIME_DIR": str(rundir), "FENTRY_MODE": mode})
+    proc = subprocess.Popen([str(prog), str(seconds), shutil.which("true") or "/bin/true"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    applied = reverted = 0
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+        deadline = time.monotonic() + seconds + 30
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "rel_forker did not finish: a deadlock?"
+            try:
+                control.apply(proc.pid, patch)
+                applied += 1
+                control.revert(proc.pid, "rel_forker_patch")
+                reverted += 1
+            except FentryError as e:
+                # Only because it is exiting: gone, or its channel closed under us.
+                time.sleep(0.05)
+                assert proc.poll() is not None, f"refused while alive: {e}"
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(rundir, ignore_errors=True)
+    assert proc.returncode == 0, (proc.returncode, out, err)
+    assert err == "", err
+    counts = {k: int(v) for k, v in (kv.split("=") for kv in out.split())}
+    counts.update(applied=applied, reverted=reverted)
+    return counts
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fork_exec_and_exit_while_patches_are_applied_and_reverted(
+        forker: tuple[Path, Path], mode: str) -> None:
+    prog, patch = forker
+    counts = _run_forker(prog, patch, mode, 3.0)
+    figures(f"fork/exec/exit ({mode})", **counts)
+    assert counts["bad_children"] == 0 and counts["wrong"] == 0
+    assert counts["forks"] > 50 and counts["execs"] > 10 and counts["applied"] > 50
+    assert counts["new"] > 0  # the patch was in effect in the parent at times
+    # Short runs: the process exits while the test is applying or reverting.
+    for seconds in (0.15, 0.25, 0.35, 0.45):
+        short = _run_forker(prog, patch, mode, seconds)
+        assert short["bad_children"] == 0 and short["wrong"] == 0, short
+
+
+# ---- gdb ----------------------------------------------------------------------------------------
+
+GDB = shutil.which("gdb")
+needs_gdb = pytest.mark.skipif(GDB is None, reason="gdb is not installed")
+
+# After a stop: give gdb the symbols of every patch .so of `dir` that the inferior maps, at
+# its load address (read from /proc/PID/maps).  See gdb_command() for why.
+ADD_PATCH_SYMBOLS = '''
+import gdb
+pid = gdb.selected_inferior().pid
+done = set()
+with open("/proc/%d/maps" % pid) as maps:
+    for line in maps:
+        f = line.split()
+        if len(f) >= 6 and f[5].startswith({dir!r}) and f[5].endswith(".so") \\
+                and int(f[2], 16) == 0 and f[5] not in done:
+            done.add(f[5])
+            gdb.execute("add-symbol-file %s -o %#x" % (f[5], int(f[0].split("-")[0], 16)))
+'''
+
+
+def gdb_sysroot(tmp: Path) -> Path:
+    """A sysroot that is / without /proc (symlinks to every other top-level folder)."""
+    root = tmp / "sysroot"
+    root.mkdir(exist_ok=True)
+    for name in os.listdir("/"):
+        if name != "proc" and not (root / name).exists():
+            (root / name).symlink_to("/" + name)
+    return root
+
+
+def gdb_command(tmp: Path, patch_dir: Path, commands: list[str], args: list[str]) -> list[str]:
+    """A gdb -batch invocation that cannot hang and knows the patches' symbols.
+
+    -nx: no ~/.gdbinit.  debuginfod off: no network look-ups (and no question).  stdin is
+    /dev/null and the caller kills it on a timeout.  The sysroot without /proc: the shim
+    dlopen()s a patch as "/proc/self/fd/N", a name gdb resolves in its *own* process,
+    where fd N is one of gdb's pipes - gdb then blocks reading it forever (that was the
+    hang; see docs/security.md).  With this sysroot gdb does not find that file and goes
+    on; `source` of ADD_PATCH_SYMBOLS then loads each patch's symbols from its real path.
+    """
+    script = tmp / "add_patch_symbols.py"
+    script.write_text(ADD_PATCH_SYMBOLS.format(dir=str(patch_dir) + "/"))
+    argv = [GDB or "gdb", "-nx", "-batch", "-iex", "set debuginfod enabled off",
+            "-iex", f"set sysroot {gdb_sysroot(tmp)}"]
+    for c in commands:
+        argv += ["-ex", f"source {script}" if c == "ADD_PATCH_SYMBOLS" else c]
+    return argv + ["--args", *args]
+
+
+def run_gdb(argv: list[str], env: dict[str, str], timeout: float = 60) -> str:
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            env=env, timeout=timeout)  # a timeout kills gdb with SIGKILL
+    return result.stdout + result.stderr
+
+
+def program_env(mode: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
+    env.update({"FENTRY_MODE": mode, "FENTRY_CONTROL": "0", **extra})
+    return env
+
+
+def frames(out: str) -> list[str]:
+    return [line for line in out.splitlines() if re.match(r"#\d+ ", line)]
+
+
+@pytest.fixture(scope="module")
+def crash_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("crash")
+    prog = build_rel_program(tmp_path_factory, [PROGRAMS / "rel_crash.c"], d / "rel_crash")
+    return prog, build_rel_patch(prog, PROGRAMS / "rel_crash_patch.c", d)
+
+
+@pytest.fixture(scope="module")
+def gdb_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("gdbprog")
+    prog = build_rel_program(tmp_path_factory, [PROGRAMS / "rel_gdb.c"], d / "rel_gdb")
+    return prog, build_rel_patch(prog, PROGRAMS / "rel_gdb_patch.c", d)
+
+
+@needs_gdb
+@pytest.mark.parametrize("mode", MODES)
+def test_a_crashing_replacement_is_named_with_its_patch_in_gdbs_backtrace(
+        crash_build: tuple[Path, Path], tmp_path: Path, mode: str) -> None:
+    prog, patch = crash_build
+    env = program_env(mode, FENTRY_PATCHES=str(patch))
+    plain = subprocess.run([str(prog)], env=env, capture_output=True, text=True, timeout=30)
+    assert plain.returncode == -signal.SIGSEGV  # the patch author's bug: a NULL dereference
+    out = run_gdb(gdb_command(tmp_path, patch.parent,
+                              ["run", "ADD_PATCH_SYMBOLS", "bt", "info symbol $pc", "kill"],
+                              [str(prog)]), env)
+    assert "Program received signal SIGSEGV" in out, out
+    bt = frames(out)
+    assert bt and "rel_lookup_broken" in bt[0] and "rel_crash_patch.c" in bt[0], out
+    assert len(bt) >= 3 and "rel_caller" in bt[1] and "main" in bt[2], out
+    assert f"rel_lookup_broken in section .text of {patch}" in out, out
+
+
+def _dl_names(prog: Path, patch: Path) -> list[str]:
+    out = subprocess.run([str(prog), "an", str(patch)], env=program_env("dispatch"),
+                         capture_output=True, text=True, timeout=30).stdout
+    return [line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("object ")]
+
+
+@needs_gdb
+def test_plain_gdb_finds_the_patch_symbols_by_itself(gdb_build: tuple[Path, Path]) -> None:
+    """What a user types: no sysroot trick.  It must neither hang nor miss the patch."""
+    prog, patch = gdb_build
+    names = _dl_names(prog, patch)
+    # Patches are dlopen()ed as /proc/<pid>/fd/N: /proc/self/fd/N would name one of gdb's
+    # own descriptors when gdb opens it, and gdb would block on its own pipe.
+    assert not any(n.startswith("/proc/self/fd/") for n in names), names
+    out = run_gdb([GDB or "gdb", "-nx", "-batch", "-iex", "set debuginfod enabled off",
+                   "-ex", "break rel_stop", "-ex", "run", "-ex", "break rel_target_new",
+                   "-ex", "continue", "-ex", "bt", "-ex", "continue",
+                   "--args", str(prog), "asc", str(patch)], program_env("jump"), timeout=30)
+    bt = frames(out)
+    assert len(bt) >= 2 and "rel_target_new" in bt[0] and "rel_caller" in bt[1], out
+    assert "result 202" in out and "exited normally" in out, out
+
+
+@needs_gdb
+@pytest.mark.parametrize("mode", MODES)
+def test_apply_refuses_an_entry_holding_a_debugger_breakpoint_and_leaves_it_there(
+        gdb_build: tuple[Path, Path], tmp_path: Path, mode: str) -> None:
+    prog, patch = gdb_build
+    # Stopped at rel_stop, gdb puts a breakpoint on rel_target's first byte; the program
+    # then applies a patch of rel_target in-process, and calls it.
+    out = run_gdb(gdb_command(tmp_path, patch.parent,
+                              ["break rel_stop", "run", "break *rel_target", "continue", "bt",
+                               "continue"],
+                              [str(prog), "sac", str(patch)]), program_env(mode))
+    assert re.search(r"apply failed: patch rel_gdb_patch: rel_target: the bytes at its entry "
+                     r"differ .*\(a breakpoint or another tool changed them\?\)", out), out
+    assert re.search(r"Breakpoint 2, .*rel_target", out), out  # still there, and it fires
+    bt = frames(out)
+    assert len(bt) >= 2 and "rel_target" in bt[0] and "rel_caller" in bt[1], out
+    assert "result 4" in out and "exited normally" in out, out
+
+
+@needs_gdb
+@pytest.mark.parametrize("mode", MODES)
+def test_a_patched_program_runs_under_gdb_and_bt_in_the_replacement_shows_its_caller(
+        gdb_build: tuple[Path, Path], tmp_path: Path, mode: str) -> None:
+    prog, patch = gdb_build
+    out = run_gdb(gdb_command(tmp_path, patch.parent,
+                              ["break rel_stop", "run", "ADD_PATCH_SYMBOLS",
+                               "break rel_target_new", "break *rel_target", "continue", "bt",
+                               "continue", "bt", "continue"],
+                              [str(prog), "asc", str(patch)]), program_env(mode))
+    assert "apply ok" in out, out
+    # A breakpoint on the patched entry (in jump mode: over the jump) fires, then the call
+    # goes on into the replacement.
+    assert re.search(r"Breakpoint 3, .*rel_target \(", out), out
+    assert re.search(r"Breakpoint 2, .*rel_target_new \(", out), out
+    bt = frames(out)
+    replacement = [i for i, line in enumerate(bt) if "rel_target_new" in line]
+    assert replacement and len(bt) >= replacement[0] + 3, out
+    assert "rel_caller" in bt[replacement[0] + 1] and "main" in bt[replacement[0] + 2], out
+    assert "result 202" in out and "exited normally" in out, out
+
+
+@needs_gdb
+@pytest.mark.parametrize("mode", ["jump", "dispatch"])
+def test_revert_with_a_breakpoint_on_the_patched_entry_keeps_the_program_correct(
+        gdb_build: tuple[Path, Path], tmp_path: Path, mode: str) -> None:
+    prog, patch = gdb_build
+    # gdb's breakpoint on rel_target's entry is inserted while the patch is in effect; the
+    # program reverts the patch, stops (gdb removes its breakpoints, then re-inserts them)
+    # and calls rel_target twice.
+    out = run_gdb(gdb_command(tmp_path, patch.parent,
+                              ["break rel_stop", "run", "break *rel_target", "continue",
+                               "continue", "continue", "continue", "continue", "continue"],
+                              [str(prog), "asrscc", str(patch)]), program_env(mode))
+    assert "apply ok" in out, out
+    assert "SIGSEGV" not in out and "SIGILL" not in out, out
+    # Either the revert is refused (a breakpoint sits on the site) and the patch stays in
+    # effect, or it is done and the breakpoint survives it; never a crash.
+    expected = "result 4" if "revert ok" in out else "result 202"
+    assert out.count(expected) == 2 and "exited normally" in out, out
+
+
+# ---- uprobes ------------------------------------------------------------------------------------
+
+
+class Uprobes:
+    """The kernel's uprobe_events interface (tracefs), mounted for the test if need be."""
+
+    def __init__(self, tracefs: Path, mounted: bool) -> None:
+        self.tracefs = tracefs
+        self.mounted = mounted
+
+    def write(self, rel: str, text: str) -> None:
+        fd = os.open(self.tracefs / rel, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    def add(self, event: str, binary: Path, offset: int) -> None:
+        self.write("uprobe_events", f"p:fentry_rel/{event} {binary}:{offset:#x}\n")
+        self.write(f"events/fentry_rel/{event}/enable", "1")
+
+    def remove(self, event: str) -> None:
+        try:
+            self.write(f"events/fentry_rel/{event}/enable", "0")
+        except OSError:
+            pass
+        self.write("uprobe_events", f"-:fentry_rel/{event}\n")
+
+
+def _find_uprobes() -> Uprobes | str:
+    for d in (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing")):
+        if (d / "uprobe_events").exists():
+            return Uprobes(d, False)
+    if os.geteuid() != 0:
+        return "uprobes need root (tracefs)"
+    d = Path("/sys/kernel/tracing")
+    mounted = subprocess.run(["mount", "-t", "tracefs", "nodev", str(d)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        return f"tracefs cannot be mounted: {mounted.stderr.strip()}"
+    if not (d / "uprobe_events").exists():
+        subprocess.run(["umount", str(d)], capture_output=True)
+        return "the kernel has no uprobe_events (CONFIG_UPROBE_EVENTS off)"
+    return Uprobes(d, True)
+
+
+@pytest.fixture(scope="module")
+def uprobes() -> Iterator[Uprobes]:
+    found = _find_uprobes()
+    if isinstance(found, str):
+        pytest.skip(f"no uprobes here: {found} (docs/security.md, Coexistence)")
+    yield found
+    if found.mounted:
+        subprocess.run(["umount", str(found.tracefs)], capture_output=True)
+
+
+def file_offset(binary: Path, symbol: str) -> int:
+    """Where `symbol`'s first byte is in the file (what a uprobe is placed at)."""
+    with open(binary, "rb") as f:
+        elf = ELFFile(f)
+        (sym,) = [s for s in elf.get_section_by_name(".symtab").iter_symbols() if s.name == symbol]
+        for seg in elf.iter_segments():
+            if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= sym["st_value"] < \
+                    seg["p_vaddr"] + seg["p_filesz"]:
+                return int(sym["st_value"] - seg["p_vaddr"] + seg["p_offset"])
+    raise AssertionError(f"{symbol} is not in a loaded segment of {binary}")
+
+
+def run_with_uprobe(probes: Uprobes, prog: Path, patch: Path, steps: str, mode: str) -> list[str]:
+    """Run rel_gdb `steps`: at the first "w" a uprobe goes on rel_target's entry, at the
+    second it is removed.  Its output lines, then "exit <status>"."""
+    event = f"rel_target_{os.getpid()}"
+    proc = subprocess.Popen([str(prog), steps, str(patch)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=program_env(mode))
+    lines, waits, probed = [], 0, False
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("waiting"):
+                waits += 1
+                if waits == 1:
+                    probes.add(event, prog, file_offset(prog, "rel_target"))
+                    probed = True
+                elif probed:
+                    probes.remove(event)
+                    probed = False
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+        lines.append(f"exit {proc.wait(timeout=30)}")
+    finally:
+        if probed:
+            probes.remove(event)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return lines
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_apply_refuses_an_entry_holding_a_uprobe(uprobes: Uprobes, gdb_build: tuple[Path, Path],
+                                                 mode: str) -> None:
+    prog, patch = gdb_build
+    lines = run_with_uprobe(uprobes, prog, patch, "wacwac", mode)
+    assert lines[0] == "waiting"
+    assert lines[1].startswith("apply failed: ") and "bytes at its entry differ" in lines[1], lines
+    assert lines[2] == "result 4" and lines[3] == "waiting"
+    # The probe is gone.  The kernel restored the *file's* first byte: in dispatch mode that
+    # is the site as built, and the patch applies; in jump mode the site now reads
+    # 67 0f 1f 44 00 00 (still a NOP, but not the shim's), and the patch stays refused.
+    if mode == "dispatch":
+        assert lines[4:] == ["apply ok", "result 202", "done", "exit 0"], lines
+    else:
+        assert lines[4].startswith("apply failed: ") and lines[5:] == ["result 4", "done", "exit 0"]
+    figures(f"uprobe on an unpatched entry ({mode})", after_removal=lines[4].split(":")[0])
+
+
+UPROBE_OVER_JUMP = ("KNOWN LIMITATION (jump mode): a uprobe on a patched entry runs the file's "
+                    "original instruction out of line (the patch is bypassed while it is there), "
+                    "and its removal writes the file's first byte (67) over the shim's jump "
+                    "(ff 25 ...): the site becomes `addr32 and $imm32,%eax`, the patch is lost "
+                    "while list still says active (5-byte sites: a call into garbage)")
+
+
+@pytest.mark.parametrize("mode", [
+    pytest.param("jump", marks=pytest.mark.xfail(strict=True, reason=UPROBE_OVER_JUMP)),
+    "dispatch"])
+def test_a_uprobe_on_a_patched_entry_keeps_the_program_correct(
+        uprobes: Uprobes, gdb_build: tuple[Path, Path], mode: str) -> None:
+    prog, patch = gdb_build
+    lines = run_with_uprobe(uprobes, prog, patch, "acwcwc", mode)
+    assert lines == ["apply ok", "result 202", "waiting", "result 202", "waiting", "result 202",
+                     "done", "exit 0"], lines
