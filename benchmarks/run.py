@@ -487,15 +487,15 @@ def analysis(micro: dict[str, MicroVariant], apply: dict[str, ApplyVariant],
         so = median(micro["jump_patched"].ns) / median(micro["direct_so"].ns)
         out.append(
             f"- **jump, patched** costs {extra:+.2f} ns per call{cyc(extra)} over a direct call "
-            "of the same code: the call lands on the site's `jmp rel32`, which goes to a "
-            "trampoline `jmp *0(%rip)` (an indirect jump through the 8 bytes after it), which "
-            "reaches the replacement in the patch .so - two taken branches, one of them "
-            "indirect, before the replacement's first instruction. The replacement lives in "
-            "a shared object that glibc maps far (more than 2 GiB) from the program, so some "
-            "indirect branch is unavoidable: an ordinary call of the same code in a shared "
-            f"library goes through the PLT's indirect jump, and the patched call costs "
-            f"{so:.2f}× that. What the shim can still save is one of the two branches (see "
-            "'What would make the shim faster' below).")
+            "of the same code: a patched 6-byte site (PIE) is `jmp *slot(%rip)`, one indirect "
+            "jump through the 8-byte target stored in a trampoline near the program (a 5-byte "
+            "non-PIE site is `jmp rel32` to the trampoline, whose `jmp *0(%rip)` goes on). The "
+            "replacement lives in a shared object that glibc maps far (more than 2 GiB) from "
+            "the program, so an indirect branch is unavoidable: an ordinary call of the same "
+            "code in a shared library goes through the PLT's indirect jump, and the patched "
+            f"call costs {so:.2f}× that. Reaching 1.10× would need the patch's code within "
+            "2 GiB of the program (a direct `jmp rel32`, see the site forms table), which "
+            "dlopen() does not offer: the patch would have to be mapped by the shim itself.")
     if "dispatch, unpatched" in missed:
         extra = median(micro["dispatch_unpatched"].ns) - plain
         out.append(
@@ -536,19 +536,20 @@ def apply_breakdown(apply: dict[str, ApplyVariant], s: Settings) -> list[str]:
     mb_i, mb_b = idle.med("membarrier_us_med"), busy.med("membarrier_us_med")
     pw, pw_b = idle.med("pwrite_us_med"), busy.med("pwrite_us_med")
     oc, oc_b = idle.med("open_check_us_med"), busy.med("open_check_us_med")
-    parts, parts_b = 4 * mb_i + 3 * pw + oc, 4 * mb_b + 3 * pw_b + oc_b
+    parts, parts_b = 3 * mb_i + 3 * pw + oc, 3 * mb_b + 3 * pw_b + oc_b
     out.append(
         f"- **Jump mode** ({a:.1f} µs idle, {b:.1f} µs with a busy thread): the loader opens "
-        f"and fstat()s the patch file ({oc:.1f} µs), then poke.c runs four "
-        "`membarrier(PRIVATE_EXPEDITED_SYNC_CORE)` (one so that the trampoline is visible, "
-        f"then after the int3, the tail and the head: {mb_i:.2f} µs each idle, {mb_b:.2f} µs "
+        f"and fstat()s the patch file ({oc:.1f} µs), then poke.c runs three "
+        "`membarrier(PRIVATE_EXPEDITED_SYNC_CORE)` (after the int3, the tail and the head; "
+        "a fourth only when a new trampoline was written, i.e. the first apply: "
+        f"{mb_i:.2f} µs each idle, {mb_b:.2f} µs "
         "each while another thread of the process runs, whose core must be interrupted) and three "
         f"`pwrite`s to /proc/self/mem per site ({pw:.2f} µs each). The parts add up to "
         f"{parts:.1f} µs idle and {parts_b:.1f} µs busy; the rest is the loader's own work. "
         f"In a program with {s.many_functions:,} more functions the same apply takes "
         f"{big:.1f} µs ({big - a:+.1f} µs, {1000 * (big - a) / s.many_functions:.2f} µs per "
-        "1000 functions): fentry_activate() allocates and scans arrays over every site of the "
-        "program on each apply and revert, although one site changes.")
+        "1000 functions): fentry_activate() visits only the sites of the old and the new "
+        "redirect sets, so the size of the program hardly matters.")
     d, dbig = apply["dispatch_idle"], apply["dispatch_many"]
     da = d.med("apply_us_med")
     out.append(
@@ -571,31 +572,11 @@ def shim_changes(micro: dict[str, MicroVariant], apply: dict[str, ApplyVariant],
         def rel(key: str) -> float:
             return median([a / b for a, b in zip(micro[key].ns, micro["form_local"].ns)])
         out.append(
-            "- **poke.c, patched 6-byte sites: jump through the trampoline's target word, not "
-            "to the trampoline.** Write `ff 25 <rel32>` (`jmp *slot(%rip)`, 6 bytes, exactly "
-            "a PIE site) with rel32 pointing at the 8-byte target stored in the trampoline "
-            "(trampoline + 6; within reach by construction) instead of `e9 <rel32> 90` to "
-            "the trampoline's `ff 25` - one indirect branch instead of a direct and an "
-            f"indirect one. Measured (site forms table): {rel('form_tramp'):.2f}× → "
-            f"{rel('form_mem'):.2f}× a direct call. Same int3/tail/head protocol; 5-byte "
-            "(non-PIE) sites keep `e9` + trampoline. A direct `e9` to the replacement "
-            f"({rel('form_near'):.2f}×) would need the patch's code within 2 GiB of the "
-            "program, which dlopen() does not offer.")
-    mb = apply["jump_idle"].med("membarrier_us_med")
-    mb_b = apply["jump_busy"].med("membarrier_us_med")
-    out.append(
-        "- **poke.c, fentry_poke_batch(): skip the first sync_cores() when the batch wrote "
-        "no new trampoline** (every re-apply of a loaded patch, and every revert to NOPs, "
-        "reuses or needs none): one membarrier fewer per apply and revert "
-        f"({mb:.2f} µs idle, {mb_b:.2f} µs with a busy thread; more with more busy cores).")
-    a, big = apply["jump_idle"].med("apply_us_med"), apply["jump_many"].med("apply_us_med")
-    out.append(
-        "- **mode.c, fentry_activate(): make the work proportional to the redirects, not to "
-        "the program.** Today every apply/revert callocs three arrays of nsites entries "
-        "(above 128 KiB each glibc serves them with mmap/munmap and page faults) and "
-        "compares every site's target; keep the wanted target per site persistently and "
-        "visit only the sites named by the old and the new redirect sets. Measured: "
-        f"{big - a:+.1f} µs per apply for {s.many_functions:,} more functions.")
+            "- **Done after the first run of this suite**: patched 6-byte sites jump through "
+            "the trampoline's target word (`ff 25`, one indirect branch) instead of to the "
+            f"trampoline (site forms table: {rel('form_tramp'):.2f}× → {rel('form_mem'):.2f}× "
+            "a direct call); the first core sync of a rewrite is skipped when no trampoline was "
+            "written; fentry_activate() visits only the sites that can change.")
     miss = median(micro["dispatch_miss"].ns) - median(micro["dispatch_unpatched"].ns)
     out.append(
         "- **entry_x86_64.S, the active-table miss** (paid by every instrumented call of the "
