@@ -6,7 +6,7 @@
  * function's site becomes a jump to its replacement.  Dispatch mode never writes code:
  * sites keep calling __fentry__, which looks them up in the patch table (table.c).
  * Sites jump mode does not know (none of the program's, e.g. a shared library's) are
- * served by the table in either mode.
+ * served by the table in either mode; the table holds jump sites' redirects as well.
  */
 #include <dirent.h>
 #include <stdio.h>
@@ -161,10 +161,14 @@ FENTRY_HIDDEN int fentry_activate(const struct fentry_redirect *r, size_t n, cha
 	for (size_t i = 0; i < n; i++) {
 		struct fentry_site *s = site_ending_at(r[i].site_end);
 
-		if (!s) {
-			table[ntable++] = r[i];
+		/*
+		 * Every redirect goes to the table too: jump sites never call __fentry__, but a
+		 * uprobe on a site runs the file's original call out of line, and the table then
+		 * still sends it to the replacement (poke.c).
+		 */
+		table[ntable++] = r[i];
+		if (!s)
 			continue;
-		}
 		if (s->mark != epoch)
 			touched[ntouched++] = s;
 		s->mark = epoch;

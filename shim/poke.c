@@ -8,8 +8,18 @@
  * A site is 5 or 6 bytes.  Its forms (bytes before -> after):
  *
  *   call    e8 <rel32>                 |  67 e8 <rel32>
- *   nop     0f 1f 44 00 00             |  66 0f 1f 44 00 00      (unpatched)
- *   jump    e9 <rel32 to trampoline>   |  ff 25 <rel32 to slot>  (patched)
+ *   nop     0f 1f 44 00 00             |  67 0f 1f 44 00 00      (unpatched)
+ *   jump    e9 <rel32 to trampoline>   |  67 e9 <rel32 to tramp> (patched)
+ *
+ * The 6-byte forms keep gcc's first byte (the addr32 prefix 67, which the linker put
+ * there and which changes nothing for these instructions).  That is for uprobes: a
+ * uprobe on a function's entry saves the *file's* first byte and writes it back when it
+ * is removed, over whatever the process has there.  With 67 first, what it writes back
+ * is what we wrote; and while it is there it runs the file's `67 e8` out of line, which
+ * reaches __fentry__, and the dispatch table (which holds jump-mode redirects too, see
+ * mode.c) sends the call on to the replacement.  A 5-byte site's first byte is e8, which
+ * no NOP starts with: in a non-PIE program, use dispatch mode where entry uprobes are
+ * placed (docs/security.md).
  *
  * A trampoline (in a page mapped within +-2 GiB of the program) reaches the
  * replacement wherever the patch .so was loaded - usually more than 2 GiB away:
@@ -17,9 +27,9 @@
  *   ff 25 00 00 00 00 <target:8>  cc cc     jmp *0(%rip); the 8 bytes ("slot") are
  *                                           the target
  *
- * A 6-byte site has room for `jmp *slot(%rip)` itself, so it jumps through the
- * trampoline's slot in one branch; a 5-byte site (non-PIE) jumps to the trampoline,
- * which jumps on (two branches).
+ * (A 6-byte `jmp *slot(%rip)` through the trampoline's slot would save one branch -
+ * 1.8x -> 1.6x a direct call in benchmarks/ - but its first byte is ff, which a removed
+ * uprobe would overwrite with 67, turning the jump into `and $imm32,%eax`.)
  *
  * Trampolines are written once and never changed, one per target, so a thread that
  * has just jumped to one can never find it half-rewritten.
@@ -56,9 +66,9 @@
 #define OP_INT3 0xcc
 #define OP_JMP_REL32 0xe9
 #define TRAMPOLINE_SIZE 16
-#define TRAMPOLINE_SLOT 6 /* offset of the 8-byte target in a trampoline */
 static const uint8_t NOP5[5] = { 0x0f, 0x1f, 0x44, 0x00, 0x00 };       /* nopl 0(%rax,%rax) */
-static const uint8_t NOP6[6] = { 0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00 }; /* nopw 0(%rax,%rax) */
+static const uint8_t NOP6[6] = { 0x67, 0x0f, 0x1f, 0x44, 0x00, 0x00 }; /* addr32 nopl 0(%eax,%eax) */
+#define OP_ADDR32 0x67
 static const uint8_t JMP_RIP_INDIRECT[6] = { 0xff, 0x25, 0x00, 0x00, 0x00, 0x00 };
 
 static int mem_fd = -1;                /* /proc/self/mem of this process            */
@@ -160,31 +170,25 @@ static const uint8_t *nop_for(unsigned len)
 	return len == 5 ? NOP5 : NOP6;
 }
 
-/*
- * The bytes a site should hold: its NOP, or a jump through the trampoline at `to`
- * (6 bytes: jmp *slot(%rip) straight through its slot; 5 bytes: jmp rel32 to it).
- */
+/* The bytes a site should hold: its NOP, or a jump to the trampoline at `to`. */
 static int site_bytes(const struct fentry_site *s, uintptr_t to, uint8_t out[6])
 {
-	uintptr_t dest = s->len == 6 ? to + TRAMPOLINE_SLOT : to;
 	int64_t rel;
 	int32_t rel32;
+	unsigned op = s->len == 6 ? 1 : 0; /* 6 bytes: the addr32 prefix first */
 
 	if (to == 0) {
 		memcpy(out, nop_for(s->len), s->len);
 		return 0;
 	}
-	rel = (int64_t)dest - (int64_t)(s->addr + s->len);
+	rel = (int64_t)to - (int64_t)(s->addr + s->len);
 	if (rel < INT32_MIN || rel > INT32_MAX)
 		return -1;
 	rel32 = (int32_t)rel;
-	if (s->len == 6) {
-		memcpy(out, JMP_RIP_INDIRECT, 2); /* ff 25 */
-		memcpy(out + 2, &rel32, 4);
-	} else {
-		out[0] = OP_JMP_REL32;
-		memcpy(out + 1, &rel32, 4);
-	}
+	if (op)
+		out[0] = OP_ADDR32;
+	out[op] = OP_JMP_REL32;
+	memcpy(out + op + 1, &rel32, 4);
 	return 0;
 }
 

@@ -12,7 +12,7 @@ from cbuild import build_patch, build_program, run
 
 PROGRAMS = Path(__file__).parent / "programs"
 NOP5 = "0f 1f 44 00 00"
-NOP6 = "66 0f 1f 44 00 00"
+NOP6 = "67 0f 1f 44 00 00"
 
 
 def execute(prog: Path, *args: str, env: dict[str, str] | None = None,
@@ -50,8 +50,8 @@ def test_jump_mode_turns_sites_into_nops_and_patches_into_jumps(
     rows = parse(out.stdout)
     # PIE with the shim linked: the site was `67 e8 <rel32>` (6 bytes): now a 6-byte NOP.
     assert rows["start"][0].startswith(NOP6) and rows["start"][1] == 2
-    # A 6-byte site jumps through the trampoline's slot: jmp *slot(%rip).
-    assert rows["applied"][0].startswith("ff 25 "), "a patched 6-byte site is jmp *rel32(%rip)"
+    # A 6-byte site keeps gcc's addr32 prefix (uprobes restore the file's first byte).
+    assert rows["applied"][0].startswith("67 e9 "), "a patched 6-byte site is addr32 jmp rel32"
     assert rows["applied"][1] == 101, "the replacement ran and called the original"
     assert rows["reverted"] == rows["start"]
 
@@ -73,7 +73,7 @@ def test_cf_protection_keeps_endbr64_before_the_nop(tmp_path: Path) -> None:
     patch = build_patch(prog, PROGRAMS / "sitebytes_patch.c", tmp_path / "sitebytes_patch.so")
     rows = parse(execute(prog, str(patch)).stdout)
     assert rows["start"][0].startswith("f3 0f 1e fa " + NOP6)
-    assert rows["applied"][0].startswith("f3 0f 1e fa ff 25 ") and rows["applied"][1] == 101
+    assert rows["applied"][0].startswith("f3 0f 1e fa 67 e9 ") and rows["applied"][1] == 101
 
 
 def test_dispatch_mode_never_writes_code(sitebytes: tuple[Path, Path]) -> None:

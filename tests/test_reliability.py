@@ -772,25 +772,13 @@ def test_apply_refuses_an_entry_holding_a_uprobe(uprobes: Uprobes, gdb_build: tu
     assert lines[1].startswith("apply failed: ") and "bytes at its entry differ" in lines[1], lines
     assert lines[2] == "result 4" and lines[3] == "waiting"
     # The probe is gone.  The kernel restored the *file's* first byte: in dispatch mode that
-    # is the site as built, and the patch applies; in jump mode the site now reads
-    # 67 0f 1f 44 00 00 (still a NOP, but not the shim's), and the patch stays refused.
-    if mode == "dispatch":
-        assert lines[4:] == ["apply ok", "result 202", "done", "exit 0"], lines
-    else:
-        assert lines[4].startswith("apply failed: ") and lines[5:] == ["result 4", "done", "exit 0"]
+    # is the site as built; in jump mode it is the 67 the shim's NOP starts with too.  So
+    # the site holds the shim's bytes again and the patch applies, in both modes.
+    assert lines[4:] == ["apply ok", "result 202", "done", "exit 0"], lines
     figures(f"uprobe on an unpatched entry ({mode})", after_removal=lines[4].split(":")[0])
 
 
-UPROBE_OVER_JUMP = ("KNOWN LIMITATION (jump mode): a uprobe on a patched entry runs the file's "
-                    "original instruction out of line (the patch is bypassed while it is there), "
-                    "and its removal writes the file's first byte (67) over the shim's jump "
-                    "(ff 25 ...): the site becomes `addr32 and $imm32,%eax`, the patch is lost "
-                    "while list still says active (5-byte sites: a call into garbage)")
-
-
-@pytest.mark.parametrize("mode", [
-    pytest.param("jump", marks=pytest.mark.xfail(strict=True, reason=UPROBE_OVER_JUMP)),
-    "dispatch"])
+@pytest.mark.parametrize("mode", MODES)
 def test_a_uprobe_on_a_patched_entry_keeps_the_program_correct(
         uprobes: Uprobes, gdb_build: tuple[Path, Path], mode: str) -> None:
     prog, patch = gdb_build
