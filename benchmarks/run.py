@@ -487,15 +487,17 @@ def analysis(micro: dict[str, MicroVariant], apply: dict[str, ApplyVariant],
         so = median(micro["jump_patched"].ns) / median(micro["direct_so"].ns)
         out.append(
             f"- **jump, patched** costs {extra:+.2f} ns per call{cyc(extra)} over a direct call "
-            "of the same code: a patched 6-byte site (PIE) is `jmp *slot(%rip)`, one indirect "
-            "jump through the 8-byte target stored in a trampoline near the program (a 5-byte "
-            "non-PIE site is `jmp rel32` to the trampoline, whose `jmp *0(%rip)` goes on). The "
-            "replacement lives in a shared object that glibc maps far (more than 2 GiB) from "
-            "the program, so an indirect branch is unavoidable: an ordinary call of the same "
-            "code in a shared library goes through the PLT's indirect jump, and the patched "
-            f"call costs {so:.2f}× that. Reaching 1.10× would need the patch's code within "
-            "2 GiB of the program (a direct `jmp rel32`, see the site forms table), which "
-            "dlopen() does not offer: the patch would have to be mapped by the shim itself.")
+            "of the same code: a patched site is `jmp rel32` (`67 e9` on a 6-byte PIE site, "
+            "keeping gcc's first byte so that a removed uprobe cannot corrupt it) to a "
+            "trampoline near the program, whose `jmp *0(%rip)` reaches the replacement - two "
+            "taken branches, one indirect. The replacement lives in a shared object that glibc "
+            "maps far (more than 2 GiB) from the program, so an indirect branch is "
+            "unavoidable: an ordinary call of the same code in a shared library goes through "
+            f"the PLT's indirect jump, and the patched call costs {so:.2f}× that. A site "
+            "`jmp *slot(%rip)` (`ff 25`, one branch; the site forms table) would save one "
+            "branch, but its first byte is not gcc's, which a uprobe's removal would then "
+            "overwrite; reaching 1.10× would need the patch's code within 2 GiB of the "
+            "program (a direct `jmp rel32`), which dlopen() does not offer.")
     if "dispatch, unpatched" in missed:
         extra = median(micro["dispatch_unpatched"].ns) - plain
         out.append(
@@ -572,11 +574,11 @@ def shim_changes(micro: dict[str, MicroVariant], apply: dict[str, ApplyVariant],
         def rel(key: str) -> float:
             return median([a / b for a, b in zip(micro[key].ns, micro["form_local"].ns)])
         out.append(
-            "- **Done after the first run of this suite**: patched 6-byte sites jump through "
-            "the trampoline's target word (`ff 25`, one indirect branch) instead of to the "
-            f"trampoline (site forms table: {rel('form_tramp'):.2f}× → {rel('form_mem'):.2f}× "
-            "a direct call); the first core sync of a rewrite is skipped when no trampoline was "
-            "written; fentry_activate() visits only the sites that can change.")
+            "- **Done after the first run of this suite**: the first core sync of a rewrite "
+            "is skipped when no trampoline was written; fentry_activate() visits only the "
+            "sites that can change. Tried and given up for uprobe safety: patched 6-byte "
+            "sites jumping through the trampoline's target word (`ff 25`, site forms table: "
+            f"{rel('form_tramp'):.2f}× → {rel('form_mem'):.2f}× a direct call).")
     miss = median(micro["dispatch_miss"].ns) - median(micro["dispatch_unpatched"].ns)
     out.append(
         "- **entry_x86_64.S, the active-table miss** (paid by every instrumented call of the "
