@@ -35,12 +35,11 @@ TOOLPATH = str(Path(__file__).resolve().parent / "scons_tool")
 #: On the compile lines of the program only (never at link: -pg there would link gcrt1.o
 #: and write gmon.out).  The same as fentry_dep in shim/meson.build: -mrecord-mcount lists
 #: the sites for jump mode; inline-clone, see DESIGN.md ("IPA clones").
-INSTRUMENT_FLAGS = ["-pg", "-mfentry", "-mrecord-mcount", "-flive-patching=inline-clone"]
+INSTRUMENT_FLAGS = list(shimlib.LINKED_INSTRUMENT_ARGS)
 #: On the program's link line, as in shim/meson.build: the build-id the generator and the
 #: loader match on, and the shim's shadow-variable API exported for patches to call.
 #: (generate() makes them Literals, so the shell SCons runs commands with leaves `*` alone.)
-LINK_FLAGS = ["-Wl,--build-id=sha1", "-Wl,--export-dynamic-symbol=fentry_shadow_*",
-              "-Wl,--export-dynamic-symbol=__fentry__"]
+LINK_FLAGS = list(shimlib.PROGRAM_LINK_ARGS)
 #: The shim is never instrumented and never takes the user's flags.
 SHIM_CFLAGS = list(shimlib.SHIM_CFLAGS)
 SHIM_LIBS = ["pthread", "dl"]

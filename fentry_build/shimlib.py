@@ -42,10 +42,18 @@ SHARED_LDFLAGS = ["-shared", "-Wl,-z,defs", "-Wl,-z,now", "-Wl,-z,relro", "-Wl,-
                   "-Wl,--build-id=sha1"]
 SHARED_LIBS = ["-lpthread", "-ldl"]
 
+# What dependency('fentry') gives a program (shim/meson.build says the same for Meson;
+# the SCons tool and the tests take them from here): the instrumentation on compile
+# lines only, and on the link line a build-id plus the exports patches and instrumented
+# libraries need.
+LINKED_INSTRUMENT_ARGS = ["-pg", "-mfentry", "-mrecord-mcount", "-flive-patching=inline-clone"]
+PROGRAM_LINK_ARGS = ["-Wl,--build-id=sha1", "-Wl,--export-dynamic-symbol=fentry_shadow_*",
+                     "-Wl,--export-dynamic-symbol=__fentry__"]
+
 # What a program built for the preload and attach modes is compiled with: the linked
 # mode's flags without -mrecord-mcount (its site list needs the shim linked into the
 # program - see entry_x86_64.S - and only jump mode uses it).
-UNLINKED_INSTRUMENT_ARGS = ["-pg", "-mfentry", "-flive-patching=inline-clone"]
+UNLINKED_INSTRUMENT_ARGS = [a for a in LINKED_INSTRUMENT_ARGS if a != "-mrecord-mcount"]
 
 _SOURCE_SUFFIXES = (".c", ".S", ".h")
 
@@ -167,5 +175,5 @@ def shim_path(*, rebuild: bool = False, cc: str = "gcc") -> Path:
     return build_shared(lib, cc)
 
 
-__all__ = ["LIBRARY_NAME", "UNLINKED_INSTRUMENT_ARGS", "shim_path", "library_path",
+__all__ = ["LIBRARY_NAME", "LINKED_INSTRUMENT_ARGS", "PROGRAM_LINK_ARGS", "UNLINKED_INSTRUMENT_ARGS", "shim_path", "library_path",
            "build_shared", "cache_root", "sources_hash", "shim_sources"]

@@ -10,10 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fentry_build import paths
+from fentry_build import paths, shimlib
 
-INSTRUMENT = ["-pg", "-mfentry", "-mrecord-mcount", "-flive-patching=inline-clone"]
-SHIM_CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-D_GNU_SOURCE"]
+INSTRUMENT = list(shimlib.LINKED_INSTRUMENT_ARGS)
+SHIM_CFLAGS = list(shimlib.SHIM_CFLAGS)
 
 
 def run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -56,8 +56,7 @@ def build_program(
         objs.append(obj)
     if with_shim:
         objs += build_shim_objects(out.parent / (out.name + ".shim"))
-    run(["gcc", *(cflags or []), *(ldflags or []), "-Wl,--export-dynamic-symbol=fentry_shadow_*",
-         "-Wl,--export-dynamic-symbol=__fentry__",
+    run(["gcc", *(cflags or []), *(ldflags or []), *shimlib.PROGRAM_LINK_ARGS,
          "-o", str(out), *map(str, objs),
          "-lpthread", "-ldl"])
     return out
