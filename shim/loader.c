@@ -781,34 +781,36 @@ FENTRY_HIDDEN unsigned fentry_active_count(void)
 }
 
 /* The public API of fentry.h for programs linked with the shim. */
-int fentry_apply(const char *path, char *err, size_t errlen)
+/* The loader's verbs write up to FENTRY_ERR_MAX bytes; the caller's buffer may be smaller. */
+static int public_call(int (*verb)(const char *, char *), const char *arg, char *err,
+		       size_t errlen)
 {
 	char buf[FENTRY_ERR_MAX];
-	int rc = fentry_apply_path(path, NULL, buf);
+	int rc = verb(arg, buf);
 
 	if (rc < 0 && err && errlen)
 		snprintf(err, errlen, "%s", buf);
 	return rc;
+}
+
+static int apply_path_unnamed(const char *path, char *err)
+{
+	return fentry_apply_path(path, NULL, err);
+}
+
+int fentry_apply(const char *path, char *err, size_t errlen)
+{
+	return public_call(apply_path_unnamed, path, err, errlen);
 }
 
 int fentry_revert(const char *name, char *err, size_t errlen)
 {
-	char buf[FENTRY_ERR_MAX];
-	int rc = fentry_revert_name(name, buf);
-
-	if (rc < 0 && err && errlen)
-		snprintf(err, errlen, "%s", buf);
-	return rc;
+	return public_call(fentry_revert_name, name, err, errlen);
 }
 
 int fentry_unload(const char *name, char *err, size_t errlen)
 {
-	char buf[FENTRY_ERR_MAX];
-	int rc = fentry_unload_name(name, buf);
-
-	if (rc < 0 && err && errlen)
-		snprintf(err, errlen, "%s", buf);
-	return rc;
+	return public_call(fentry_unload_name, name, err, errlen);
 }
 
 const char *fentry_current_mode(void)
