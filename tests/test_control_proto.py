@@ -34,6 +34,7 @@ from fentry_build import control, paths
 from fentry_build.errors import FentryError
 
 from cbuild import SHIM_CFLAGS, run
+from nobody import readable_package_parent
 
 TESTS = Path(__file__).resolve().parent
 NOBODY = 65534
@@ -480,7 +481,7 @@ def test_seventeenth_client_waits_for_a_free_slot(host: Host) -> None:
 
 
 def _as_nobody(code: str, rundir: Path, pid: int) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(paths.data_dir()),
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": readable_package_parent(),
            "FENTRY_RUNTIME_DIR": str(rundir), "PID": str(pid), "SOCK": str(rundir / f"{pid}.sock")}
     return subprocess.run(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",

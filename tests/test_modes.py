@@ -33,6 +33,7 @@ from fentry_build import attach, attach_gdb, paths, shimlib
 from fentry_build.errors import FentryError
 
 from cbuild import build_patch, build_program, run
+from nobody import readable_package_parent
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 needs_gdb = pytest.mark.skipif(shutil.which("gdb") is None, reason="attach needs gdb")
@@ -103,7 +104,7 @@ AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-group
 def cli(*args: str, timeout: float = ATTACH_LIMIT, as_nobody: bool = False,
         env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    env["PYTHONPATH"] = PACKAGE_PARENT
+    env["PYTHONPATH"] = readable_package_parent() if as_nobody else PACKAGE_PARENT
     env.update(env_extra or {})
     cmd = [*CLI, *args]
     if as_nobody:
