@@ -30,6 +30,7 @@ import fentry_build
 from fentry_build import check, control
 from fentry_build.errors import FentryError
 from mesonrun import copy_example, meson, setup_and_compile
+from nobody import readable_package_parent
 
 CLI = [sys.executable, "-m", "fentry_build"]
 NOBODY = 65534
@@ -468,8 +469,7 @@ def _python_for_nobody(env: dict[str, str]) -> str:
 @needs_root
 @needs_setpriv
 def test_another_uid_is_refused(server: Server) -> None:
-    package_parent = str(Path(fentry_build.__file__).resolve().parent.parent)
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": package_parent}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": readable_package_parent()}
     python = _python_for_nobody(env)
     result = subprocess.run(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
