@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 
-import fentry_build
 from fentry_build import check, control
 from fentry_build.errors import FentryError
 from mesonrun import copy_example, meson, setup_and_compile
