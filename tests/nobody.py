@@ -11,13 +11,17 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+import elftools
+import jinja2
+import markupsafe
+
 import fentry_build
 from fentry_build import paths
 
 
 @cache
 def readable_package_parent() -> str:
-    """A world-readable folder holding a copy of the fentry_build package (with its data)."""
+    """A world-readable folder holding copies of fentry_build (with its data) and its dependencies."""
     public = Path(tempfile.mkdtemp(prefix="fentry-public-"))
     copy = public / "fentry_build"
     shutil.copytree(Path(fentry_build.__file__).resolve().parent, copy,
@@ -25,6 +29,10 @@ def readable_package_parent() -> str:
     if not (copy / "data").is_dir():  # a source checkout: the data folders are top-level
         for name in ("shim", "templates", "examples"):
             shutil.copytree(paths.data_dir() / name, copy / "data" / name)
+    # What the CLI imports besides itself (attach and check read ELF files).
+    for dep in (elftools, jinja2, markupsafe):
+        shutil.copytree(Path(dep.__file__).resolve().parent, public / dep.__name__,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     for p in [public, *public.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     return str(public)
