@@ -23,10 +23,11 @@ except ImportError:  # a source checkout run with a Python that has no fentry_bu
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import fentry_build
 
-from fentry_build import paths, shimlib
+from fentry_build import paths
+from fentry_build.build import sharedshim
 
 HERE = Path(__file__).resolve().parent
-SHIM_CFLAGS = list(shimlib.SHIM_CFLAGS)
+SHIM_CFLAGS = list(sharedshim.SHIM_CFLAGS)
 PROGRAM_CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-Werror"]
 LINK_FLAGS = ["-Wl,--build-id=sha1"]  # what fentry_dep adds: patches match the build-id
 XRAY_FLAGS = ["-fxray-instrument", "-fxray-instruction-threshold=1"]

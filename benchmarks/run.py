@@ -44,7 +44,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build  # noqa: E402  (benchmarks/build.py; it also makes fentry_build importable)
 
-from fentry_build import control, paths  # noqa: E402
+from fentry_build import paths  # noqa: E402
+from fentry_build.client import control  # noqa: E402
 from fentry_build.errors import FentryError  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

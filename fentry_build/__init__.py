@@ -1,15 +1,26 @@
-"""fentry_build: userspace live patching for C programs, driven from the build system."""
+"""fentry_build: userspace live patching for C programs, driven from the build system.
+
+Importing the package is cheap: it imports none of its submodules.  ``fentry_build.scons``
+(the SCons tool, see docs/scons.md) is imported on first use, so that an SConstruct that
+only does ``import fentry_build`` reaches it.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
 __version__ = "0.1.0"
 
-# Cheap (imports neither SCons nor pyelftools): makes `fentry_build.scons.generate`
-# usable after a plain `import fentry_build` in an SConstruct.
-from fentry_build import scons  # noqa: E402
+# Submodules an attribute access may import on first use (PEP 562).
+_LAZY_SUBMODULES = frozenset({"scons"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def project(first: Any, *args: Any, **kwargs: Any) -> Any:
@@ -21,9 +32,9 @@ def project(first: Any, *args: Any, **kwargs: Any) -> Any:
       instrumented program and its patches with SCons (see ``fentry_build.scons``).
     """
     if isinstance(first, (str, os.PathLike)):
-        from fentry_build import scaffold
+        from fentry_build.build import scaffold
 
         return scaffold.project(first, *args, **kwargs)
-    from fentry_build import scons
+    from fentry_build.build import scons
 
     return scons.project(first, *args, **kwargs)

@@ -18,7 +18,7 @@ def _print_json(value: Any) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from fentry_build import check
+    from fentry_build.binary import check
 
     report = check.check_binary(Path(args.binary))
     if args.json:
@@ -29,7 +29,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_meson_init(args: argparse.Namespace) -> int:
-    from fentry_build import meson_init
+    from fentry_build.build import meson_init
 
     result = meson_init.meson_init(Path(args.project_dir))
     print(meson_init.format_result(result))
@@ -37,7 +37,7 @@ def _cmd_meson_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from fentry_build import scaffold
+    from fentry_build.build import scaffold
 
     created = scaffold.project(Path(args.dir), name=args.name)
     print(scaffold.format_result(created))
@@ -45,7 +45,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from fentry_build import control
+    from fentry_build.client import control
 
     reply = control.apply(args.pid, Path(args.patch))
     print(json.dumps(reply, sort_keys=True) if args.json else control.format_apply(reply))
@@ -53,7 +53,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_revert(args: argparse.Namespace) -> int:
-    from fentry_build import control
+    from fentry_build.client import control
 
     reply = control.revert(args.pid, args.name)
     print(json.dumps(reply, sort_keys=True) if args.json else control.format_revert(reply))
@@ -61,7 +61,7 @@ def _cmd_revert(args: argparse.Namespace) -> int:
 
 
 def _cmd_unload(args: argparse.Namespace) -> int:
-    from fentry_build import control
+    from fentry_build.client import control
 
     reply = control.unload(args.pid, args.name)
     print(json.dumps(reply, sort_keys=True) if args.json else control.format_unload(reply))
@@ -69,7 +69,7 @@ def _cmd_unload(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from fentry_build import control
+    from fentry_build.client import control
 
     reply = control.list_patches(args.pid)
     print(json.dumps(reply, sort_keys=True) if args.json else control.format_list(reply))
@@ -77,7 +77,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from fentry_build import control
+    from fentry_build.client import control
 
     reply = control.status(args.pid)
     print(json.dumps(reply, sort_keys=True) if args.json else control.format_status(reply))
@@ -91,14 +91,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_shim_path(args: argparse.Namespace) -> int:
-    from fentry_build import shimlib
+    from fentry_build.build import sharedshim
 
-    print(shimlib.shim_path(rebuild=args.rebuild))
+    print(sharedshim.shim_path(rebuild=args.rebuild))
     return 0
 
 
 def _cmd_attach(args: argparse.Namespace) -> int:
-    from fentry_build import attach
+    from fentry_build.client import attach
 
     report = attach.attach(args.pid, tries=args.tries)
     print(json.dumps(report, sort_keys=True) if args.json else attach.format_attach(report))
@@ -106,7 +106,7 @@ def _cmd_attach(args: argparse.Namespace) -> int:
 
 
 def _cmd_new_patch(args: argparse.Namespace) -> int:
-    from fentry_build import newpatch
+    from fentry_build.generator import newpatch
 
     result = newpatch.new_patch(args.name, args.function, Path(args.binary), Path(args.project),
                                 file=args.file)

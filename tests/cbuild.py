@@ -10,10 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fentry_build import paths, shimlib
+from fentry_build import paths
+from fentry_build.build import flags
 
-INSTRUMENT = list(shimlib.LINKED_INSTRUMENT_ARGS)
-SHIM_CFLAGS = list(shimlib.SHIM_CFLAGS)
+INSTRUMENT = list(flags.LINKED_INSTRUMENT_ARGS)
+SHIM_CFLAGS = list(flags.SHIM_CFLAGS)
 
 
 def run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -56,7 +57,7 @@ def build_program(
         objs.append(obj)
     if with_shim:
         objs += build_shim_objects(out.parent / (out.name + ".shim"))
-    run(["gcc", *(cflags or []), *(ldflags or []), *shimlib.PROGRAM_LINK_ARGS,
+    run(["gcc", *(cflags or []), *(ldflags or []), *flags.PROGRAM_LINK_ARGS,
          "-o", str(out), *map(str, objs),
          "-lpthread", "-ldl"])
     return out

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fentry_build import meson_init, paths
+from fentry_build import paths
+from fentry_build.build import meson_init
 
 
 def meson_cmd() -> list[str]:

@@ -4,7 +4,7 @@ The loader is replaced by tests/c/loader_stub.c (it keeps a list of "patches" an
 nothing), and tests/c/control_host.c is the program: it starts the channel and obeys
 commands on stdin (fork, spawn, wait, exit).  Everything else is real: processes,
 sockets, fork(), SO_PEERCRED, another uid (``nobody`` through setpriv), and the
-Python client fentry_build.control.
+Python client fentry_build.client.control.
 
 The reader in json.c is also compared with Python's json module on random and mutated
 inputs, under AddressSanitizer and UBSan when the compiler has them.
@@ -30,7 +30,8 @@ from typing import Any
 
 import pytest
 
-from fentry_build import control, paths
+from fentry_build import paths
+from fentry_build.client import control
 from fentry_build.errors import FentryError
 
 from cbuild import SHIM_CFLAGS, run
@@ -491,7 +492,7 @@ def _as_nobody(code: str, rundir: Path, pid: int) -> subprocess.CompletedProcess
 
 CLIENT_AS_NOBODY = """
 import os
-from fentry_build import control
+from fentry_build.client import control
 from fentry_build.errors import FentryError
 try:
     control.status(int(os.environ["PID"]))

@@ -43,7 +43,9 @@ from elftools.elf.elffile import ELFFile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fentry_build import control, elfinfo, gen
+from fentry_build.client import control
+from fentry_build.binary import elf as elfinfo
+from fentry_build.generator import main as gen
 from fentry_build.errors import FentryError
 from test_reliability import (  # loadclient and started are fixtures
     EXAMPLE, MODES, PROGRAMS, ServerBuild, assert_coherent, assert_stops_cleanly,

@@ -16,10 +16,12 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
 from cbuild import INSTRUMENT, build_patch, build_program, run
-from fentry_build import check, gen, paths
-from fentry_build.elfinfo import FunctionInfo, SiteForm, read_binary
+from fentry_build import paths
+from fentry_build.binary import check
+from fentry_build.generator import main as gen
+from fentry_build.binary.elf import FunctionInfo, SiteForm, read_binary
 from fentry_build.errors import FentryError
-from fentry_build.patchsrc import parse_patch_text
+from fentry_build.generator.patchsrc import parse_patch_text
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 

@@ -22,10 +22,13 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
 from cbuild import build_patch, build_program, run
-from fentry_build import gen, meson_init, newpatch, paths
-from fentry_build.elfinfo import read_binary
+from fentry_build import paths
+from fentry_build.generator import main as gen
+from fentry_build.build import meson_init
+from fentry_build.generator import newpatch
+from fentry_build.binary.elf import read_binary
 from fentry_build.errors import FentryError
-from fentry_build.patchsrc import parse_patch_text
+from fentry_build.generator.patchsrc import parse_patch_text
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fentry_build import meson_init
+from fentry_build.build import meson_init
 from fentry_build.errors import FentryError
 from mesonrun import copy_example, meson, setup_and_compile
 

@@ -29,7 +29,10 @@ from typing import Any
 import pytest
 
 import fentry_build
-from fentry_build import attach, attach_gdb, paths, shimlib
+from fentry_build import paths
+from fentry_build.client import attach
+from fentry_build.client import attach_gdb
+from fentry_build.build import sharedshim
 from fentry_build.errors import FentryError
 
 from cbuild import build_patch, build_program, run
@@ -231,7 +234,7 @@ def thread_masks(pid: int) -> dict[str, tuple[str, str]]:
 
 
 def has_shim_mapped(pid: int) -> bool:
-    return shimlib.LIBRARY_NAME in Path(f"/proc/{pid}/maps").read_text()
+    return sharedshim.LIBRARY_NAME in Path(f"/proc/{pid}/maps").read_text()
 
 
 def assert_untouched(server: Server) -> None:
@@ -351,12 +354,12 @@ def test_shim_path_refuses_a_cached_file_others_can_write(shim_so: Path) -> None
 
 def test_a_changed_shim_source_gets_its_own_cache_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         cache_home: Path) -> None:
-    before = shimlib.library_path()
+    before = sharedshim.library_path()
     copy = tmp_path / "shim"
     shutil.copytree(paths.shim_dir(), copy)
     (copy / "init.c").write_text((copy / "init.c").read_text() + "\n/* changed */\n")
     monkeypatch.setattr(paths, "shim_dir", lambda: copy)
-    after = shimlib.library_path()
+    after = sharedshim.library_path()
     assert after.parent.parent == before.parent.parent and after != before
 
 
@@ -770,7 +773,7 @@ alias_target('shim', libfentry)
 
 
 def test_meson_instrument_dep_and_shared_shim(tmp_path: Path, rundir: Path, servers: list[Server]) -> None:
-    from fentry_build import meson_init
+    from fentry_build.build import meson_init
     from mesonrun import meson
 
     project = tmp_path / "preloaded"

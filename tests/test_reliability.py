@@ -36,7 +36,8 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from cbuild import INSTRUMENT, build_patch, build_shim_objects, run
-from fentry_build import control, paths
+from fentry_build import paths
+from fentry_build.client import control
 from fentry_build.errors import FentryError
 from test_server_demo import (
     BUG_REQUEST, BUGGY, Server, _first_line, _server_env, ask, assert_buggy,

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 import fentry_build
-from fentry_build import paths, shimlib
-from fentry_build import scons as fscons
+from fentry_build import paths
+from fentry_build.build import sharedshim
+from fentry_build.build import scons as fscons
 
 SCons = pytest.importorskip("SCons", reason="scons is not installed (pip install scons)")
 
@@ -115,7 +116,7 @@ def test_instrumentation_is_on_compile_lines_only(hello: Path) -> None:
     assert "-Wl,--export-dynamic-symbol=fentry_shadow_*" in link[0].split()
     # The shim: every source of the package's shim, compiled into the build tree, never instrumented.
     shim_lines = cmd(re.escape(str(paths.shim_dir())) + r"/\w+\.[cS]$")
-    assert len(shim_lines) == len(shimlib.shim_sources())
+    assert len(shim_lines) == len(sharedshim.shim_sources())
     for line in shim_lines:
         assert "-pg" not in line.split() and "-O2" in line.split() and "-fPIC" in line.split()
         assert "hello.fentry/shim/" in line
@@ -297,7 +298,7 @@ def test_tool_module_reexports_generate_and_exists() -> None:
     tool = Path(fscons.TOOLPATH) / "fentry.py"
     assert tool.is_file()
     text = tool.read_text()
-    assert "from fentry_build.scons import exists, generate" in text
+    assert "from fentry_build.build.scons import exists, generate" in text
 
 
 def test_patches_argument_forms() -> None:

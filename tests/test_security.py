@@ -26,7 +26,7 @@ import pytest
 
 import fentry_build
 from cbuild import run
-from fentry_build import control
+from fentry_build.client import control
 from fentry_build.errors import FentryError
 from test_reliability import (  # started and gdb_build are fixtures
     CLI, MODES, ServerBuild, assert_stops_cleanly, figures, gdb_build, patch_states,

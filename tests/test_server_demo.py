@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from fentry_build import check, control
+from fentry_build.binary import check
+from fentry_build.client import control
 from fentry_build.errors import FentryError
 from mesonrun import copy_example, meson, setup_and_compile
 from nobody import readable_package_parent

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cbuild import build_patch, build_program
-from fentry_build import control
+from fentry_build.client import control
 from fentry_build.errors import FentryError
 
 PROGRAMS = Path(__file__).parent / "programs"

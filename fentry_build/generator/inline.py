@@ -1,4 +1,4 @@
-"""inline.py - where else a replaced function's code runs: inlined copies (DWARF) and IPA clones (.symtab).
+"""generator/inline.py - where else a replaced function's code runs: inlined copies (DWARF) and IPA clones (.symtab).
 
 Patching `f` redirects calls that reach f's own fentry site.  Two kinds of copies never
 reach it (DESIGN.md): a copy GCC *inlined* into a caller, and an *IPA clone*
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 from elftools.dwarf.die import DIE
 
-from fentry_build.dwarf import (
+from fentry_build.binary.dwarf import (
     CALL_PC_ATTRIBUTES, CALL_SITE_TAGS, CALL_TARGET_ATTRIBUTES, DWARF_ERRORS, ProgramDwarf,
     die_name, may_be_inlined, origin, unit_name,
 )
-from fentry_build.elfinfo import BinaryInfo, FunctionInfo, file_matches
+from fentry_build.binary.elf import BinaryInfo, FunctionInfo, file_matches
 
 CLONE_FIX = "build the program with -flive-patching=inline-only-static so GCC keeps {name} whole"
 NOINLINE_FIX = "mark {name} __attribute__((noinline, noclone)) in the program and rebuild it"

@@ -1,4 +1,4 @@
-"""newpatch.py - `fentry-build new-patch`: a patch skeleton for one function, its prototype read from DWARF.
+"""generator/newpatch.py - `fentry-build new-patch`: a patch skeleton for one function, its prototype read from DWARF.
 
 The skeleton (templates/new_patch.c.j2) replaces the function F with `F_fixed`, which
 calls the original through FENTRY_ORIGINAL: built and applied unchanged, it changes
@@ -24,11 +24,11 @@ from pathlib import Path
 from elftools.dwarf.die import DIE
 from elftools.elf.elffile import ELFFile
 
-from fentry_build.dwarf import DWARF_ERRORS, ProgramDwarf, attribute, die_name, origin_chain
-from fentry_build.elfinfo import BinaryInfo, FunctionInfo, file_matches, read_binary
+from fentry_build.binary.dwarf import DWARF_ERRORS, ProgramDwarf, attribute, die_name, origin_chain
+from fentry_build.binary.elf import BinaryInfo, FunctionInfo, file_matches, read_binary
 from fentry_build.errors import FentryError
-from fentry_build.gen import template_environment, write_atomically
-from fentry_build.inline import CLONE_FIX, CopyFinder, describe
+from fentry_build.generator.main import template_environment, write_atomically
+from fentry_build.generator.inline import CLONE_FIX, CopyFinder, describe
 
 TEMPLATE = "new_patch.c.j2"
 PATCH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")

@@ -1,4 +1,4 @@
-"""attach.py - ``fentry-build attach --pid PID``: bring the shim into a running process.
+"""client/attach.py - ``fentry-build attach --pid PID``: bring the shim into a running process.
 
 The program was built with the instrumentation flags but started without the shim, so
 its calls of ``__fentry__`` go through a GOT slot to glibc's ``__fentry__`` (a gprof
@@ -43,7 +43,8 @@ from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableSection
 
-from fentry_build import control, shimlib
+from fentry_build.client import control
+from fentry_build.build import sharedshim
 from fentry_build.errors import FentryError
 
 FENTRY = "__fentry__"
@@ -657,7 +658,7 @@ def attach(pid: int, *, library: Path | None = None, tries: int = DEFAULT_TRIES)
                           "__fentry__ through a GOT slot; build it with -pg -mfentry (Meson: "
                           "instrument_dep) and without the shim")
     check_attachable(pid, st)
-    lib = library if library is not None else shimlib.shim_path()
+    lib = library if library is not None else sharedshim.shim_path()
     lib = Path(os.path.abspath(lib))
     if presence is None:
         check_library_reachable(pid, lib, st)
@@ -693,5 +694,5 @@ __all__ = ["attach", "format_attach", "build_plan", "loaded_objects", "read_maps
            "read_status", "shim_presence", "run_gdb"]
 
 
-if __name__ == "__main__":  # pragma: no cover - python -m fentry_build.attach PID
+if __name__ == "__main__":  # pragma: no cover - python -m fentry_build.client.attach PID
     print(format_attach(attach(int(sys.argv[1]))))

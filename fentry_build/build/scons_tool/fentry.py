@@ -3,6 +3,6 @@
 Everything lives in fentry_build.scons; this file only lets SCons find it by name.
 """
 
-from fentry_build.scons import exists, generate
+from fentry_build.build.scons import exists, generate
 
 __all__ = ["exists", "generate"]

@@ -1,4 +1,4 @@
-"""shimlib.py - the shim as a shared library, for the preload and attach modes.
+"""build/sharedshim.py - the shim as a shared library, for the preload and attach modes.
 
 The package is pure Python and carries the shim's *sources* (``paths.shim_dir()``), so
 ``libfentry.so`` is built on demand with gcc into a per-user cache folder:
@@ -29,31 +29,17 @@ import tempfile
 from pathlib import Path
 
 from fentry_build import __version__, paths
+from fentry_build.build.flags import SHIM_CFLAGS, SHIM_LIBS
 from fentry_build.errors import FentryError
 
 LIBRARY_NAME = "libfentry.so"
 
-# Never -pg: the shim must not call __fentry__ itself.
-SHIM_CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-D_GNU_SOURCE"]
 # -z defs: an undefined symbol fails the build, not the dlopen in a running program.
 # -Bsymbolic: the shim's own references (e.g. &__fentry__) bind to itself even when it is
 # dlopen()ed with RTLD_LOCAL behind glibc's __fentry__ (attach mode).
 SHARED_LDFLAGS = ["-shared", "-Wl,-z,defs", "-Wl,-z,now", "-Wl,-z,relro", "-Wl,-Bsymbolic",
                   "-Wl,--build-id=sha1"]
-SHARED_LIBS = ["-lpthread", "-ldl"]
-
-# What dependency('fentry') gives a program (shim/meson.build says the same for Meson;
-# the SCons tool and the tests take them from here): the instrumentation on compile
-# lines only, and on the link line a build-id plus the exports patches and instrumented
-# libraries need.
-LINKED_INSTRUMENT_ARGS = ["-pg", "-mfentry", "-mrecord-mcount", "-flive-patching=inline-clone"]
-PROGRAM_LINK_ARGS = ["-Wl,--build-id=sha1", "-Wl,--export-dynamic-symbol=fentry_shadow_*",
-                     "-Wl,--export-dynamic-symbol=__fentry__"]
-
-# What a program built for the preload and attach modes is compiled with: the linked
-# mode's flags without -mrecord-mcount (its site list needs the shim linked into the
-# program - see entry_x86_64.S - and only jump mode uses it).
-UNLINKED_INSTRUMENT_ARGS = [a for a in LINKED_INSTRUMENT_ARGS if a != "-mrecord-mcount"]
+SHARED_LIBS = [f"-l{lib}" for lib in SHIM_LIBS]
 
 _SOURCE_SUFFIXES = (".c", ".S", ".h")
 
@@ -175,5 +161,5 @@ def shim_path(*, rebuild: bool = False, cc: str = "gcc") -> Path:
     return build_shared(lib, cc)
 
 
-__all__ = ["LIBRARY_NAME", "LINKED_INSTRUMENT_ARGS", "PROGRAM_LINK_ARGS", "UNLINKED_INSTRUMENT_ARGS", "shim_path", "library_path",
-           "build_shared", "cache_root", "sources_hash", "shim_sources"]
+__all__ = ["LIBRARY_NAME", "SHARED_LDFLAGS", "SHARED_LIBS", "build_shared", "cache_root",
+           "library_path", "shim_path", "shim_sources", "sources_hash"]

@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fentry_build import meson_init, render
+from fentry_build.build import meson_init
+from fentry_build import jinja
 from fentry_build.errors import FentryError
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -33,8 +34,8 @@ def project(directory: Path | str, name: str | None = None) -> ScaffoldResult:
     files = {
         directory / "meson.build": meson_init.meson_snippet(name, [f"{name}.c"],
                                                  {patch: f"patches/{patch}.c"}),
-        directory / f"{name}.c": render.render("project/main.c.j2", {"name": name}),
-        directory / "patches" / f"{patch}.c": render.render("project/patch.c.j2",
+        directory / f"{name}.c": jinja.render("project/main.c.j2", {"name": name}),
+        directory / "patches" / f"{patch}.c": jinja.render("project/patch.c.j2",
                                                             {"name": name, "patch": patch}),
     }
     for path, text in files.items():

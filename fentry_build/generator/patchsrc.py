@@ -1,4 +1,4 @@
-"""patchsrc.py - finds the FENTRY_* macro uses in a patch source with a small C tokenizer."""
+"""generator/patchsrc.py - finds the FENTRY_* macro uses in a patch source with a small C tokenizer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""elfinfo.py - what fentry_build reads from a built ELF: build-id, functions and their fentry sites, data symbols."""
+"""binary/elf.py - what fentry_build reads from a built ELF: build-id, functions and their fentry sites, data symbols."""
 
 from __future__ import annotations
 

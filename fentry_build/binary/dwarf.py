@@ -1,4 +1,4 @@
-"""dwarf.py - the program's DWARF (-g) as fentry_build reads it: functions, their origins, variables, files.
+"""binary/dwarf.py - the program's DWARF (-g) as fentry_build reads it: functions, their origins, variables, files.
 
 Everything goes through pyelftools' DWARF API; nothing here decodes .debug_* bytes by
 hand.  Two facts of GCC's output (DWARF 4 and 5) shape the code:
@@ -29,7 +29,7 @@ from elftools.dwarf.dwarfinfo import DWARFInfo
 from elftools.dwarf.ranges import BaseAddressEntry, RangeEntry
 from elftools.elf.elffile import ELFFile
 
-from fentry_build.elfinfo import DWARF_ERRORS, has_debug_info
+from fentry_build.binary.elf import DWARF_ERRORS, has_debug_info
 
 LTO_UNIT_NAME = "<artificial>"
 ORIGIN_ATTRIBUTES = ("DW_AT_abstract_origin", "DW_AT_specification")

@@ -1,7 +1,7 @@
-"""attach_gdb.py - runs *inside gdb* (``gdb -batch -x``) for ``fentry-build attach``.
+"""client/attach_gdb.py - runs *inside gdb* (``gdb -batch -x``) for ``fentry-build attach``.
 
 Standard library and gdb's own module only: gdb embeds the system's Python, not the
-environment fentry_build is installed in.  ``fentry_build.attach`` does the thinking
+environment fentry_build is installed in.  ``fentry_build.client.attach`` does the thinking
 that needs pyelftools (which addresses are the C library, which GOT slots hold
 ``__fentry__``) and hands this script a *plan* (JSON, path in $FENTRY_ATTACH_PLAN); this
 script writes its *result* (JSON) to the path the plan names.  The plan's addresses are

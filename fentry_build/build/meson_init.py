@@ -7,7 +7,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fentry_build import __version__, paths, render
+from fentry_build import __version__, paths
+from fentry_build import jinja
 from fentry_build.errors import FentryError
 
 # The shim files the subproject carries: sources, headers and shim/meson.build.
@@ -59,7 +60,7 @@ def meson_init(project_dir: Path) -> MesonInitResult:
     result = MesonInitResult(project_dir)
     sub = project_dir / "subprojects" / "fentry"
     ctx = {"version": __version__}
-    _put_text(sub / "meson.build", render.render("meson/subproject_meson.build.j2", ctx), result)
+    _put_text(sub / "meson.build", jinja.render("meson/subproject_meson.build.j2", ctx), result)
     shipped = _shim_files()
     for src in shipped:
         _put_copy(src, sub / "shim" / src.name, result)
@@ -69,13 +70,13 @@ def meson_init(project_dir: Path) -> MesonInitResult:
             old.unlink()
             result.written.append(old)
     _put_text(project_dir / "subprojects" / "fentry.wrap",
-              render.render("meson/fentry.wrap.j2", ctx), result)
+              jinja.render("meson/fentry.wrap.j2", ctx), result)
     return result
 
 
 def meson_snippet(name: str, sources: list[str], patches: dict[str, str]) -> str:
     """The user's meson.build for a program and its patches (the README snippet)."""
-    return render.render("project/meson.build.j2",
+    return jinja.render("project/meson.build.j2",
                          {"name": name, "sources": sources, "patches": patches})
 
 

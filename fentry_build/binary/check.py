@@ -1,11 +1,11 @@
-"""check.py - `fentry-build check`: is a binary instrumented, its build-id and its patchable functions."""
+"""binary/check.py - `fentry-build check`: is a binary instrumented, its build-id and its patchable functions."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from fentry_build.elfinfo import FunctionInfo, read_binary
+from fentry_build.binary.elf import FunctionInfo, read_binary
 
 
 def _function_entry(f: FunctionInfo) -> dict[str, Any]:

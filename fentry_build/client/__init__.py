@@ -1,0 +1,1 @@
+"""client/ - talking to running processes: /proc, the control socket, attach through gdb."""
