@@ -80,11 +80,11 @@ class Builder:
         if self._shim is None:
             d = self.out / "shim"
             d.mkdir(exist_ok=True)
-            shim = paths.shim_dir()
+            includes = [f"-I{i}" for i in paths.shim_include_dirs()]
             objs = []
-            for src in sorted(shim.glob("*.c")) + sorted(shim.glob("*.S")):
+            for src in sharedshim.shim_sources():
                 obj = d / (src.name + ".o")
-                run(["gcc", *SHIM_CFLAGS, f"-I{shim}", "-c", str(src), "-o", str(obj)])
+                run(["gcc", *SHIM_CFLAGS, *includes, "-c", str(src), "-o", str(obj)])
                 objs.append(obj)
             self._shim = objs
         return self._shim

@@ -582,7 +582,7 @@ def shim_changes(micro: dict[str, MicroVariant], apply: dict[str, ApplyVariant],
             f"{rel('form_tramp'):.2f}× → {rel('form_mem'):.2f}× a direct call).")
     miss = median(micro["dispatch_miss"].ns) - median(micro["dispatch_unpatched"].ns)
     out.append(
-        "- **entry_x86_64.S, the active-table miss** (paid by every instrumented call of the "
+        "- **entry.S, the active-table miss** (paid by every instrumented call of the "
         "program while any patch is active in dispatch mode; here "
         f"{miss:+.2f} ns per call over the unpatched dispatch call): the lookup saves three "
         "registers and reads the sequence number twice before it can say 'not patched'. A "

@@ -34,5 +34,11 @@ def examples_dir() -> Path:
 
 
 def include_dir() -> Path:
-    """The folder with ``fentry.h`` (what ``-I`` a patch needs)."""
-    return shim_dir()
+    """The folder with ``fentry.h``, the public ABI header (what ``-I`` a patch needs)."""
+    return shim_dir() / "include"
+
+
+def shim_include_dirs() -> list[Path]:
+    """What ``-I`` the shim's own sources need: shim/ (they include each other's headers
+    as "core/loader.h") and the public header's folder."""
+    return [shim_dir(), include_dir()]

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from fentry_build import paths
-from fentry_build.build import flags
+from fentry_build.build import flags, sharedshim
 
 INSTRUMENT = list(flags.LINKED_INSTRUMENT_ARGS)
 SHIM_CFLAGS = list(flags.SHIM_CFLAGS)
@@ -25,8 +25,12 @@ def run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[
 
 
 def shim_sources() -> list[Path]:
-    d = paths.shim_dir()
-    return sorted(d.glob("*.c")) + sorted(d.glob("*.S"))
+    return sharedshim.shim_sources()
+
+
+def shim_includes() -> list[str]:
+    """-I options for compiling the shim's own sources."""
+    return [f"-I{d}" for d in paths.shim_include_dirs()]
 
 
 def build_shim_objects(out_dir: Path) -> list[Path]:
@@ -35,7 +39,7 @@ def build_shim_objects(out_dir: Path) -> list[Path]:
     objs = []
     for src in shim_sources():
         obj = out_dir / (src.name + ".o")
-        run(["gcc", *SHIM_CFLAGS, f"-I{paths.shim_dir()}", "-c", str(src), "-o", str(obj)])
+        run(["gcc", *SHIM_CFLAGS, *shim_includes(), "-c", str(src), "-o", str(obj)])
         objs.append(obj)
     return objs
 
@@ -52,7 +56,7 @@ def build_program(
     objs: list[Path] = []
     for src in sources:
         obj = out.parent / (out.name + "." + src.name + ".o")
-        run(["gcc", "-O2", "-g", *INSTRUMENT, *(cflags or []), f"-I{paths.shim_dir()}",
+        run(["gcc", "-O2", "-g", *INSTRUMENT, *(cflags or []), f"-I{paths.include_dir()}",
              "-c", str(src), "-o", str(obj)])
         objs.append(obj)
     if with_shim:
@@ -68,6 +72,6 @@ def build_patch(binary: Path, patch_c: Path, out: Path, *, cflags: list[str] | N
     reg = out.with_suffix(".reg.c")
     run([sys.executable, "-m", "fentry_build.gen", "--binary", str(binary), "--patch", str(patch_c),
          "-o", str(reg)])
-    run(["gcc", "-O2", "-g", "-shared", "-fPIC", *(cflags or []), f"-I{paths.shim_dir()}",
+    run(["gcc", "-O2", "-g", "-shared", "-fPIC", *(cflags or []), f"-I{paths.include_dir()}",
          "-o", str(out), str(patch_c), str(reg)])
     return out

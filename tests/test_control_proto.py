@@ -1,4 +1,4 @@
-"""The control channel on its own: shim/json.c + shim/control.c over real Unix sockets.
+"""The control channel on its own: shim/control/json.c + shim/control/control.c over real Unix sockets.
 
 The loader is replaced by tests/c/loader_stub.c (it keeps a list of "patches" and loads
 nothing), and tests/c/control_host.c is the program: it starts the channel and obeys
@@ -34,7 +34,7 @@ from fentry_build import paths
 from fentry_build.client import control
 from fentry_build.errors import FentryError
 
-from cbuild import SHIM_CFLAGS, run
+from cbuild import SHIM_CFLAGS, run, shim_includes
 from nobody import readable_package_parent
 
 TESTS = Path(__file__).resolve().parent
@@ -55,7 +55,7 @@ def _shim(name: str) -> str:
 @pytest.fixture(scope="session")
 def host_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("control") / "control_host"
-    run(["gcc", *SHIM_CFLAGS, f"-I{paths.shim_dir()}", _shim("json.c"), _shim("control.c"),
+    run(["gcc", *SHIM_CFLAGS, *shim_includes(), _shim("control/json.c"), _shim("control/control.c"),
          str(TESTS / "c" / "loader_stub.c"), str(TESTS / "c" / "control_host.c"),
          "-o", str(out), "-lpthread"])
     return out
@@ -64,13 +64,13 @@ def host_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def json_driver(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("json") / "json_driver"
-    sources = [_shim("json.c"), str(TESTS / "c" / "json_driver.c")]
+    sources = [_shim("control/json.c"), str(TESTS / "c" / "json_driver.c")]
     sanitized = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
     try:
-        run(["gcc", *SHIM_CFLAGS, *sanitized, f"-I{paths.shim_dir()}", *sources, "-o", str(out)])
+        run(["gcc", *SHIM_CFLAGS, *sanitized, *shim_includes(), *sources, "-o", str(out)])
         subprocess.run([str(out)], input=b"", check=True, capture_output=True)
     except (AssertionError, subprocess.CalledProcessError):
-        run(["gcc", *SHIM_CFLAGS, f"-I{paths.shim_dir()}", *sources, "-o", str(out)])
+        run(["gcc", *SHIM_CFLAGS, *shim_includes(), *sources, "-o", str(out)])
     return out
 
 

@@ -110,7 +110,7 @@ def build(out: Path, sources: dict[str, str], *, cflags: tuple[str, ...] = (),
         src = write(out.parent / name, text)
         obj = out.parent / f"{out.name}.{name}.o"
         flags = [] if name.endswith(".S") or name in plain else INSTRUMENT
-        run(["gcc", "-O2", *flags, *cflags, f"-I{paths.shim_dir()}", "-c", str(src), "-o", str(obj)])
+        run(["gcc", "-O2", *flags, *cflags, f"-I{paths.include_dir()}", "-c", str(src), "-o", str(obj)])
         objs.append(str(obj))
     run(["gcc", *cflags, *ldflags, "-o", str(out), *objs])
     return out
@@ -248,7 +248,7 @@ def test_registration_compiles_with_the_patch_into_a_so(pie_glibc: Path, tmp_pat
     so = tmp_path / "fix.so"
     reg = gen.generate(pie_glibc, patch)
     write(tmp_path / "reg.c", reg)
-    run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", f"-I{paths.shim_dir()}",
+    run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", f"-I{paths.include_dir()}",
          "-o", str(so), str(patch), str(tmp_path / "reg.c")])
     build_id = read_binary(pie_glibc).build_id
     assert build_id is not None
@@ -328,7 +328,7 @@ def test_same_name_replaced_in_two_files_gets_two_originals(twins: Path, tmp_pat
     reg = write(tmp_path / "reg.c", gen.generate(twins, patch))
     text = reg.read_text()
     assert "void *fentry_orig__helper;" in text and "void *fentry_orig__helper__2;" in text
-    run(["gcc", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", f"-I{paths.shim_dir()}",
+    run(["gcc", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", f"-I{paths.include_dir()}",
          "-o", str(tmp_path / "p.so"), str(patch), str(reg)])
 
 

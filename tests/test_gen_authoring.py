@@ -92,7 +92,7 @@ def gen_cli(binary: Path, patch: Path, out: Path, *args: str,
 
 def link_patch(patch: Path, reg_text: str, out: Path) -> Path:
     reg = write(out.with_suffix(".reg.c"), reg_text)
-    run(["gcc", "-O2", *WERROR, "-fPIC", "-shared", f"-I{paths.shim_dir()}", "-o", str(out),
+    run(["gcc", "-O2", *WERROR, "-fPIC", "-shared", f"-I{paths.include_dir()}", "-o", str(out),
          str(patch), str(reg)])
     return out
 

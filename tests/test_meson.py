@@ -106,14 +106,27 @@ def test_meson_init_is_idempotent_and_repairs_its_files(tmp_path: Path) -> None:
     first = meson_init.meson_init(tmp_path)
     assert first.written and not first.unchanged
     assert (tmp_path / "subprojects" / "fentry.wrap").is_file()
-    assert (tmp_path / "subprojects" / "fentry" / "shim" / "fentry.h").is_file()
+    assert (tmp_path / "subprojects" / "fentry" / "shim" / "include" / "fentry.h").is_file()
     second = meson_init.meson_init(tmp_path)
     assert second.written == [] and len(second.unchanged) == len(first.written)
-    edited = tmp_path / "subprojects" / "fentry" / "shim" / "loader.c"
+    edited = tmp_path / "subprojects" / "fentry" / "shim" / "core" / "loader.c"
     edited.write_text("broken")
     third = meson_init.meson_init(tmp_path)
     assert third.written == [edited]
     assert edited.read_text() != "broken"
+
+
+def test_meson_init_removes_files_of_an_older_layout(tmp_path: Path) -> None:
+    (tmp_path / "meson.build").write_text("project('p', 'c')\n")
+    shim = tmp_path / "subprojects" / "fentry" / "shim"
+    (shim / "old").mkdir(parents=True)
+    for stale in (shim / "loader.c", shim / "shim.h", shim / "old" / "gone.c"):
+        stale.write_text("/* from an older fentry_build */\n")
+    result = meson_init.meson_init(tmp_path)
+    assert not (shim / "loader.c").exists() and not (shim / "shim.h").exists()
+    assert not (shim / "old").exists()
+    assert shim / "loader.c" in result.written
+    assert (shim / "core" / "loader.c").is_file()
 
 
 def test_meson_init_cli_tells_what_to_add(tmp_path: Path) -> None:

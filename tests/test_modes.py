@@ -357,7 +357,7 @@ def test_a_changed_shim_source_gets_its_own_cache_entry(tmp_path: Path, monkeypa
     before = sharedshim.library_path()
     copy = tmp_path / "shim"
     shutil.copytree(paths.shim_dir(), copy)
-    (copy / "init.c").write_text((copy / "init.c").read_text() + "\n/* changed */\n")
+    (copy / "core" / "init.c").write_text((copy / "core" / "init.c").read_text() + "\n/* changed */\n")
     monkeypatch.setattr(paths, "shim_dir", lambda: copy)
     after = sharedshim.library_path()
     assert after.parent.parent == before.parent.parent and after != before

@@ -22,7 +22,7 @@ def test_tests_run_against_the_installed_wheel_when_asked() -> None:
 
 
 def test_package_carries_shim_templates_and_examples() -> None:
-    for rel in ["shim/fentry.h", "shim/entry_x86_64.S", "shim/meson.build",
+    for rel in ["shim/include/fentry.h", "shim/arch/x86_64/entry.S", "shim/meson.build",
                 "templates/registration.c.j2", "templates/meson/fentry.wrap.j2",
                 "templates/project/meson.build.j2", "examples/hello/hello.c",
                 "examples/hello/meson.build"]:

@@ -75,7 +75,7 @@ def build_rel_program(factory: pytest.TempPathFactory, sources: list[Path], out:
     objs = []
     for src in sources:
         obj = out.parent / f"{out.name}.{src.name}.o"
-        run(["gcc", "-O2", "-g", *INSTRUMENT, *(cflags or []), f"-I{paths.shim_dir()}",
+        run(["gcc", "-O2", "-g", *INSTRUMENT, *(cflags or []), f"-I{paths.include_dir()}",
              f"-I{EXAMPLE}", "-c", str(src), "-o", str(obj)])
         objs.append(obj)
     run(["gcc", *(cflags or []), *(ldflags or []), "-Wl,--export-dynamic-symbol=fentry_shadow_*",

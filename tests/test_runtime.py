@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from cbuild import SHIM_CFLAGS, build_patch, build_program, run, shim_sources
+from cbuild import SHIM_CFLAGS, build_patch, build_program, run, shim_includes, shim_sources
 from fentry_build import paths
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
@@ -377,7 +377,7 @@ def test_both_same_named_statics_replaced_by_two_patches(statics: Built) -> None
 def shim_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shim as a shared library, for programs whose __fentry__ is outside them."""
     out = tmp_path_factory.mktemp("shimlib") / "libfentryshim.so"
-    run(["gcc", *SHIM_CFLAGS, "-shared", f"-I{paths.shim_dir()}", "-o", str(out),
+    run(["gcc", *SHIM_CFLAGS, "-shared", *shim_includes(), "-o", str(out),
          *map(str, shim_sources()), "-lpthread", "-ldl"])
     return out
 
@@ -580,7 +580,7 @@ def test_patch_whose_entry_bytes_differ_is_refused_naming_the_function(compute: 
     edited = ", ".join(f"0x{b:02x}" for b in entry)
     reg.write_text(text[:m.start(1)] + edited + text[m.end(1):])
     so = tmp_path / "edited.so"
-    run(["gcc", "-O2", "-shared", "-fPIC", f"-I{paths.shim_dir()}", "-o", str(so),
+    run(["gcc", "-O2", "-shared", "-fPIC", f"-I{paths.include_dir()}", "-o", str(so),
          str(PROGRAMS / "compute_plus.c"), str(reg)])
     so.chmod(0o755)
 

@@ -23,7 +23,10 @@ class MesonInitResult:
 
 
 def _shim_files() -> list[Path]:
-    return sorted(p for p in paths.shim_dir().iterdir() if p.suffix in _SHIM_SUFFIXES)
+    """Every file the subproject carries, relative to the shim folder (include/fentry.h, ...)."""
+    shim = paths.shim_dir()
+    return sorted(p.relative_to(shim) for p in shim.rglob("*")
+                  if p.is_file() and p.suffix in _SHIM_SUFFIXES)
 
 
 def _put_text(path: Path, text: str, result: MesonInitResult) -> None:
@@ -44,11 +47,23 @@ def _put_copy(src: Path, dest: Path, result: MesonInitResult) -> None:
     result.written.append(dest)
 
 
+def _remove_stale(folder: Path, shipped: set[Path], result: MesonInitResult) -> None:
+    """Remove what an older fentry_build left in `folder` (files, then emptied folders)."""
+    for old in sorted(folder.rglob("*"), reverse=True):  # children before their folder
+        rel = old.relative_to(folder)
+        if (old.is_file() or old.is_symlink()) and rel not in shipped:
+            old.unlink()
+            result.written.append(old)
+        elif old.is_dir() and not old.is_symlink() and not any(old.iterdir()):
+            old.rmdir()
+
+
 def meson_init(project_dir: Path) -> MesonInitResult:
     """Write ``subprojects/fentry/`` and ``subprojects/fentry.wrap``; safe to run again.
 
     Files of an older fentry_build are replaced; files no longer shipped are removed
-    from ``subprojects/fentry/shim`` so that a stale source can never be built.
+    from ``subprojects/fentry/shim`` (and folders left empty) so that a stale source can
+    never be built.
     """
     project_dir = project_dir.resolve()
     if not project_dir.is_dir():
@@ -62,13 +77,9 @@ def meson_init(project_dir: Path) -> MesonInitResult:
     ctx = {"version": __version__}
     _put_text(sub / "meson.build", jinja.render("meson/subproject_meson.build.j2", ctx), result)
     shipped = _shim_files()
-    for src in shipped:
-        _put_copy(src, sub / "shim" / src.name, result)
-    names = {p.name for p in shipped}
-    for old in sorted((sub / "shim").iterdir()):
-        if old.is_file() and old.name not in names:
-            old.unlink()
-            result.written.append(old)
+    for rel in shipped:
+        _put_copy(paths.shim_dir() / rel, sub / "shim" / rel, result)
+    _remove_stale(sub / "shim", set(shipped), result)
     _put_text(project_dir / "subprojects" / "fentry.wrap",
               jinja.render("meson/fentry.wrap.j2", ctx), result)
     return result

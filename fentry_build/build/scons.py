@@ -137,11 +137,12 @@ def project(env: Any, name: str, sources: Any, patches: Any = None, *, default: 
 def _shim_objects(env: Any, objdir: Any) -> list[Any]:
     """The shim compiled from the package's sources into objdir: no -pg, none of the user's flags."""
     senv = env.Clone(CCFLAGS=["$FENTRY_SHIM_CFLAGS"], CFLAGS=[], ASFLAGS=["$FENTRY_SHIM_CFLAGS"],
-                     CPPDEFINES=[], CPPFLAGS=[], CPPPATH=["$FENTRY_SHIM_DIR"])
+                     CPPDEFINES=[], CPPFLAGS=[], CPPPATH=["$FENTRY_SHIM_DIR", "$FENTRY_INCLUDE_DIR"])
     objs = []
+    shim = paths.shim_dir()
     for src in sharedshim.shim_sources():  # every .c and .S of the shim, as the shared shim builds
-        # NAME.c.o: the source lives outside the project, so the object is named explicitly.
-        target = objdir.File(src.name + env.subst("$OBJSUFFIX"))
+        # PART/NAME.c.o: the source lives outside the project, so the object is named explicitly.
+        target = objdir.File(src.relative_to(shim).as_posix() + env.subst("$OBJSUFFIX"))
         objs += senv.Object(target=target, source=env.File(str(src)))
     return objs
 

@@ -45,9 +45,10 @@ _SOURCE_SUFFIXES = (".c", ".S", ".h")
 
 
 def shim_sources() -> list[Path]:
-    """The shim's compiled sources (every .c and .S file of the shim folder)."""
+    """The shim's compiled sources: every .c and .S file under the shim folder (the same list
+    as fentry_shim_sources in shim/meson.build, which tests/test_facts.py compares)."""
     d = paths.shim_dir()
-    return sorted(p for p in d.iterdir() if p.suffix in (".c", ".S") and p.is_file())
+    return sorted(p for p in d.rglob("*") if p.suffix in (".c", ".S") and p.is_file())
 
 
 def _compiler_identity(cc: str) -> str:
@@ -62,9 +63,10 @@ def _compiler_identity(cc: str) -> str:
 def sources_hash(cc: str = "gcc") -> str:
     """A digest of everything that decides the library's bytes."""
     h = hashlib.sha256()
-    for p in sorted(paths.shim_dir().iterdir()):
+    shim = paths.shim_dir()
+    for p in sorted(shim.rglob("*")):
         if p.suffix in _SOURCE_SUFFIXES and p.is_file():
-            h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+            h.update(p.relative_to(shim).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
     h.update(" ".join(SHIM_CFLAGS + SHARED_LDFLAGS + SHARED_LIBS).encode() + b"\0")
     h.update(_compiler_identity(cc).encode())
     return h.hexdigest()[:16]
@@ -128,10 +130,10 @@ def library_path(cc: str = "gcc") -> Path:
 
 def build_shared(out: Path, cc: str = "gcc") -> Path:
     """Compile the shim into the shared library `out` (written under a temporary name first)."""
-    include = paths.shim_dir()
+    includes = [f"-I{d}" for d in paths.shim_include_dirs()]
     with tempfile.TemporaryDirectory(prefix=".build-", dir=out.parent) as tmp:
         tmp_out = Path(tmp) / LIBRARY_NAME
-        cmd = [cc, *SHIM_CFLAGS, *SHARED_LDFLAGS, f"-I{include}",
+        cmd = [cc, *SHIM_CFLAGS, *SHARED_LDFLAGS, *includes,
                *map(str, shim_sources()), "-o", str(tmp_out), *SHARED_LIBS]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:

@@ -17,7 +17,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "shim.h"
+#include "control/control.h"
 
 static volatile sig_atomic_t released;
 

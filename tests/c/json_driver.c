@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "shim.h"
+#include "control/json.h"
 
 static void put_hex(struct fentry_buf *out, const char *s)
 {

@@ -13,7 +13,9 @@
 #include <sys/time.h>
 #include <unistd.h>
 
-#include "shim.h"
+#include "core/activate.h"
+#include "core/loader.h"
+#include "core/module.h"
 
 #define STUB_MAX 64
 

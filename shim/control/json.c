@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "shim.h"
+#include "control/json.h"
 
 #define JSON_DEPTH_MAX 32
 

@@ -10,7 +10,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "shim.h"
+#include "arch/x86_64/poke.h"
+#include "control/control.h"
+#include "core/activate.h"
+#include "core/loader.h"
 
 static void apply_one(const char *path)
 {

@@ -10,7 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "shim.h"
+#include "core/util.h"
+#include "fentry.h"
 
 #define SHADOW_BUCKETS 1024
 

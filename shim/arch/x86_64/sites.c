@@ -3,7 +3,7 @@
  *
  * -mrecord-mcount (added by dependency('fentry')) makes gcc list the address of every
  * call to __fentry__ it emitted; the linker gathers the lists into one section bounded
- * by __start___mcount_loc / __stop___mcount_loc (entry_x86_64.S keeps that section
+ * by __start___mcount_loc / __stop___mcount_loc (arch/x86_64/entry.S keeps that section
  * writable, so it is relocated like data).  A recorded address is trusted only after
  * the bytes there are checked to be a call to this shim's __fentry__, in one of the
  * forms of fentry.h.  The table built here is immutable once jump mode starts: the
@@ -12,7 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "shim.h"
+#include "arch/x86_64/sites.h"
+#include "core/module.h"
 
 extern const uintptr_t __start___mcount_loc[] __attribute__((weak, visibility("hidden")));
 extern const uintptr_t __stop___mcount_loc[] __attribute__((weak, visibility("hidden")));

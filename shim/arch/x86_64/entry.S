@@ -1,5 +1,5 @@
 /*
- * entry_x86_64.S - __fentry__, the function every instrumented function calls first.
+ * entry.S - __fentry__, the function every instrumented function calls first.
  *
  * gcc -pg -mfentry puts a call to __fentry__ at each function's entry, before the
  * prologue (after endbr64 under -fcf-protection).  The call's return address is the

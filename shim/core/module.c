@@ -7,7 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "shim.h"
+#include "core/module.h"
 
 struct search {
 	const uint8_t *id; /* build-id wanted, or NULL for the main program */

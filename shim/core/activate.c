@@ -1,5 +1,5 @@
 /*
- * mode.c - jump mode or dispatch mode, and activating a set of redirections in either.
+ * activate.c - jump mode or dispatch mode, and activating a set of redirections in either.
  *
  * Jump mode (the default where code can be written): at start every fentry site of the
  * program becomes a NOP, so unpatched functions cost nothing measurable; a patched
@@ -13,7 +13,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "shim.h"
+#include "arch/x86_64/poke.h"
+#include "arch/x86_64/sites.h"
+#include "core/activate.h"
+#include "core/table.h"
 
 static int jump;
 static char reason[256] = "not initialised";

@@ -7,7 +7,7 @@
  *
  * Reclaiming: a reader may still be looking into the previously published table
  * when the writer starts rewriting it one publish later.  Each table carries a
- * sequence number, odd while it is rewritten; readers (entry_x86_64.S) compare it
+ * sequence number, odd while it is rewritten; readers (arch/x86_64/entry.S) compare it
  * before and after their lookup and start again on any change, so a stale table is
  * safe to reuse without knowing when readers left it.  When a change needs a larger
  * capacity, a new pair is allocated and the old pair is kept forever (a stale reader
@@ -19,8 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "shim.h"
-#include "table_layout.h"
+#include "arch/x86_64/table_layout.h"
+#include "core/table.h"
 
 struct fentry_table {
 	_Atomic uint64_t seq;
@@ -44,7 +44,7 @@ static size_t capacity; /* slots per table, a power of two */
 
 static size_t slot_offset(uintptr_t key, uint64_t mask)
 {
-	/* Must equal the hash in entry_x86_64.S. */
+	/* Must equal the hash in arch/x86_64/entry.S. */
 	return (size_t)(((key >> 7) ^ key) & mask);
 }
 

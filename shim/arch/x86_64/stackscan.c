@@ -1,5 +1,5 @@
 /*
- * unload.c - proving that no thread can be running, or return into, a patch's code.
+ * stackscan.c - proving that no thread can be running, or return into, a patch's code.
  *
  * A reverted patch is no longer reached by any call site, but a thread may still be
  * inside its replacement (or several frames below it) and will return there.  Before
@@ -25,7 +25,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
-#include "shim.h"
+#include "arch/x86_64/stackscan.h"
 
 #define MAX_RANGES 64
 #define MAX_MAPS 4096

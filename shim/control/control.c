@@ -55,7 +55,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "shim.h"
+#include "control/control.h"
+#include "control/json.h"
+#include "core/activate.h"
+#include "core/loader.h"
+#include "core/module.h"
 
 #define CTL_MAX_CLIENTS 16
 #define CTL_LINE_MAX 65536       /* bytes of one request, its '\n' not counted */

@@ -17,7 +17,7 @@
  * is removed, over whatever the process has there.  With 67 first, what it writes back
  * is what we wrote; and while it is there it runs the file's `67 e8` out of line, which
  * reaches __fentry__, and the dispatch table (which holds jump-mode redirects too, see
- * mode.c) sends the call on to the replacement.  A 5-byte site's first byte is e8, which
+ * core/activate.c) sends the call on to the replacement.  A 5-byte site's first byte is e8, which
  * no NOP starts with: in a non-PIE program, use dispatch mode where entry uprobes are
  * placed (docs/security.md).
  *
@@ -61,7 +61,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
-#include "shim.h"
+#include "arch/x86_64/poke.h"
 
 #define OP_INT3 0xcc
 #define OP_JMP_REL32 0xe9

@@ -26,7 +26,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "shim.h"
+#include "arch/x86_64/poke.h"
+#include "arch/x86_64/sites.h"
+#include "arch/x86_64/stackscan.h"
+#include "core/activate.h"
+#include "core/loader.h"
+#include "core/module.h"
+#include "core/table.h"
 
 /* The loader's record of one patch. */
 struct loaded_patch {

@@ -1,0 +1,48 @@
+/* loader.h - checking, loading, validating, activating and reverting patches (loader.c). */
+#ifndef FENTRY_LOADER_H
+#define FENTRY_LOADER_H
+
+#include <stdint.h>
+
+#include "core/util.h"
+#include "fentry.h"
+
+enum fentry_patch_state { FENTRY_ACTIVE = 1, FENTRY_REVERTED = 2 };
+
+#define FENTRY_NAME_MAX 256
+
+/* What `list` reports of one loaded patch.  A snapshot; owned by the caller. */
+struct fentry_patch_info {
+	char name[FENTRY_NAME_MAX];
+	char path[4096];
+	enum fentry_patch_state state;
+	double applied_at;       /* unix time of the last activation              */
+	uint32_t nfuncs;
+	const struct fentry_func *funcs; /* valid while the patch stays loaded (always) */
+	const char *func_state;  /* per function: 1 if this patch's replacement is the one in
+	                            effect (top of that function's stack), else 0 */
+};
+
+/*
+ * Check the file at `path`, dlopen it, validate its descriptor against the running
+ * process, and activate all its functions in one publish.  On failure nothing changes
+ * and `err` holds one line.  `name_out` (FENTRY_NAME_MAX) receives the patch's name.
+ */
+FENTRY_HIDDEN int fentry_apply_path(const char *path, char *name_out, char *err);
+/* Deactivate the patch `name`; its functions fall back to the patch below or the original. */
+FENTRY_HIDDEN int fentry_revert_name(const char *name, char *err);
+/*
+ * Unload the reverted patch `name` (dlclose) once no thread can be running its code;
+ * otherwise -1 with "busy: ..." and the patch stays loaded.
+ */
+FENTRY_HIDDEN int fentry_unload_name(const char *name, char *err);
+/* Call `fn` for each loaded patch, oldest first, under the loader's lock. */
+FENTRY_HIDDEN void fentry_foreach_patch(void (*fn)(const struct fentry_patch_info *, void *),
+					void *arg);
+/* pthread_atfork handlers keeping loader_lock consistent across fork(). */
+FENTRY_HIDDEN void fentry_loader_lock_for_fork(void);
+FENTRY_HIDDEN void fentry_loader_unlock_after_fork(void);
+/* Number of patches in state FENTRY_ACTIVE. */
+FENTRY_HIDDEN unsigned fentry_active_count(void);
+
+#endif /* FENTRY_LOADER_H */

@@ -1,0 +1,17 @@
+/* util.h - what every unit of the shim shares: symbol visibility and the error convention. */
+#ifndef FENTRY_UTIL_H
+#define FENTRY_UTIL_H
+
+/* Everything the shim's units share stays inside the program (or libfentry.so). */
+#define FENTRY_HIDDEN __attribute__((visibility("hidden")))
+
+/*
+ * Errors.  A function that can fail for a reason a person must read returns 0 on success
+ * and -1 on failure, and writes that reason - one line, no newline - into `char *err`, a
+ * buffer of FENTRY_ERR_MAX bytes owned by the caller (the control channel sends it back
+ * as the reply's "error"; FENTRY_PATCHES prints it).  The public calls of fentry.h take
+ * (err, errlen) instead and copy that line into the caller's buffer.
+ */
+#define FENTRY_ERR_MAX 512
+
+#endif /* FENTRY_UTIL_H */
