@@ -304,7 +304,7 @@ static int publish(struct loaded_patch *extra, char *err)
  * Before a patch's code can run: let replacements reach the original bodies (the
  * instruction after each site) and bind FENTRY_REF references to the running program.
  */
-static void bind(const struct loaded_patch *p)
+static void bind_references(const struct loaded_patch *p)
 {
 	for (uint32_t i = 0; i < p->desc->nfuncs; i++)
 		if (p->desc->funcs[i].original)
@@ -590,7 +590,7 @@ static int load_new(const char *path, int fd, const struct stat *st, const char 
 		goto bad;
 	}
 	patches = grown;
-	bind(p);
+	bind_references(p);
 	if (activate(p, err) < 0)
 		goto bad;
 	patches[npatches++] = p;

@@ -254,15 +254,25 @@ static int trampoline_page(void)
 	return -1;
 }
 
+/* The trampoline already written for `target`, or 0; never writes one. */
+static uintptr_t trampoline_written_for(uintptr_t target)
+{
+	for (size_t i = 0; i < ntramps; i++)
+		if (tramps[i].target == target)
+			return tramps[i].slot;
+	return 0;
+}
+
 /* The trampoline jumping to `target`: reused if it exists, written once otherwise. */
 static uintptr_t trampoline_for(uintptr_t target)
 {
 	uint8_t code[TRAMPOLINE_SIZE];
 	long page = sysconf(_SC_PAGESIZE);
 
-	for (size_t i = 0; i < ntramps; i++)
-		if (tramps[i].target == target)
-			return tramps[i].slot;
+	uintptr_t slot = trampoline_written_for(target);
+
+	if (slot != 0)
+		return slot;
 	if (ntramps == captramps) {
 		size_t cap = captramps ? 2 * captramps : 64;
 		struct trampoline *t = realloc(tramps, cap * sizeof(*t));
@@ -288,11 +298,15 @@ static uintptr_t trampoline_for(uintptr_t target)
 	return tramp_next - TRAMPOLINE_SIZE;
 }
 
-/* What the site is expected to hold now: its NOP, or our jump to its current target. */
+/*
+ * What the site is expected to hold now: its NOP, or our jump to its current target.
+ * A pure check: a site with a target jumps through the trampoline written when it was
+ * pointed there (trampolines are never freed), so none is ever made here.
+ */
 FENTRY_HIDDEN int fentry_poke_site_is_ours(const struct fentry_site *s)
 {
 	uint8_t want[6];
-	uintptr_t to = s->target ? trampoline_for(s->target) : 0;
+	uintptr_t to = s->target ? trampoline_written_for(s->target) : 0;
 
 	if ((s->target && to == 0) || site_bytes(s, to, want) < 0)
 		return 0;
