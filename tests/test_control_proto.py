@@ -34,15 +34,15 @@ from fentry_build import paths
 from fentry_build.client import control
 from fentry_build.errors import FentryError
 
-from cbuild import SHIM_CFLAGS, run, shim_includes
-from nobody import readable_package_parent
+from support.builds import SHIM_CFLAGS, run, shim_includes
+from support.nobody import readable_package_parent
 
 TESTS = Path(__file__).resolve().parent
 NOBODY = 65534
 LINE_MAX = 65536
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching to uid nobody needs root")
-needs_setpriv = pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+needs_root = pytest.mark.needs_root
+needs_nobody = pytest.mark.needs_nobody
 
 
 # ---- building ------------------------------------------------------------------------
@@ -508,8 +508,7 @@ print(s.makefile("rb").readline().decode(), end="")
 """
 
 
-@needs_root
-@needs_setpriv
+@needs_nobody
 def test_other_uid_cannot_even_connect(host: Host) -> None:
     assert stat.S_IMODE(host.rundir.stat().st_mode) == 0o700  # root's own folder
     result = _as_nobody(CLIENT_AS_NOBODY, host.rundir, host.pid)
@@ -517,8 +516,7 @@ def test_other_uid_cannot_even_connect(host: Host) -> None:
     assert_alive(host)
 
 
-@needs_root
-@needs_setpriv
+@needs_nobody
 def test_other_uid_is_refused_by_peer_credentials(host: Host) -> None:
     # Open the way on purpose: a traversable folder (0711 is accepted: nobody can write
     # it) and a socket anyone may connect to.  SO_PEERCRED is then the only check left.

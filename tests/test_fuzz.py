@@ -43,24 +43,23 @@ from elftools.elf.elffile import ELFFile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fentry_build.client import control
 from fentry_build.binary import elf as elfinfo
-from fentry_build.generator import main as gen
+from fentry_build.client import control
 from fentry_build.errors import FentryError
-from test_reliability import (  # loadclient and started are fixtures
-    EXAMPLE, MODES, PROGRAMS, ServerBuild, assert_coherent, assert_stops_cleanly,
-    build_rel_patch, build_rel_program, figures, loadclient, patch_states, raw_connect,
-    server_build, start_server, started,
+from fentry_build.generator import main as gen
+
+from support.builds import EXAMPLE, PROGRAMS, ServerBuild, build_rel_patch, build_rel_program
+from support.servers import (
+    MODES,
+    Server,
+    assert_coherent,
+    assert_fixed,
+    assert_stops_cleanly,
+    figures,
+    patch_states,
+    raw_connect,
+    start_server,
 )
-from test_server_demo import Server, assert_fixed
-
-TIMEOUT = 10.0
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> ServerBuild:
-    return server_build(tmp_path_factory)
-
 
 # ---- 1. the control protocol of a live process ------------------------------------------------
 

@@ -7,21 +7,21 @@ import os
 import re
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from cbuild import INSTRUMENT, build_patch, build_program, run
 from fentry_build import paths
 from fentry_build.binary import check
-from fentry_build.generator import main as gen
 from fentry_build.binary.elf import FunctionInfo, SiteForm, read_binary
 from fentry_build.errors import FentryError
+from fentry_build.generator import main as gen
 from fentry_build.generator.patchsrc import parse_patch_text
+
+from support.builds import INSTRUMENT, build_patch, build_program, run
+from support.cli import python
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 
@@ -151,12 +151,6 @@ def generate_errors(binary: Path, patch: Path) -> str:
     message = str(e.value)
     assert "\n" not in message
     return message
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(paths.data_dir()), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
 
 
 # ---- call-site forms --------------------------------------------------------------------
@@ -462,7 +456,7 @@ def test_truncated_elf_and_missing_files(pie_glibc: Path, tmp_path: Path,
 
 def test_gen_module_cli_reports_errors_in_one_line(pie_glibc: Path, tmp_path: Path) -> None:
     patch = write(tmp_path / "p.c", "FENTRY_REPLACE(nothere, h);\n")
-    proc = cli("-m", "fentry_build.gen", "--binary", str(pie_glibc), "--patch", str(patch),
+    proc = python("-m", "fentry_build.gen", "--binary", str(pie_glibc), "--patch", str(patch),
                "-o", str(tmp_path / "r.c"))
     assert proc.returncode == 1
     assert proc.stderr.startswith("fentry-gen: error: ") and proc.stderr.count("\n") == 1
@@ -545,7 +539,7 @@ def test_same_old_in_two_files_is_allowed() -> None:
 
 
 def test_check_json_cli(pie_glibc: Path) -> None:
-    proc = cli("-m", "fentry_build", "check", str(pie_glibc), "--json")
+    proc = python("-m", "fentry_build", "check", str(pie_glibc), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["instrumented"] is True
@@ -566,7 +560,7 @@ def test_check_uninstrumented_program(tmp_path: Path) -> None:
     assert report["instrumented"] is False and report["functions"] == []
     assert report["uninstrumented"] == 1  # main; start-up code is not counted
     assert "NOT instrumented" in check.format_report(report)
-    proc = cli("-m", "fentry_build", "check", str(prog))
+    proc = python("-m", "fentry_build", "check", str(prog))
     assert proc.returncode == 1 and "-pg -mfentry" in proc.stdout
 
 

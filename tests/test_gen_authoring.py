@@ -14,25 +14,25 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from cbuild import build_patch, build_program, run
 from fentry_build import paths
-from fentry_build.generator import main as gen
-from fentry_build.build import meson_init
-from fentry_build.generator import newpatch
 from fentry_build.binary.elf import read_binary
+from fentry_build.build import meson_init
 from fentry_build.errors import FentryError
+from fentry_build.generator import main as gen
+from fentry_build.generator import newpatch
 from fentry_build.generator.patchsrc import parse_patch_text
+
+from support.builds import PROGRAMS, build_patch, build_program, run
+from support.cli import python
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 
-PROGRAMS = Path(__file__).resolve().parent / "programs"
 TIMEOUT = 60
 WERROR = ["-Wall", "-Wextra", "-Werror"]
 
@@ -76,18 +76,10 @@ def generate_error(binary: Path, patch: Path, **kw: object) -> str:
     return message
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(paths.data_dir()), os.environ.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
-
-
 def gen_cli(binary: Path, patch: Path, out: Path, *args: str,
             **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fentry_build.gen", "--binary", str(binary),
-                           "--patch", str(patch), "-o", str(out), *args],
-                          capture_output=True, text=True, env=cli_env(**env), timeout=TIMEOUT)
+    return python("-m", "fentry_build.gen", "--binary", str(binary), "--patch", str(patch),
+                  "-o", str(out), *args, timeout=TIMEOUT, **env)
 
 
 def link_patch(patch: Path, reg_text: str, out: Path) -> Path:
@@ -731,14 +723,12 @@ def test_new_patch_notes_inlined_copies(inline_prog: Path, tmp_path: Path) -> No
 
 def test_new_patch_cli(protos: Path, tmp_path: Path) -> None:
     project = fresh_project(tmp_path, meson_init.meson_snippet("p", ["p.c"], {}))
-    proc = subprocess.run([sys.executable, "-m", "fentry_build", "new-patch", "fix_nothing",
-                           "--function", "nothing", "--binary", str(protos), "--project", str(project)],
-                          capture_output=True, text=True, env=cli_env(), timeout=TIMEOUT)
+    proc = python("-m", "fentry_build", "new-patch", "fix_nothing", "--function", "nothing",
+                  "--binary", str(protos), "--project", str(project), timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     assert "wrote " in proc.stdout and "fix_nothing.c" in proc.stdout
     assert "'fix_nothing': 'patches/fix_nothing.c'," in (project / "meson.build").read_text()
-    proc = subprocess.run([sys.executable, "-m", "fentry_build", "new-patch", "fix_nothing",
-                           "--function", "nothing", "--binary", str(protos), "--project", str(project)],
-                          capture_output=True, text=True, env=cli_env(), timeout=TIMEOUT)
+    proc = python("-m", "fentry_build", "new-patch", "fix_nothing", "--function", "nothing",
+                  "--binary", str(protos), "--project", str(project), timeout=TIMEOUT)
     assert proc.returncode == 1
     assert proc.stderr.startswith("fentry-build: error: ") and proc.stderr.count("\n") == 1

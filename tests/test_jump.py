@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cbuild import build_patch, build_program, run
+from support.builds import PROGRAMS, build_patch, build_program, run
 
-PROGRAMS = Path(__file__).parent / "programs"
 NOP5 = "0f 1f 44 00 00"
 NOP6 = "67 0f 1f 44 00 00"
 

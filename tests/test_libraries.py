@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cbuild import INSTRUMENT, build_patch, build_program, run
-
-PROGRAMS = Path(__file__).parent / "programs"
+from support.builds import INSTRUMENT, PROGRAMS, build_patch, build_program, run
 
 
 @pytest.mark.parametrize("mode", ["jump", "dispatch"])

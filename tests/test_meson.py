@@ -14,7 +14,8 @@ import pytest
 
 from fentry_build.build import meson_init
 from fentry_build.errors import FentryError
-from mesonrun import copy_example, meson, setup_and_compile
+
+from support.builds import copy_example, meson, setup_and_compile
 
 CLI = [sys.executable, "-m", "fentry_build"]
 

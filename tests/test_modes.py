@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shlex
 import shutil
 import signal
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,25 +28,19 @@ import pytest
 
 import fentry_build
 from fentry_build import paths
-from fentry_build.client import attach
-from fentry_build.client import attach_gdb
 from fentry_build.build import sharedshim
+from fentry_build.client import attach, attach_gdb
 from fentry_build.errors import FentryError
 
-from cbuild import build_patch, build_program, run
-from nobody import readable_package_parent
+from support.builds import PROGRAMS, build_patch, build_program, meson, run
+from support.cli import CLI_TIMEOUT, NOBODY, cli
+from support.servers import BUSY, ModesServer, _read_line
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
-needs_gdb = pytest.mark.skipif(shutil.which("gdb") is None, reason="attach needs gdb")
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching to uid nobody needs root")
-needs_setpriv = pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+needs_gdb = pytest.mark.needs_gdb
+needs_nobody = pytest.mark.needs_nobody
 
-PROGRAMS = Path(__file__).resolve().parent / "programs"
-PACKAGE_PARENT = str(Path(fentry_build.__file__).resolve().parent.parent)
-CLI = [sys.executable, "-m", "fentry_build"]
-NOBODY = 65534
-BUSY = 8
-ATTACH_LIMIT = 90.0  # seconds one attach may take on a loaded 2-CPU machine
+ATTACH_LIMIT = CLI_TIMEOUT  # a bound on one attach on a loaded 2-CPU machine
 
 
 # ---- building -------------------------------------------------------------------------
@@ -101,20 +93,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # ---- running --------------------------------------------------------------------------
 
 
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-
-
-def cli(*args: str, timeout: float = ATTACH_LIMIT, as_nobody: bool = False,
-        env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    env["PYTHONPATH"] = readable_package_parent() if as_nobody else PACKAGE_PARENT
-    env.update(env_extra or {})
-    cmd = [*CLI, *args]
-    if as_nobody:
-        cmd = [*AS_NOBODY, *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
-
-
 @pytest.fixture
 def rundir() -> Iterator[Path]:
     """A short runtime folder for the control sockets (socket paths must stay short)."""
@@ -124,90 +102,16 @@ def rundir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _read_line(proc: subprocess.Popen[bytes], deadline: float) -> str:
-    """One line of the process's unbuffered stdout (bufsize=0: select sees every byte)."""
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            line = proc.stdout.readline()  # raw: reads up to the newline, no further
-            if not line:
-                break
-            return line.decode().strip()
-        if proc.poll() is not None:
-            break
-    raise AssertionError(f"{proc.args} printed nothing (exit {proc.poll()})")
-
-
-class Server:
-    """A running modes_server: its pid and port, one-line requests."""
-
-    def __init__(self, binary: Path, rundir: Path, *, busy: int = BUSY,
-                 env: dict[str, str] | None = None, as_nobody: bool = False) -> None:
-        full = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_") and k != "LD_PRELOAD"}
-        full["FENTRY_RUNTIME_DIR"] = str(rundir)
-        full.update(env or {})
-        prefix = AS_NOBODY if as_nobody else []
-        self.proc = subprocess.Popen([*prefix, str(binary), str(busy)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, bufsize=0, env=full, cwd=rundir)
-        deadline = time.monotonic() + 30
-        self.port = int(_read_line(self.proc, deadline).split()[1])
-        self.pid = int(_read_line(self.proc, deadline).split()[1])
-        assert self.pid == self.proc.pid
-        self.busy = busy
-
-    def connect(self) -> tuple[socket.socket, Any]:
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=20)
-        return s, s.makefile("rw")
-
-    def ask(self, line: str) -> str:
-        s, f = self.connect()
-        with s, f:
-            f.write(line + "\n")
-            f.flush()
-            return str(f.readline().strip())
-
-    def compute(self, x: int) -> int:
-        return int(self.ask(f"c {x}"))
-
-    def stats(self) -> tuple[list[tuple[int, int]], int]:
-        """[(calls, last result) per busy thread], and how many wrong results were seen."""
-        *threads, bad = self.ask("s").split()
-        return [tuple(map(int, t.split(":"))) for t in threads], int(bad.split("=")[1])  # type: ignore[misc]
-
-    def wait_busy_results(self, factor: int, timeout: float = 20.0) -> None:
-        """Until every busy thread's latest compute(i + 1) is factor * (i + 1)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            threads, bad = self.stats()
-            assert bad == 0, f"busy threads saw {bad} wrong results"
-            if all(last == factor * (i + 1) for i, (_, last) in enumerate(threads)):
-                return
-            assert time.monotonic() < deadline, f"busy threads still return {threads}"
-            time.sleep(0.05)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe:
-                pipe.close()
-
-
 @pytest.fixture
-def servers(rundir: Path) -> Iterator[list[Server]]:
-    started: list[Server] = []
+def servers(rundir: Path) -> Iterator[list[ModesServer]]:
+    started: list[ModesServer] = []
     yield started
     for s in started:
         s.stop()
 
 
-def start(servers: list[Server], binary: Path, rundir: Path, **kw: Any) -> Server:
-    s = Server(binary, rundir, **kw)
+def start(servers: list[ModesServer], binary: Path, rundir: Path, **kw: Any) -> ModesServer:
+    s = ModesServer(binary, rundir, **kw)
     servers.append(s)
     return s
 
@@ -237,7 +141,7 @@ def has_shim_mapped(pid: int) -> bool:
     return sharedshim.LIBRARY_NAME in Path(f"/proc/{pid}/maps").read_text()
 
 
-def assert_untouched(server: Server) -> None:
+def assert_untouched(server: ModesServer) -> None:
     """Alive, running, not traced, no shim mapped, still answering with the original code."""
     assert server.alive()
     st = proc_status(server.pid)
@@ -250,7 +154,7 @@ def assert_untouched(server: Server) -> None:
 class Load:
     """Client threads sending `c X` requests non-stop; any failure or wrong answer counts."""
 
-    def __init__(self, server: Server, clients: int = 4, factors: tuple[int, ...] = (2, 3)) -> None:
+    def __init__(self, server: ModesServer, clients: int = 4, factors: tuple[int, ...] = (2, 3)) -> None:
         self.server = server
         self.factors = factors
         self.stop = threading.Event()
@@ -375,7 +279,7 @@ def test_unlinked_program_binds_to_glibc_and_has_no_text_relocations(built: dict
 
 
 def test_preload_with_fentry_patches(built: dict[str, Path], shim_so: Path, rundir: Path,
-                                     servers: list[Server]) -> None:
+                                     servers: list[ModesServer]) -> None:
     plain = start(servers, built["server"], rundir, busy=2)
     assert plain.compute(5) == 10
     patched = start(servers, built["server"], rundir, busy=2, env={
@@ -387,7 +291,7 @@ def test_preload_with_fentry_patches(built: dict[str, Path], shim_so: Path, rund
 
 
 def test_preload_apply_list_revert_with_the_cli(built: dict[str, Path], shim_so: Path, rundir: Path,
-                                                servers: list[Server]) -> None:
+                                                servers: list[ModesServer]) -> None:
     s = start(servers, built["server"], rundir, env={"LD_PRELOAD": str(shim_so)})
     status = json.loads(cli("status", "--pid", str(s.pid), "--json").stdout)
     assert status["mode"] == "dispatch" and status["patches_active"] == 0
@@ -419,7 +323,7 @@ def test_preload_apply_list_revert_with_the_cli(built: dict[str, Path], shim_so:
 
 @needs_gdb
 def test_attach_under_client_load_then_apply_and_revert(built: dict[str, Path], shim_so: Path,
-                                                         rundir: Path, servers: list[Server]) -> None:
+                                                         rundir: Path, servers: list[ModesServer]) -> None:
     s = start(servers, built["server"], rundir)
     s.wait_busy_results(2)
     with Load(s) as load:
@@ -460,7 +364,7 @@ def test_attach_under_client_load_then_apply_and_revert(built: dict[str, Path], 
 
 @needs_gdb
 def test_attach_while_signals_keep_arriving(built: dict[str, Path], shim_so: Path, rundir: Path,
-                                            servers: list[Server]) -> None:
+                                            servers: list[ModesServer]) -> None:
     s = start(servers, built["server"], rundir)
     stop = threading.Event()
     sent = [0]
@@ -490,7 +394,7 @@ def test_attach_while_signals_keep_arriving(built: dict[str, Path], shim_so: Pat
 
 @needs_gdb
 def test_attach_twenty_processes_with_eight_busy_threads(built: dict[str, Path], shim_so: Path,
-                                                         rundir: Path, servers: list[Server]) -> None:
+                                                         rundir: Path, servers: list[ModesServer]) -> None:
     hosts = []
     for round_ in range(20):
         s = start(servers, built["server"], rundir)
@@ -514,7 +418,7 @@ def test_attach_twenty_processes_with_eight_busy_threads(built: dict[str, Path],
 
 @needs_gdb
 def test_attach_to_a_program_linked_with_the_shim_does_nothing(built: dict[str, Path], rundir: Path,
-                                                               servers: list[Server]) -> None:
+                                                               servers: list[ModesServer]) -> None:
     s = start(servers, built["linked"], rundir, busy=2)
     proc = cli("attach", "--pid", str(s.pid))
     assert proc.returncode == 0, proc.stderr
@@ -546,10 +450,9 @@ def test_attach_refuses_a_missing_process() -> None:
     assert proc.stderr.strip() == "fentry-build: error: no process with pid 999999999"
 
 
-@needs_root
-@needs_setpriv
+@needs_nobody
 def test_attach_refuses_a_process_of_another_user(built: dict[str, Path], rundir: Path,
-                                                 servers: list[Server], cache_home: Path) -> None:
+                                                 servers: list[ModesServer], cache_home: Path) -> None:
     s = start(servers, built["server"], rundir, busy=2)  # runs as root
     proc = cli("attach", "--pid", str(s.pid), as_nobody=True)
     assert proc.returncode == 1, proc
@@ -558,10 +461,9 @@ def test_attach_refuses_a_process_of_another_user(built: dict[str, Path], rundir
     assert_untouched(s)
 
 
-@needs_root
-@needs_setpriv
+@needs_nobody
 @needs_gdb
-def test_attach_as_an_ordinary_user(built: dict[str, Path], servers: list[Server]) -> None:
+def test_attach_as_an_ordinary_user(built: dict[str, Path], servers: list[ModesServer]) -> None:
     """nobody attaches to nobody's process: the cache is nobody's own (0700), gdb may ptrace."""
     top = Path(tempfile.mkdtemp(prefix="fm-", dir="/tmp"))
     try:
@@ -593,7 +495,7 @@ def test_attach_as_an_ordinary_user(built: dict[str, Path], servers: list[Server
 
 @needs_gdb
 def test_attach_refuses_a_process_already_traced(built: dict[str, Path], rundir: Path,
-                                                 servers: list[Server]) -> None:
+                                                 servers: list[ModesServer]) -> None:
     s = start(servers, built["server"], rundir, busy=2)
     tracer = subprocess.Popen([str(built["tracer"]), str(s.pid)], stdout=subprocess.PIPE, bufsize=0)
     try:
@@ -615,7 +517,7 @@ def test_attach_refuses_a_process_already_traced(built: dict[str, Path], rundir:
 
 @needs_gdb
 def test_attach_refuses_a_stopped_process(built: dict[str, Path], rundir: Path,
-                                          servers: list[Server]) -> None:
+                                          servers: list[ModesServer]) -> None:
     s = start(servers, built["server"], rundir, busy=1)
     os.kill(s.pid, signal.SIGSTOP)
     try:
@@ -740,7 +642,7 @@ def test_threads_in_the_dynamic_linker_are_found() -> None:
 
 
 def test_the_plan_names_glibc_functions_and_the_slot(built: dict[str, Path], rundir: Path,
-                                                     servers: list[Server], shim_so: Path) -> None:
+                                                     servers: list[ModesServer], shim_so: Path) -> None:
     s = start(servers, built["server"], rundir, busy=1)
     maps = attach.read_maps(s.pid)
     objects = attach.loaded_objects(s.pid, maps)
@@ -772,9 +674,8 @@ alias_target('shim', libfentry)
 """
 
 
-def test_meson_instrument_dep_and_shared_shim(tmp_path: Path, rundir: Path, servers: list[Server]) -> None:
+def test_meson_instrument_dep_and_shared_shim(tmp_path: Path, rundir: Path, servers: list[ModesServer]) -> None:
     from fentry_build.build import meson_init
-    from mesonrun import meson
 
     project = tmp_path / "preloaded"
     project.mkdir()

@@ -23,205 +23,44 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from cbuild import INSTRUMENT, build_patch, build_shim_objects, run
-from fentry_build import paths
 from fentry_build.client import control
 from fentry_build.errors import FentryError
-from test_server_demo import (
-    BUG_REQUEST, BUGGY, Server, _first_line, _server_env, ask, assert_buggy,
-    assert_fixed, assert_one_error_line,
+
+from support.builds import PROGRAMS, ServerBuild, build_rel_patch, build_rel_program
+from support.cli import CLI, assert_one_error_line
+from support.servers import (
+    BUG_REQUEST,
+    BUGGY,
+    MODES,
+    Server,
+    ask,
+    assert_buggy,
+    assert_coherent,
+    assert_fixed,
+    assert_stops_cleanly,
+    figures,
+    patch_states,
+    raw_connect,
+    start_server,
+    wait_until_quiet,
 )
 
-TESTS = Path(__file__).resolve().parent
-PROGRAMS = TESTS / "programs"
-EXAMPLE = paths.examples_dir() / "server"
-CLI = [sys.executable, "-m", "fentry_build"]
-MODES = ["jump", "dispatch"]
-TIMEOUT = 10.0
-
-
-def figures(test: str, **values: Any) -> None:
-    """One line of figures in the test output (pytest -s), for docs/security.md."""
-    print(f"\n[figures] {test}: " + " ".join(f"{k}={v}" for k, v in values.items()))
-
-
-# ---- building (once per session) ---------------------------------------------------------
-
-
-_built: dict[str, Any] = {}
-
-
-def _shim_objects(factory: pytest.TempPathFactory) -> list[Path]:
-    if "shim" not in _built:
-        _built["shim"] = build_shim_objects(factory.mktemp("rel_shim"))
-    return list(_built["shim"])
-
-
-def build_rel_program(factory: pytest.TempPathFactory, sources: list[Path], out: Path, *,
-                      cflags: list[str] | None = None, ldflags: list[str] | None = None) -> Path:
-    """cbuild.build_program, with the shim compiled once per session."""
-    objs = []
-    for src in sources:
-        obj = out.parent / f"{out.name}.{src.name}.o"
-        run(["gcc", "-O2", "-g", *INSTRUMENT, *(cflags or []), f"-I{paths.include_dir()}",
-             f"-I{EXAMPLE}", "-c", str(src), "-o", str(obj)])
-        objs.append(obj)
-    run(["gcc", *(cflags or []), *(ldflags or []), "-Wl,--export-dynamic-symbol=fentry_shadow_*",
-         "-o", str(out), *map(str, objs), *map(str, _shim_objects(factory)), "-lpthread", "-ldl"])
-    return out
-
-
-def build_rel_patch(binary: Path, source: Path, out_dir: Path) -> Path:
-    """The patch `source` for `binary`, as out_dir/STEM.so, mode 0755 whatever the umask."""
-    so = build_patch(binary, source, out_dir / f"{source.stem}.so", cflags=[f"-I{EXAMPLE}"])
-    so.chmod(0o755)
-    return so
-
-
-@dataclass(frozen=True)
-class ServerBuild:
-    binary: Path              # examples/server, built with the shim
-    patches: dict[str, Path]  # by name: fix_parse, fix_parse_v2, rel_veto_patch, ...
-    other_binary: Path        # the same sources built with -O1: another build-id
-    other_fix: Path           # fix_parse built for other_binary
-
-
-SERVER_PATCHES = [EXAMPLE / "patches" / "fix_parse.c", EXAMPLE / "patches" / "fix_parse_v2.c",
-                  PROGRAMS / "rel_veto_patch.c", PROGRAMS / "rel_hang_patch.c",
-                  PROGRAMS / "rel_evil_patch.c"]
-
-
-def server_sources() -> list[Path]:
-    """The C sources of the example's executable('server', ...) in its meson.build."""
-    found = re.search(r"executable\(\s*'server'\s*,([^)]*)\)", (EXAMPLE / "meson.build").read_text())
-    names = re.findall(r"'([^']+\.c)'", found.group(1)) if found else []
-    return [EXAMPLE / n for n in names] or [EXAMPLE / "server.c", EXAMPLE / "parser.c"]
-
-
-def server_build(factory: pytest.TempPathFactory) -> ServerBuild:
-    """The server example and its patches (built once per session, shared by the modules)."""
-    if "server" not in _built:
-        d = factory.mktemp("rel_server")
-        sources = server_sources()
-        binary = build_rel_program(factory, sources, d / "server")
-        patches = {src.stem: build_rel_patch(binary, src, d) for src in SERVER_PATCHES}
-        (d / "other").mkdir()
-        other = build_rel_program(factory, sources, d / "other" / "server", cflags=["-O1"])
-        other_fix = build_rel_patch(other, EXAMPLE / "patches" / "fix_parse.c", d / "other")
-        _built["server"] = ServerBuild(binary, patches, other, other_fix)
-    build: ServerBuild = _built["server"]
-    return build
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> ServerBuild:
-    return server_build(tmp_path_factory)
-
-
 # ---- running the server ----------------------------------------------------------------
-
-
-def start_server(binary: Path, mode: str, extra_env: dict[str, str] | None = None) -> Server:
-    """The server in `mode` ("jump": the default, no FENTRY_MODE; "dispatch"), checked."""
-    env = _server_env("dispatch" if mode == "dispatch" else "")
-    env.update(extra_env or {})
-    proc = subprocess.Popen([str(binary), "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            env=env, cwd=binary.parent)
-    try:
-        line = _first_line(proc)
-        assert line.startswith("listening on 127.0.0.1:"), line
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    srv = Server(proc, int(line.rsplit(":", 1)[1]), binary, mode)
-    status = control.status(srv.pid)
-    if status["mode"] != mode:
-        srv.stop()
-        if mode == "jump":
-            pytest.skip(f"jump mode is not available on this machine: {status['mode_reason']}")
-        raise AssertionError(f"asked for {mode} mode, got {status}")
-    return srv
-
-
-@pytest.fixture
-def started() -> Iterator[list[Server]]:
-    servers: list[Server] = []
-    yield servers
-    for s in servers:
-        s.stop()
-
-
-def assert_stops_cleanly(srv: Server) -> None:
-    """It was alive all along: SIGTERM makes it exit 0 with its one line."""
-    assert srv.alive(), f"the server died: status {srv.proc.returncode}"
-    assert srv.stop() == (0, "stopped (SIGTERM)\n")
-
-
-def patch_states(srv: Server) -> dict[str, str]:
-    return {p["name"]: p["state"] for p in control.list_patches(srv.pid)["patches"]}
-
-
-def assert_coherent(srv: Server) -> str:
-    """list, status and the server's behaviour agree; fix_parse's state ("none" if not loaded)."""
-    states = patch_states(srv)
-    status = control.status(srv.pid)
-    assert status["patches_loaded"] == len(states)
-    assert status["patches_active"] == sum(s == "active" for s in states.values())
-    assert set(states) <= {"fix_parse"}, states
-    state = states.get("fix_parse", "none")
-    (assert_fixed if state == "active" else assert_buggy)(srv)
-    return state
-
-
-def wait_until_quiet(srv: Server, seconds: float = 5.0) -> None:
-    """Until `list` stops changing: requests of clients that left may still be queued."""
-    deadline = time.monotonic() + seconds
-    last, same = None, 0
-    while same < 3:
-        now = control.list_patches(srv.pid)["patches"]
-        same = same + 1 if now == last else 0
-        last = now
-        assert time.monotonic() < deadline, "the patch list kept changing"
-        time.sleep(0.1)
-
-
-def raw_connect(sock_path: Path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(TIMEOUT)
-    for _ in range(1000):
-        try:
-            s.connect(str(sock_path))
-            return s
-        except BlockingIOError:  # a full backlog: the control thread is busy
-            time.sleep(0.005)
-    raise AssertionError(f"{sock_path}: the backlog stayed full")
 
 
 # ---- under load ---------------------------------------------------------------------------
 
 LOAD_CYCLES = 1000
 LOAD_THREADS = 4  # one per server worker: 3 keep their connection, 1 reconnects every time
-
-
-@pytest.fixture(scope="module")
-def loadclient(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("loadclient") / "rel_loadclient"
-    run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o", str(out),
-         str(PROGRAMS / "rel_loadclient.c")])
-    return out
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -485,7 +324,7 @@ def test_fork_exec_and_exit_while_patches_are_applied_and_reverted(
 # ---- gdb ----------------------------------------------------------------------------------------
 
 GDB = shutil.which("gdb")
-needs_gdb = pytest.mark.skipif(GDB is None, reason="gdb is not installed")
+needs_gdb = pytest.mark.needs_gdb
 
 # After a stop: give gdb the symbols of every patch .so of `dir` that the inferior maps, at
 # its load address (read from /proc/PID/maps).  See gdb_command() for why.
@@ -553,13 +392,6 @@ def crash_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("crash")
     prog = build_rel_program(tmp_path_factory, [PROGRAMS / "rel_crash.c"], d / "rel_crash")
     return prog, build_rel_patch(prog, PROGRAMS / "rel_crash_patch.c", d)
-
-
-@pytest.fixture(scope="module")
-def gdb_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("gdbprog")
-    prog = build_rel_program(tmp_path_factory, [PROGRAMS / "rel_gdb.c"], d / "rel_gdb")
-    return prog, build_rel_patch(prog, PROGRAMS / "rel_gdb_patch.c", d)
 
 
 @needs_gdb

@@ -25,12 +25,12 @@ from typing import Any
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from cbuild import SHIM_CFLAGS, build_patch, build_program, run, shim_includes, shim_sources
 from fentry_build import paths
+
+from support.builds import PROGRAMS, SHIM_CFLAGS, build_patch, build_program, run, shim_includes, shim_sources
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 
-PROGRAMS = Path(__file__).resolve().parent / "programs"
 HELLO = paths.examples_dir() / "hello"
 TIMEOUT = 60  # seconds any one program run or CLI call may take
 ENDBR64 = bytes.fromhex("f30f1efa")

@@ -17,8 +17,8 @@ import pytest
 
 import fentry_build
 from fentry_build import paths
-from fentry_build.build import sharedshim
 from fentry_build.build import scons as fscons
+from fentry_build.build import sharedshim
 
 SCons = pytest.importorskip("SCons", reason="scons is not installed (pip install scons)")
 

@@ -25,25 +25,26 @@ from pathlib import Path
 import pytest
 
 import fentry_build
-from cbuild import run
 from fentry_build.client import control
 from fentry_build.errors import FentryError
-from test_reliability import (  # started and gdb_build are fixtures
-    CLI, MODES, ServerBuild, assert_stops_cleanly, figures, gdb_build, patch_states,
-    server_build, start_server, started,
-)
-from test_server_demo import Server, assert_buggy, assert_fixed, assert_one_error_line
 
-NOBODY = 65534
+from support.builds import ServerBuild, run
+from support.cli import CLI, NOBODY, assert_one_error_line
+from support.servers import (
+    MODES,
+    Server,
+    assert_buggy,
+    assert_fixed,
+    assert_stops_cleanly,
+    figures,
+    patch_states,
+    start_server,
+)
+
 EM_AARCH64 = 183
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, setpriv, mount)")
-needs_setpriv = pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> ServerBuild:
-    return server_build(tmp_path_factory)
+needs_root = pytest.mark.needs_root
+needs_nobody = pytest.mark.needs_nobody
 
 
 @pytest.fixture
@@ -108,8 +109,7 @@ def as_nobody() -> list[str]:
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 
-@needs_root
-@needs_setpriv
+@needs_nobody
 @pytest.mark.parametrize("mode", MODES)
 def test_a_client_of_another_uid_is_refused(built: ServerBuild, started: list[Server],
                                            public_dir: Path, mode: str) -> None:
@@ -151,8 +151,7 @@ print(data.decode())
 '''
 
 
-@needs_root
-@needs_setpriv
+@needs_nobody
 @pytest.mark.parametrize("mode", MODES)
 def test_peer_credentials_refuse_another_uid_even_through_an_open_socket_file(
         built: ServerBuild, started: list[Server], public_dir: Path, mode: str) -> None:
@@ -447,8 +446,7 @@ def test_swapping_the_folder_during_apply_never_loads_the_evil_file(
 
 # ---- a setuid program ------------------------------------------------------------------------
 
-@needs_root
-@needs_setpriv
+@needs_nobody
 def test_a_setuid_program_ignores_the_environment_of_the_user_who_runs_it(
         gdb_build: tuple[Path, Path], public_dir: Path) -> None:
     prog, _ = gdb_build

@@ -11,12 +11,10 @@ import json
 import os
 import random
 import re
-import select
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,28 +27,28 @@ import pytest
 from fentry_build.binary import check
 from fentry_build.client import control
 from fentry_build.errors import FentryError
-from mesonrun import copy_example, meson, setup_and_compile
-from nobody import readable_package_parent
 
-CLI = [sys.executable, "-m", "fentry_build"]
-NOBODY = 65534
-TIMEOUT = 10.0  # seconds for one request, a start, a stop
-
-PING = ("PING", "PONG")
-SMALL_SUM = ("SUM 1 2 3", "OK 6")
-SEVEN = ("SUM 1 2 3 4 5 6 7", "OK 28")
-BUG_REQUEST = "SUM 1 2 3 4 5 6 7 8"     # exactly MAX_NUMBERS numbers
-BUGGY = "ERR too many numbers (at most 8)"
-FIXED = "OK 36"
-NINE = ("SUM 1 2 3 4 5 6 7 8 9", BUGGY)  # too many, before and after the fix
-LOWER = "sum 1 2"                         # only fix_parse_v2 reads lower case
-LOWER_OLD = "ERR unknown command 'sum' (try PING, SUM or QUIT)"
-LOWER_V2 = "OK 3"
-REQUEST_MAX = 1024                        # server.c
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching to uid nobody needs root")
-needs_setpriv = pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
-
+from support.builds import copy_example, meson, setup_and_compile
+from support.cli import CLI, NOBODY, assert_one_error_line, cli, python_for_nobody
+from support.nobody import readable_package_parent
+from support.servers import (
+    BUG_REQUEST,
+    BUGGY,
+    FIXED,
+    REQUEST_MAX,
+    SMALL_SUM,
+    TIMEOUT,
+    Server,
+    _server_env,
+    ask,
+    assert_buggy,
+    assert_fixed,
+    assert_no_patches,
+    assert_v2,
+    connect,
+    read_line,
+    start,
+)
 
 # ---- building -------------------------------------------------------------------------
 
@@ -87,74 +85,6 @@ def patch(proj: Path, name: str = "fix_parse") -> Path:
 # ---- running the server -----------------------------------------------------------------
 
 
-def _server_env(mode: str = "") -> dict[str, str]:
-    """Our environment without fentry settings: the control socket goes where a user's does.
-
-    `mode` "dispatch" sets FENTRY_MODE=dispatch; "" is the default (jump mode where the
-    program's code can be rewritten).
-    """
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("FENTRY_") and k != "XDG_RUNTIME_DIR"}
-    if mode:
-        env["FENTRY_MODE"] = mode
-    return env
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    binary: Path
-    mode: str
-    stopped: tuple[int, str] | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
-        """Send `sig`; its exit status and what it printed after the listening line."""
-        if self.stopped is None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(sig)
-            try:
-                out, _ = self.proc.communicate(timeout=TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                out, _ = self.proc.communicate()
-            self.stopped = (self.proc.returncode, out.decode(errors="replace"))
-        return self.stopped
-
-
-def _first_line(proc: subprocess.Popen[bytes]) -> str:
-    assert proc.stdout is not None
-    fd, data = proc.stdout.fileno(), b""
-    deadline = time.monotonic() + TIMEOUT
-    while b"\n" not in data:
-        left = deadline - time.monotonic()
-        assert left > 0 and select.select([fd], [], [], left)[0], "the server printed nothing"
-        chunk = os.read(fd, 4096)
-        assert chunk, f"the server exited with status {proc.wait()} before listening"
-        data += chunk
-    return data.split(b"\n", 1)[0].decode()
-
-
-def start(binary: Path, mode: str = "") -> Server:
-    proc = subprocess.Popen([str(binary), "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            env=_server_env(mode), cwd=binary.parent)
-    try:
-        line = _first_line(proc)
-        assert line.startswith("listening on 127.0.0.1:"), line
-        return Server(proc, int(line.rsplit(":", 1)[1]), binary, mode)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-
-
 @pytest.fixture
 def servers() -> Iterator[list[Server]]:
     started: list[Server] = []
@@ -171,63 +101,6 @@ def server(request: pytest.FixtureRequest, project: Path, servers: list[Server])
 
 
 # ---- talking to it ----------------------------------------------------------------------
-
-
-def connect(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-
-
-def read_line(s: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(1)
-        assert chunk, f"the server closed the connection; got {data!r}"
-        data += chunk
-    return data[:-1].decode(errors="replace")
-
-
-def ask(port: int, request: str | bytes) -> str:
-    raw = request.encode() if isinstance(request, str) else request
-    with connect(port) as s:
-        s.sendall(raw + b"\n")
-        return read_line(s)
-
-
-def assert_buggy(srv: Server) -> None:
-    assert srv.alive()
-    for request, answer in (PING, SMALL_SUM, SEVEN, NINE, (BUG_REQUEST, BUGGY),
-                            (LOWER, LOWER_OLD)):
-        assert ask(srv.port, request) == answer, request
-
-
-def assert_fixed(srv: Server) -> None:
-    assert srv.alive()
-    for request, answer in (PING, SMALL_SUM, SEVEN, NINE, (BUG_REQUEST, FIXED),
-                            (LOWER, LOWER_OLD)):
-        assert ask(srv.port, request) == answer, request
-
-
-def assert_v2(srv: Server) -> None:
-    assert srv.alive()
-    for request, answer in (PING, SMALL_SUM, NINE, (BUG_REQUEST, FIXED), (LOWER, LOWER_V2),
-                            ("Ping", "PONG")):
-        assert ask(srv.port, request) == answer, request
-
-
-def assert_no_patches(srv: Server) -> None:
-    assert control.list_patches(srv.pid)["patches"] == []
-
-
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode != 0, result
-    assert result.stderr.startswith("fentry-build: error: "), result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n"), result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, (fragment, result.stderr)
 
 
 # ---- the bug ------------------------------------------------------------------------------
@@ -454,23 +327,10 @@ def test_missing_patch_file(server: Server, tmp_path: Path) -> None:
     assert_buggy(server)
 
 
-def _python_for_nobody(env: dict[str, str]) -> str:
-    """An interpreter uid nobody may run that imports fentry_build (a venv may be private)."""
-    for candidate in (sys.executable, "/usr/bin/python3"):
-        probe = subprocess.run(
-            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-             candidate, "-c", "import fentry_build.cli"],
-            env=env, capture_output=True, timeout=30, cwd="/")
-        if probe.returncode == 0:
-            return candidate
-    pytest.skip("no Python that uid nobody can run imports fentry_build")
-
-
-@needs_root
-@needs_setpriv
+@pytest.mark.needs_nobody
 def test_another_uid_is_refused(server: Server) -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": readable_package_parent()}
-    python = _python_for_nobody(env)
+    python = python_for_nobody(env)
     result = subprocess.run(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
          python, "-m", "fentry_build", "list", "--pid", str(server.pid)],

@@ -6,9 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from cbuild import build_program
-
-PROGRAMS = Path(__file__).parent / "programs"
+from support.builds import PROGRAMS, build_program
 
 
 def test_shadow_api_every_call_and_eight_racing_threads(tmp_path: Path) -> None:

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cbuild import build_patch, build_program
 from fentry_build.client import control
 from fentry_build.errors import FentryError
 
-PROGRAMS = Path(__file__).parent / "programs"
+from support.builds import PROGRAMS, build_patch, build_program
 
 
 def maps_of(pid: int) -> str:
