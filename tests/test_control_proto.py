@@ -398,13 +398,19 @@ def test_request_then_half_close_still_gets_reply(host: Host) -> None:
         assert json.loads(read_until_eof(s)) == {"ok": True, "patches": []}
 
 
+# A client the control thread waited for would hold the others until it is dropped as idle
+# (30 s by default): answers well before that show it did not wait.  A generous bound, so
+# that a loaded machine does not fail it.
+NOT_HELD_UP = 15.0
+
+
 def test_stalled_client_does_not_delay_others(host: Host) -> None:
     with connect(host.sock) as stalled:
         stalled.sendall(b'{"op":"sta')
         started = time.monotonic()
         for _ in range(20):
             assert talk(host.sock, b'{"op":"status"}')[0]["ok"]
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < NOT_HELD_UP
 
 
 def test_client_that_never_reads_does_not_block_others(host: Host, tmp_path: Path) -> None:
@@ -421,7 +427,7 @@ def test_client_that_never_reads_does_not_block_others(host: Host, tmp_path: Pat
         time.sleep(0.2)
         started = time.monotonic()
         assert talk(host.sock, b'{"op":"status"}')[0]["patches_loaded"] == 30
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < NOT_HELD_UP
 
 
 def test_idle_client_is_dropped(start_host: Any, rundir: Path) -> None:
@@ -431,7 +437,7 @@ def test_idle_client_is_dropped(start_host: Any, rundir: Path) -> None:
         started = time.monotonic()
         data = read_until_eof(s)
         waited = time.monotonic() - started
-    assert 0.5 < waited < 5
+    assert 0.5 < waited < NOT_HELD_UP  # FENTRY_CONTROL_IDLE_SECONDS=1, not the default 30 s
     assert "no complete request line in time" in json.loads(data)["error"]
     assert_alive(h)
 

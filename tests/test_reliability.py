@@ -249,7 +249,9 @@ def test_a_pre_patch_callback_that_hangs_times_out_and_leaves_nothing_applied(
     (error,) = outcome
     assert isinstance(error, FentryError), error
     assert "its pre-patch callback did not return within 500 ms; nothing applied" in str(error)
-    assert 0.45 < waited < 5, waited
+    # At least the time limit; far less than the callback's own hang (forever) and the
+    # 30 s join - a generous bound, not a speed requirement.
+    assert 0.45 < waited < 25, waited
     assert control.status(srv.pid)["patches_active"] == 0  # the channel answers at once
     assert patch_states(srv) == {}
     assert_buggy(srv)

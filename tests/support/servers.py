@@ -296,6 +296,19 @@ class ModesServer:
             assert time.monotonic() < deadline, f"busy threads still return {threads}"
             time.sleep(0.05)
 
+    def wait_all_threads_advance(self, timeout: float = 30.0) -> None:
+        """Until every busy thread has made more calls than now: all of them are alive and
+        none is stuck.  `timeout` bounds a hang; it is no speed requirement."""
+        before = [calls for calls, _ in self.stats()[0]]
+        deadline = time.monotonic() + timeout
+        while True:
+            threads, bad = self.stats()
+            assert bad == 0, f"busy threads saw {bad} wrong results"
+            if all(calls > b for (calls, _), b in zip(threads, before, strict=True)):
+                return
+            assert time.monotonic() < deadline, f"busy threads stopped: {before} -> {threads}"
+            time.sleep(0.05)
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
