@@ -32,9 +32,11 @@ def project(first: Any, *args: Any, **kwargs: Any) -> Any:
       instrumented program and its patches with SCons (see ``fentry_build.scons``).
     """
     if isinstance(first, (str, os.PathLike)):
+        from pathlib import Path
+
         from fentry_build.build import scaffold
 
-        return scaffold.project(first, *args, **kwargs)
+        return scaffold.project(Path(first), *args, **kwargs)
     from fentry_build.build import scons
 
     return scons.project(first, *args, **kwargs)

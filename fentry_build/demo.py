@@ -26,8 +26,8 @@ from pathlib import Path
 from types import FrameType
 
 from fentry_build import paths
-from fentry_build.client import control
 from fentry_build.build import meson_init
+from fentry_build.client import control
 from fentry_build.errors import FentryError
 
 EXAMPLE = "server"

@@ -1,8 +1,24 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: build the wheel, install it (with the
-# test extras) into .venv, and run pytest against the installed package.
+# test extras) into .venv, check the code (ruff, mypy --strict), and run pytest against
+# the installed package.
+#
+#   bash scripts/test.sh            everything (what CI runs)
+#   bash scripts/test.sh --fast     the everyday lane: without the tests marked slow or
+#                                   stress (pyproject.toml lists the markers)
+# Other arguments go to pytest (e.g. -x, -k NAME, tests/test_gen.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+lane=()
+args=()
+for arg in "$@"; do
+  if [ "$arg" = "--fast" ]; then
+    lane=(-m "not slow and not stress")
+  else
+    args+=("$arg")
+  fi
+done
 
 need=()
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
@@ -19,8 +35,12 @@ rm -rf dist
 wheel=$(ls dist/fentry_build-*.whl)
 .venv/bin/python -m pip install -q --force-reinstall "${wheel}[test]"
 
+# The code itself: lint and strict typing (configured in pyproject.toml); silent when clean.
+.venv/bin/ruff check -q fentry_build tests benchmarks
+.venv/bin/mypy --no-error-summary fentry_build
+
 # pytest's own script (not `python -m pytest`) keeps the source tree off sys.path, so
 # the tests import the installed wheel; FENTRY_TEST_INSTALLED makes a test check that.
 export FENTRY_TEST_INSTALLED=1
 export PATH="$PWD/.venv/bin:$PATH"
-exec .venv/bin/pytest -q -p no:cacheprovider "$@" tests
+exec .venv/bin/pytest -q -p no:cacheprovider ${lane[@]+"${lane[@]}"} ${args[@]+"${args[@]}"} tests

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from elftools.dwarf.compileunit import CompileUnit
 from elftools.dwarf.die import DIE
@@ -78,13 +79,20 @@ def attribute(die: DIE, name: str) -> object | None:
     """The first value of attribute `name` along die's origin chain (names, types live there)."""
     for d in origin_chain(die):
         if name in d.attributes:
-            return d.attributes[name].value
+            value: object = d.attributes[name].value
+            return value
     return None
 
 
 def die_name(die: DIE) -> str | None:
     value = attribute(die, "DW_AT_name")
     return text(value) if value is not None else None
+
+
+def unit_of(die: DIE) -> CompileUnit:
+    """The unit holding `die`.  Every DIE read here comes from .debug_info (GCC puts no
+    function or variable in a .debug_types type unit), so it is a compile unit."""
+    return cast(CompileUnit, die.cu)
 
 
 def unit_name(cu: CompileUnit) -> str | None:
@@ -125,7 +133,7 @@ class ProgramDwarf:
         return None
 
     def _first_range_start(self, die: DIE) -> int | None:
-        cu = die.cu
+        cu = unit_of(die)
         top = cu.get_top_DIE().attributes
         base = int(top["DW_AT_low_pc"].value) if "DW_AT_low_pc" in top else 0
         ranges = self.info.range_lists()
@@ -208,7 +216,7 @@ class ProgramDwarf:
         index = attribute(die, "DW_AT_decl_file")
         if not isinstance(index, int):
             return None
-        cu = die.cu
+        cu = unit_of(die)
         program = self.info.line_program_for_CU(cu)
         if program is None:
             return None
@@ -250,4 +258,4 @@ def program_dwarf(path: Path) -> Iterator[ProgramDwarf | None]:
 
 __all__ = ["DWARF_ERRORS", "ProgramDwarf", "attribute", "die_name", "may_be_inlined", "origin",
            "origin_chain",
-           "program_dwarf", "text", "unit_name"]
+           "program_dwarf", "text", "unit_name", "unit_of"]

@@ -43,8 +43,8 @@ from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import SymbolTableSection
 
-from fentry_build.client import control
 from fentry_build.build import sharedshim
+from fentry_build.client import control
 from fentry_build.errors import FentryError
 
 FENTRY = "__fentry__"
@@ -293,7 +293,7 @@ def _read_soname(elf: ELFFile) -> str:
         if isinstance(sec, DynamicSection):
             for tag in sec.iter_tags():
                 if tag.entry.d_tag == "DT_SONAME":
-                    return str(tag.soname)
+                    return str(getattr(tag, "soname", ""))
     return ""
 
 

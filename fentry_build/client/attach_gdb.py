@@ -153,7 +153,7 @@ class AttachError(Exception):
 
 
 def _gdb() -> Any:
-    import gdb  # type: ignore[import-not-found]  # only inside gdb
+    import gdb  # only inside gdb (mypy: ignore_missing_imports in pyproject.toml)
 
     return gdb
 

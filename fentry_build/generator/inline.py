@@ -23,7 +23,7 @@ from elftools.dwarf.die import DIE
 
 from fentry_build.binary.dwarf import (
     CALL_PC_ATTRIBUTES, CALL_SITE_TAGS, CALL_TARGET_ATTRIBUTES, DWARF_ERRORS, ProgramDwarf,
-    die_name, may_be_inlined, origin, unit_name,
+    die_name, may_be_inlined, origin, unit_name, unit_of,
 )
 from fentry_build.binary.elf import BinaryInfo, FunctionInfo, file_matches
 
@@ -132,7 +132,7 @@ class CopyFinder:
         clone_addrs = {c.addr: c for c in found.clones}
         inlined: dict[int, FunctionInfo] = {}
         callers: dict[str, dict[int, FunctionInfo]] = {}
-        for cu in self._dwarf.units_sharing_code_with(die.cu):
+        for cu in self._dwarf.units_sharing_code_with(unit_of(die)):
             for d in cu.iter_DIEs():
                 if d.tag == "DW_TAG_inlined_subroutine":
                     if origin(d).offset == root and (holder := self._holder(d)) is not None \
@@ -198,8 +198,8 @@ def describe(copies: CodeCopies, replaced: set[int], program: str, has_dwarf: bo
     inlined = [g for g in copies.inlined_into if g.addr not in replaced]
     missed_clones = []
     for clone in copies.clones:
-        callers = copies.clone_callers.get(clone.name)
-        if callers is not None and callers and all(g.addr in replaced for g in callers):
+        known = copies.clone_callers.get(clone.name)
+        if known and all(g.addr in replaced for g in known):
             continue  # every known caller of the clone is replaced: nothing runs the clone
         missed_clones.append(clone)
     problems = []

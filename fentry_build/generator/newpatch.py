@@ -27,8 +27,8 @@ from elftools.elf.elffile import ELFFile
 from fentry_build.binary.dwarf import DWARF_ERRORS, ProgramDwarf, attribute, die_name, origin_chain
 from fentry_build.binary.elf import BinaryInfo, FunctionInfo, file_matches, read_binary
 from fentry_build.errors import FentryError
-from fentry_build.generator.main import template_environment, write_atomically
 from fentry_build.generator.inline import CLONE_FIX, CopyFinder, describe
+from fentry_build.generator.main import template_environment, write_atomically
 
 TEMPLATE = "new_patch.c.j2"
 PATCH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
@@ -157,7 +157,7 @@ class CTypeWriter:
         return f"{self._record_body(t, 0)};"
 
     def _record_body(self, t: DIE, depth: int) -> str:
-        keyword = TAG_KEYWORDS[t.tag]
+        keyword = TAG_KEYWORDS[str(t.tag)]
         name = die_name(t)
         pad = "\t" * (depth + 1)
         lines = []
