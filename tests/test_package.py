@@ -38,3 +38,67 @@ def test_console_script_and_module_entry_point_agree() -> None:
         by_script = subprocess.run([str(script), "--version"], capture_output=True, text=True,
                                    check=True)
         assert by_script.stdout == by_module.stdout
+
+
+# ---- the package's layers import one way ----------------------------------------------------
+
+
+def _fresh(code: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(Path(fentry_build.__file__).resolve().parent.parent)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd="/", timeout=120)
+
+
+def _modules() -> list[str]:
+    root = Path(fentry_build.__file__).resolve().parent
+    names = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root.parent).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        if "data" not in parts and rel.name != "__main__":
+            names.append(".".join(parts))
+    return names
+
+
+def test_import_fentry_build_imports_nothing_else() -> None:
+    proc = _fresh("import sys, fentry_build; "
+                  "print(sorted(m for m in sys.modules if m.startswith('fentry_build')))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['fentry_build']"
+    proc = _fresh("import sys, fentry_build; print('SCons' in sys.modules, 'elftools' in sys.modules, "
+                  "'jinja2' in sys.modules)")
+    assert proc.stdout.strip() == "False False False"
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter() -> None:
+    """An import loop shows as a module that fails when it is the first one imported."""
+    modules = _modules()
+    assert "fentry_build.generator.main" in modules and "fentry_build.client.attach" in modules
+    for name in modules:
+        proc = _fresh(f"import {name}")
+        assert proc.returncode == 0, f"import {name}: {proc.stderr}"
+
+
+def test_the_public_entry_points_of_older_layouts_still_work() -> None:
+    proc = _fresh("import fentry_build; print(fentry_build.scons.TOOLPATH); "
+                  "import fentry_build.scons as s; print(callable(s.generate) and callable(s.exists))")
+    assert proc.returncode == 0, proc.stderr
+    toolpath, ok = proc.stdout.split()
+    assert Path(toolpath, "fentry.py").is_file() and ok == "True"
+    gen = subprocess.run([sys.executable, "-m", "fentry_build.gen", "--help"], capture_output=True,
+                         text=True, cwd="/", timeout=120)
+    assert gen.returncode == 0 and "--binary" in gen.stdout
+
+
+def test_the_gdb_script_needs_only_the_standard_library() -> None:
+    import ast
+
+    script = Path(fentry_build.__file__).resolve().parent / "client" / "attach_gdb.py"
+    imported = set()
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    assert imported - {"gdb", "__future__"} <= set(sys.stdlib_module_names), imported

@@ -1,0 +1,144 @@
+"""Facts that two languages need, each kept in one place or held to it here.
+
+The C side (shim/meson.build, shim/include/fentry.h) and the Python side
+(fentry_build.build.flags, fentry_build.build.sharedshim, the generator) state some facts
+twice because each build system and each language needs them in its own form.  Each test
+below fails, naming both places, when they drift apart.  The readers here parse only our
+own files' known shapes (a Meson list literal, `#define NAME number`, enumerator lines).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fentry_build import paths
+from fentry_build.binary.elf import SiteForm
+from fentry_build.build import flags, sharedshim
+from fentry_build.generator import main as generator
+from fentry_build.generator.patchsrc import CALLBACK_MACROS
+
+MESON_BUILD = paths.shim_dir() / "meson.build"
+FENTRY_H = paths.include_dir() / "fentry.h"
+
+
+def meson_list(name: str, text: str | None = None) -> list[str]:
+    """The string items of `name = [ ... ]` in shim/meson.build."""
+    text = MESON_BUILD.read_text() if text is None else text
+    m = re.search(rf"^{re.escape(name)}\s*=\s*\[(.*?)\]", text, re.M | re.S)
+    assert m is not None, f"{name} = [...] not found in {MESON_BUILD}"
+    return re.findall(r"'([^']*)'", m.group(1))
+
+
+def meson_call_list(call: str, argument: str) -> list[str]:
+    """The string items of `argument: [ ... ]` inside `call(...)` in shim/meson.build."""
+    text = MESON_BUILD.read_text()
+    start = text.index(call + "(")
+    m = re.compile(rf"\b{re.escape(argument)}:\s*\[(.*?)\]", re.S).search(text, start)
+    assert m is not None, f"{call}(... {argument}: [...]) not found in {MESON_BUILD}"
+    return re.findall(r"'([^']*)'", m.group(1))
+
+
+def header_define(name: str) -> int:
+    m = re.search(rf"^#define {name} (\d+)\b", FENTRY_H.read_text(), re.M)
+    assert m is not None, f"#define {name} not found in {FENTRY_H}"
+    return int(m.group(1))
+
+
+# ---- flags ---------------------------------------------------------------------------------
+
+
+def test_instrumentation_flags_are_the_same_for_meson_and_python() -> None:
+    assert meson_list("fentry_instrument_args") == flags.LINKED_INSTRUMENT_ARGS
+
+
+def test_program_link_flags_are_the_same_for_meson_and_python() -> None:
+    assert meson_call_list("fentry_dep = declare_dependency", "link_args") == flags.PROGRAM_LINK_ARGS
+
+
+def test_unlinked_flags_leave_out_only_the_site_list() -> None:
+    # shim/meson.build computes fentry_unlinked_args by dropping -mrecord-mcount in a loop.
+    text = MESON_BUILD.read_text()
+    assert "if arg != '-mrecord-mcount'" in text
+    assert flags.UNLINKED_INSTRUMENT_ARGS == [a for a in flags.LINKED_INSTRUMENT_ARGS
+                                              if a != "-mrecord-mcount"]
+    assert meson_call_list("instrument_dep = declare_dependency", "link_args") == \
+        [a for a in flags.PROGRAM_LINK_ARGS if "export-dynamic" not in a]
+
+
+def test_the_shim_is_built_with_the_same_warnings_everywhere() -> None:
+    meson_args = meson_call_list("fentry_shim_lib = static_library", "c_args")
+    assert set(meson_args) <= set(flags.SHIM_CFLAGS)
+    assert {"-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE"} <= set(meson_args)
+    assert "-pg" not in flags.SHIM_CFLAGS
+
+
+# ---- the shim's sources ---------------------------------------------------------------------
+
+
+def test_the_shim_source_list_is_every_source_of_the_tree() -> None:
+    text = MESON_BUILD.read_text()
+    m = re.search(r"fentry_shim_sources = files\((.*?)\)", text, re.S)
+    assert m is not None, "fentry_shim_sources = files(...) not found"
+    listed = sorted(re.findall(r"'([^']+)'", m.group(1)))
+    on_disk = sorted(p.relative_to(paths.shim_dir()).as_posix() for p in sharedshim.shim_sources())
+    assert listed == on_disk, "shim/meson.build's fentry_shim_sources and the files under shim/ differ"
+
+
+def test_every_shim_file_opens_with_what_it_holds() -> None:
+    for p in sorted(paths.shim_dir().rglob("*")):
+        if p.suffix in (".c", ".h", ".S"):
+            head = p.read_text().lstrip("/* \n").split("\n", 1)[0]
+            assert head.startswith(p.name + " - "), f"{p}: first line {head!r}"
+
+
+def test_each_internal_header_is_self_contained(tmp_path: Path) -> None:
+    import subprocess
+
+    shim = paths.shim_dir()
+    for header in sorted(shim.rglob("*.h")):
+        rel = header.relative_to(shim).as_posix()
+        src = tmp_path / "one.c"
+        src.write_text(f'#include "{rel}"\n#include "{rel}"\n')  # and guarded against twice
+        proc = subprocess.run(["gcc", *flags.SHIM_CFLAGS, *[f"-I{d}" for d in paths.shim_include_dirs()],
+                               "-fsyntax-only", str(src)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{rel}: {proc.stderr}"
+
+
+# ---- the patch ABI (fentry.h) --------------------------------------------------------------
+
+
+def test_build_id_max_is_the_headers() -> None:
+    assert generator.BUILD_ID_MAX == header_define("FENTRY_BUILD_ID_MAX")
+
+
+def test_site_forms_are_the_headers() -> None:
+    text = FENTRY_H.read_text()
+    body = re.search(r"enum fentry_site_form \{(.*?)\};", text, re.S)
+    assert body is not None
+    found = {}
+    for name, value, comment in re.findall(r"(FENTRY_SITE_\w+) = (\d+),\s*/\*(.*?)\*/", body.group(1)):
+        found[name] = (int(value), comment.strip())
+    assert set(found) == {f.c_name for f in SiteForm}
+    for form in SiteForm:
+        _, comment = found[form.c_name]
+        assert comment.startswith(form.value + " <rel32>"), (form, comment)
+        length = re.search(r"\((\d+)(?: bytes)?\)\s*$", comment)
+        assert length is not None and int(length.group(1)) == form.length, (form, comment)
+
+
+def test_callback_macros_are_the_headers() -> None:
+    text = FENTRY_H.read_text()
+    for macro, field in CALLBACK_MACROS.items():
+        m = re.search(rf"#define {macro}\(fn\).*?fentry_cb__(\w+) = fn", text, re.S)
+        assert m is not None and m.group(1) == field, macro
+        kind = "fentry_pre_patch_fn" if field == "pre_patch" else "fentry_callback_fn"
+        assert re.search(rf"const {kind} \*{field};", text), field
+    fields = set(re.findall(r"const fentry_\w+_fn \*(\w+);", text))
+    assert fields == set(CALLBACK_MACROS.values())
+
+
+def test_the_registration_names_the_headers_abi_version() -> None:
+    template = (paths.templates_dir() / "registration.c.j2").read_text()
+    assert ".abi_version = FENTRY_ABI_VERSION," in template
+    assert header_define("FENTRY_ABI_VERSION") >= 1
