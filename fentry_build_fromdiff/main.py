@@ -1,0 +1,234 @@
+"""main.py - patch-from-diff: the fix as a source change in, a reviewed live patch source out.
+
+    python -m fentry_build_fromdiff NAME (--diff FILE | --fixed-tree DIR) --binary BIN
+        [--project DIR] [--build-dir DIR]
+
+1. the two source trees (trees), the running binary's units and their compile lines
+   (units, compile_db);
+2. each unit that includes a file the fix changes is compiled in both trees with one
+   section per function, and the objects compared (objdiff);
+3. the changed units are parsed with libclang in both trees (extract);
+4. the plan (plan) and the patch source (writer), written to patches/NAME.c and added to
+   meson.build's patches dict as new-patch does;
+5. the generator's own checks run on it (fentry_build.gen), so what it prints is what the
+   build will say.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fentry_build import gen
+from fentry_build.dwarf import program_dwarf
+from fentry_build.elfinfo import read_binary
+from fentry_build.errors import FentryError
+from fentry_build.inline import CopyFinder
+from fentry_build.newpatch import PATCH_NAME, MesonPatches
+
+from fentry_build_fromdiff import compile_db, trees, units
+from fentry_build_fromdiff.compile_db import CompileEntry, CompileLine, PathMover
+from fentry_build_fromdiff.extract import UnitSource
+from fentry_build_fromdiff.objdiff import diff_objects
+from fentry_build_fromdiff.plan import Planner, Unit
+from fentry_build_fromdiff.writer import PatchWriter
+
+
+@dataclass
+class Result:
+    path: Path
+    replaced: list[str]
+    carried: list[str]
+    refs: list[str]
+    meson_build: Path
+    meson_updated: bool
+    meson_entry: str
+    notes: list[str] = field(default_factory=list)
+
+
+class UnitCompiler:
+    """Compiles one unit in both trees (objects and dependency lists) in a work folder."""
+
+    def __init__(self, source_trees: trees.SourceTrees, keep: Sequence[Path], work: Path) -> None:
+        self.trees = source_trees
+        self.movers = {
+            "original": PathMover(source_trees.project, source_trees.original, keep),
+            "fixed": PathMover(source_trees.project, source_trees.fixed, keep),
+        }
+        self.work = work
+        self._builtin: dict[str, Path] = {}
+
+    def line(self, entry: CompileEntry, side: str) -> CompileLine:
+        return CompileLine(entry, self.movers[side])
+
+    def _stem(self, entry: CompileEntry, side: str) -> Path:
+        relative = entry.file.relative_to(self.trees.project) if entry.file.is_relative_to(
+            self.trees.project) else Path(entry.file.name)
+        return self.work / side / str(relative).replace("/", "__")
+
+    def changed_inputs(self, entry: CompileEntry) -> list[Path]:
+        """The files of the project (relative) this unit reads that differ between the trees."""
+        changed: set[Path] = set()
+        for side in ("original", "fixed"):
+            mover = self.movers[side]
+            depfile = self._stem(entry, side).with_suffix(".d")
+            depfile.parent.mkdir(parents=True, exist_ok=True)
+            compile_db.run_compiler(self.line(entry, side).depend_command(depfile), entry.directory,
+                                    f"preprocessing {entry.file.name} ({side} sources)")
+            for dep in compile_db.dependencies(depfile, entry.directory):
+                project_path = mover.back(dep)
+                if project_path.is_relative_to(self.trees.project):
+                    relative = project_path.relative_to(self.trees.project)
+                    if not self.trees.same_file(relative):
+                        changed.add(relative)
+        return sorted(changed)
+
+    def objects(self, entry: CompileEntry) -> tuple[Path, Path]:
+        out = []
+        for side in ("original", "fixed"):
+            obj = self._stem(entry, side).with_suffix(".o")
+            compile_db.run_compiler(self.line(entry, side).object_command(obj), entry.directory,
+                                    f"compiling {entry.file.name} ({side} sources)")
+            out.append(obj)
+        return out[0], out[1]
+
+    def parse(self, entry: CompileEntry, side: str) -> UnitSource:
+        compiler = entry.compiler
+        if compiler not in self._builtin:
+            self._builtin[compiler] = compile_db.builtin_include(compiler)
+        line = self.line(entry, side)
+        return UnitSource(line.source, line.clang_arguments(self._builtin[compiler]))
+
+
+def _check_name(name: str, project: Path) -> Path:
+    if not PATCH_NAME.fullmatch(name):
+        raise FentryError(f"{name!r} is not a usable patch name (letters, digits, _ and -; it "
+                          "names patches/NAME.c and build/NAME.so); pick another")
+    if not project.is_dir():
+        raise FentryError(f"{project}: no such directory; pass --project the project's top folder")
+    path = project / "patches" / f"{name}.c"
+    if path.exists():
+        raise FentryError(f"{path} already exists; patch-from-diff never overwrites a patch: pick "
+                          "another name or remove it")
+    return path
+
+
+def _generator_findings(binary: Path, patch: Path) -> list[str]:
+    """The generator's warnings on the patch (errors raise): what `meson compile` will print."""
+    warnings: list[str] = []
+    gen.generate(binary, patch, warnings.append)
+    return warnings
+
+
+def patch_from_diff(name: str, binary: Path, *, diff: Path | None = None,
+                    fixed_tree: Path | None = None, project: Path = Path("."),
+                    build_dir: Path | None = None) -> Result:
+    """Write project/patches/NAME.c, the live patch of `binary` that the fix makes, and add it
+    to the project's meson.build; FentryError (one line) for what stops it, a Refusal for
+    what a live patch cannot do."""
+    if (diff is None) == (fixed_tree is None):
+        raise FentryError("pass either --diff FILE or --fixed-tree DIR")
+    project = project.resolve()
+    path = _check_name(name, project)
+    meson = MesonPatches(project / "meson.build")
+    if name in meson.names:
+        raise FentryError(f"{meson.path} already has a patch named '{name}'; pick another name")
+    info = read_binary(binary)
+    build_id = gen.check_build_id(info)
+    db = compile_db.find_database(build_dir, binary)
+    entries = units.binary_entries(binary, compile_db.load(db))
+    keep = [db.parent.resolve()]
+    with tempfile.TemporaryDirectory(prefix="fentry-fromdiff-") as tmp:
+        work = Path(tmp)
+        if diff is not None:
+            source_trees = trees.from_diff(project, diff, work, keep)
+        else:
+            assert fixed_tree is not None
+            source_trees = trees.from_fixed_tree(project, fixed_tree)
+        compiler = UnitCompiler(source_trees, keep, work)
+        changed_units: list[Unit] = []
+        headers: set[Path] = set()
+        for entry in entries:
+            if not entry.file.is_relative_to(project):
+                continue
+            inputs = compiler.changed_inputs(entry)
+            if not inputs:
+                continue
+            headers |= {p for p in inputs if p.suffix != ".c"}
+            unit_diff = diff_objects(*compiler.objects(entry))
+            if not unit_diff.any:
+                continue
+            changed_units.append(Unit(len(changed_units), entry.file.relative_to(project), unit_diff,
+                                      compiler.parse(entry, "fixed"), compiler.parse(entry, "original")))
+        if not changed_units:
+            raise FentryError(f"the fix changes no code of {binary.name} (no function or variable of "
+                              "its units compiles differently); nothing to patch")
+        with program_dwarf(binary) as dwarf:
+            planner = Planner(info, CopyFinder(info, dwarf), changed_units, sorted(headers))
+            plan = planner.run()
+        writer = PatchWriter(planner, plan, source_trees, path.parent)
+        text = writer.render(name=name, program=binary.name, build_id=build_id.hex(),
+                             how=source_trees.how)
+        draft = work / f"{name}.c"
+        draft.write_text(text, encoding="utf-8")
+        notes = list(plan.notes) + _generator_findings(binary, draft)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "x", encoding="utf-8") as out:
+        out.write(text)
+    source = f"patches/{name}.c"
+    updated = False
+    if meson.found:
+        gen.write_atomically(meson.path, meson.with_entry(name, source))
+        updated = True
+    return Result(path, [f"{e.function.name} ({e.unit.file_name})" for e in plan.replaced()],
+                  [e.function.name for e in plan.functions if e.replaces is None],
+                  sorted(plan.refs), meson.path, updated, f"'{name}': '{source}'", notes)
+
+
+def format_result(result: Result) -> str:
+    lines = [f"wrote {result.path}: replaces {', '.join(result.replaced)}"]
+    if result.carried:
+        lines.append(f"  carries its own {', '.join(result.carried)}")
+    if result.refs:
+        lines.append(f"  references the program's {', '.join(result.refs)}")
+    if result.meson_updated:
+        lines.append(f"added {result.meson_entry} to the patches dict of {result.meson_build}")
+    else:
+        lines.append(f"add this entry to the patches = {{...}} dict of {result.meson_build}:")
+        lines.append(f"  {result.meson_entry},")
+    lines += [f"note: {n}" for n in result.notes]
+    lines += ["", "  meson compile -C build patches",
+              f"  fentry-build apply --pid PID build/{result.path.stem}.so"]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fentry_build_fromdiff",
+        description="Write patches/NAME.c, the live patch the fix makes to a running build.",
+        epilog="example: git diff v1.4.2 > fix.diff; python -m fentry_build_fromdiff fix_cve "
+               "--diff fix.diff --binary build/server")
+    p.add_argument("name")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--diff", type=Path, help="the fix as a unified diff (git diff)")
+    source.add_argument("--fixed-tree", type=Path, help="a copy of the sources with the fix")
+    p.add_argument("--binary", required=True, type=Path, help="the running build (with -g)")
+    p.add_argument("--project", type=Path, default=Path("."), help="the project's top folder")
+    p.add_argument("--build-dir", type=Path, help="the folder of compile_commands.json")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = patch_from_diff(args.name, args.binary, diff=args.diff, fixed_tree=args.fixed_tree,
+                                 project=args.project, build_dir=args.build_dir)
+    except FentryError as e:
+        print(f"fentry-build: error: {e}", file=sys.stderr)
+        return 1
+    print(format_result(result))
+    return 0
