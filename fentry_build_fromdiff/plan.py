@@ -104,6 +104,7 @@ class Planner:
     def run(self) -> PatchPlan:
         changed = self._changed_functions()
         self._check_types(changed)
+        self._check_variables()
         self._check_signatures(changed)
         self._check_headers(changed)
         self._choose_functions(changed)
@@ -125,15 +126,20 @@ class Planner:
         changed: dict[int, set[str]] = {}
         for u in self.units:
             names = set(u.diff.changed_functions)
+            for name, d in u.diff.changed_variables.items():
+                if d.readonly and d.local:
+                    names |= self._users_of(u, name)  # they must read the patch's new copy
+            changed[u.index] = {n for n in names if n in u.fixed.functions}
+        return changed
+
+    def _check_variables(self) -> None:
+        for u in self.units:
             for name, d in u.diff.new_variables.items():
                 if not d.local:
                     raise refusals.new_global(name, u.file_name)
             for name, d in u.diff.changed_variables.items():
                 if not d.readonly or not d.local:
                     raise refusals.changed_initializer(name, u.file_name)
-                names |= self._users_of(u, name)  # they must read the patch's new copy
-            changed[u.index] = {n for n in names if n in u.fixed.functions}
-        return changed
 
     @staticmethod
     def _users_of(unit: Unit, variable: str) -> set[str]:
@@ -224,7 +230,7 @@ class Planner:
             target = self.program_function(name, unit, fs.static)
             if target is not None:
                 if target.site is None:
-                    raise refusals.no_fentry_site(name, target.file or unit.file_name, self._program)
+                    raise refusals.no_fentry_site(name, unit.file_name, self._program)
                 self._emit(unit, fs, target, reason)
                 holders = self._holders(self.finder.copies(target), name)
             else:

@@ -1,0 +1,385 @@
+"""patch-from-diff on real diffs, end to end: the fix as a source change, the generated patch
+applied to the running unfixed program, and its answers compared with the fixed program's.
+
+Everything is real: gcc builds the programs (with compile_commands.json as Meson and SCons
+write it), git apply applies the diffs, libclang reads the sources, the generator checks
+the patch with --strict, gcc builds it with -Wall -Wextra -Werror, and `fentry-build apply`
+patches the running process.  The program is tests/programs/fromdiff/ (calc.c, util.c,
+calc.h); the server example is built with Meson.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cbuild import INSTRUMENT, build_shim_objects, run
+from fentry_build import paths, shimlib
+from fentry_build.errors import FentryError
+from fentry_build_fromdiff.main import patch_from_diff
+from fentry_build_fromdiff.refusals import Refusal
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("git") is None,
+                                reason="needs gcc and git")
+
+PROGRAM = Path(__file__).resolve().parent / "programs" / "fromdiff"
+SOURCES = ("calc.c", "util.c")
+WERROR = ["-Wall", "-Wextra", "-Werror"]
+CLI = [sys.executable, "-m", "fentry_build"]
+TIMEOUT = 20.0
+
+Edit = tuple[str, str, str]  # file, old text, new text
+
+
+# ---- building ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shim_objects(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return build_shim_objects(tmp_path_factory.mktemp("shim"))
+
+
+def build_calc(root: Path, shim: list[Path], extra: list[str] | None = None) -> Path:
+    """Build root/build/calc as a build system would, with root/build/compile_commands.json."""
+    build = root / "build"
+    build.mkdir(exist_ok=True)
+    entries, objects = [], []
+    for src in SOURCES:
+        args = ["gcc", "-std=c11", "-O2", "-g", *INSTRUMENT, *WERROR, *(extra or []), "-I..",
+                "-c", f"../{src}", "-o", f"{src}.o"]
+        run(args, cwd=build)
+        entries.append({"directory": str(build), "file": f"../{src}", "arguments": args,
+                        "output": f"{src}.o"})
+        objects.append(str(build / f"{src}.o"))
+    run(["gcc", *shimlib.PROGRAM_LINK_ARGS, "-o", str(build / "calc"), *objects,
+         *map(str, shim), "-lpthread", "-ldl"])
+    (build / "compile_commands.json").write_text(json.dumps(entries, indent=1))
+    return build / "calc"
+
+
+def fixed_text(root: Path, edits: list[Edit]) -> dict[str, str]:
+    texts: dict[str, str] = {}
+    for name, old, new in edits:
+        text = texts.get(name, (root / name).read_text())
+        assert old in text, f"{old!r} is not in {name}"
+        texts[name] = text.replace(old, new, 1)
+    return texts
+
+
+def write_diff(root: Path, edits: list[Edit], out: Path) -> Path:
+    """The fix as `git diff` writes it (a/ and b/ paths), made with difflib."""
+    lines: list[str] = []
+    for name, text in fixed_text(root, edits).items():
+        lines += difflib.unified_diff((root / name).read_text().splitlines(keepends=True),
+                                      text.splitlines(keepends=True), f"a/{name}", f"b/{name}")
+    out.write_text("".join(lines))
+    return out
+
+
+def apply_edits(root: Path, edits: list[Edit]) -> None:
+    for name, text in fixed_text(root, edits).items():
+        (root / name).write_text(text)
+
+
+def copy_program(dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    for f in PROGRAM.iterdir():
+        shutil.copy(f, dest / f.name)
+    return dest
+
+
+def build_patch(binary: Path, patch_c: Path) -> Path:
+    """What the project's build does: the generator with --strict, then gcc, warnings as errors."""
+    reg = patch_c.with_suffix(".reg.c")
+    run([sys.executable, "-m", "fentry_build.gen", "--strict", "--binary", str(binary),
+         "--patch", str(patch_c), "-o", str(reg)])
+    out = binary.parent / f"{patch_c.stem}.so"
+    run(["gcc", "-std=c11", "-O2", "-g", "-shared", "-fPIC", *WERROR, f"-I{paths.include_dir()}",
+         "-o", str(out), str(patch_c), str(reg)])
+    return out
+
+
+# ---- running -------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_") and k != "XDG_RUNTIME_DIR"}
+
+
+@dataclass
+class Running:
+    proc: subprocess.Popen[bytes]
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        data = b""
+        deadline = time.monotonic() + TIMEOUT
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            assert left > 0 and select.select([fd], [], [], left)[0], "the program answered nothing"
+            chunk = os.read(fd, 1)
+            assert chunk, f"the program exited with status {self.proc.wait()}"
+            data += chunk
+        return data.decode().rstrip("\n")
+
+    def ask(self, commands: list[str]) -> list[str]:
+        assert self.proc.stdin is not None
+        answers = []
+        for c in commands:
+            self.proc.stdin.write(c.encode() + b"\n")
+            self.proc.stdin.flush()
+            answers.append(self.readline())
+        return answers
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def start(binary: Path) -> Running:
+    proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env=_env(), cwd=binary.parent)
+    running = Running(proc)
+    assert running.readline() == "ready"
+    return running
+
+
+def apply_live(pid: int, patch: Path) -> None:
+    proc = subprocess.run([*CLI, "apply", "--pid", str(pid), str(patch)], capture_output=True,
+                          text=True, timeout=60, env=_env())
+    assert proc.returncode == 0, proc.stderr
+
+
+def answers(binary: Path, commands: list[str]) -> list[str]:
+    running = start(binary)
+    try:
+        return running.ask(commands)
+    finally:
+        running.stop()
+
+
+@dataclass
+class Case:
+    root: Path            # the project: original sources, build/ the running build
+    binary: Path
+    fixed_binary: Path
+
+
+def make_case(tmp: Path, shim: list[Path], edits: list[Edit]) -> Case:
+    root = copy_program(tmp / "project")
+    binary = build_calc(root, shim)
+    fixed = copy_program(tmp / "fixed")
+    apply_edits(fixed, edits)
+    return Case(root, binary, build_calc(fixed, shim))
+
+
+def patched_matches_fixed(case: Case, patch: Path, before: list[str], after: list[str]) -> list[str]:
+    """Run the unfixed program on `before`, apply `patch` live, run `after`: its answers to
+    `after` must be the fixed program's (which ran `before` too, so state carries over)."""
+    so = build_patch(case.binary, patch)
+    running = start(case.binary)
+    try:
+        old_before = running.ask(before)
+        apply_live(running.proc.pid, so)
+        patched = running.ask(after)
+    finally:
+        running.stop()
+    expected = answers(case.fixed_binary, before + after)
+    assert old_before == expected[:len(before)], "the fix changes the answers to `before`: pick others"
+    assert patched == expected[len(before):]
+    return patched
+
+
+def generate(case: Case, name: str, diff: Path) -> Path:
+    result = patch_from_diff(name, case.binary, diff=diff, project=case.root)
+    assert result.path == case.root / "patches" / f"{name}.c"
+    return result.path
+
+
+# ---- fixes -----------------------------------------------------------------------------------
+
+ADD_FIX: list[Edit] = [("calc.c", "\tif (x > 0)\n\t\ttotal += x;", "\ttotal += x;")]
+
+
+def test_one_line_fix_of_a_global_function(tmp_path: Path, shim_objects: list[Path]) -> None:
+    case = make_case(tmp_path, shim_objects, ADD_FIX)
+    patch = generate(case, "fix_add", write_diff(case.root, ADD_FIX, tmp_path / "fix.diff"))
+    text = patch.read_text()
+    assert "FENTRY_REPLACE(add, add_fixed);" in text
+    # The running total is the program's: referenced, never copied.
+    assert 'FENTRY_REF(total, long, "calc.c");' in text
+    assert "FENTRY_VAR(total) += x;" in text
+    assert "static long total" not in text
+    patched = patched_matches_fixed(case, patch, ["add 5", "add 7"], ["add -2", "add 1", "stats"])
+    assert patched[:2] == ["10", "11"]  # 5 + 7 - 2: the program's total went on
+
+
+SCALE_FIX: list[Edit] = [("calc.c", "return clamp(x) * SCALE;", "return clamp(x) * SCALE + 1;")]
+
+
+def test_fix_of_a_static_function_called_from_elsewhere(tmp_path: Path,
+                                                        shim_objects: list[Path]) -> None:
+    case = make_case(tmp_path, shim_objects, SCALE_FIX)
+    patch = generate(case, "fix_scale", write_diff(case.root, SCALE_FIX, tmp_path / "fix.diff"))
+    text = patch.read_text()
+    assert 'FENTRY_REPLACE(scale, scale_fixed, "calc.c");' in text
+    assert "FENTRY_REPLACE(answer" not in text  # its caller did not change
+    assert 'FENTRY_REF(limit, int, "calc.c");' in text
+    patched_matches_fixed(case, patch, ["bound 2"], ["scale 2", "scale 500", "bound 3"])
+
+
+CLAMP_FIX: list[Edit] = [("calc.c", "return x > limit ? limit : x;",
+                          "return x > limit ? limit : x < 0 ? 0 : x;")]
+
+
+def test_fix_of_a_static_inline_helper_replaces_its_callers(tmp_path: Path,
+                                                            shim_objects: list[Path]) -> None:
+    case = make_case(tmp_path, shim_objects, CLAMP_FIX)
+    patch = generate(case, "fix_clamp", write_diff(case.root, CLAMP_FIX, tmp_path / "fix.diff"))
+    text = patch.read_text()
+    # clamp has no body in the program (inlined everywhere): its callers are replaced, and
+    # the patch carries the fixed clamp for them.
+    assert 'FENTRY_REPLACE(scale, scale_fixed, "calc.c");' in text
+    assert 'FENTRY_REPLACE(answer, answer_fixed, "calc.c");' in text
+    assert "static inline int clamp(int x)\n{\n\treturn x > FENTRY_VAR(limit)" in text
+    assert "FENTRY_REPLACE(clamp" not in text
+    patched_matches_fixed(case, patch, ["scale 5", "bound 5"], ["scale -4", "bound -4", "scale 7"])
+
+
+HELPER_FIX: list[Edit] = [
+    ("calc.c", "long add(long x)\n{\n\tif (x > 0)\n\t\ttotal += x;",
+     "static int valid(long x)\n{\n\treturn x > -1000 && x < 1000;\n}\n\n"
+     "long add(long x)\n{\n\tif (valid(x))\n\t\ttotal += x;"),
+]
+
+
+def test_fix_adding_a_new_static_helper_carries_it(tmp_path: Path, shim_objects: list[Path]) -> None:
+    case = make_case(tmp_path, shim_objects, HELPER_FIX)
+    patch = generate(case, "fix_valid", write_diff(case.root, HELPER_FIX, tmp_path / "fix.diff"))
+    text = patch.read_text()
+    assert "static int valid(long x)\n{" in text
+    assert "FENTRY_REPLACE(valid" not in text and "FENTRY_REF(valid" not in text
+    patched_matches_fixed(case, patch, ["add 3"], ["add -3", "add 5000", "add 1"])
+
+
+WORD_FIX: list[Edit] = [("util.c", "\tif (letters == (int)n)", "\tif (n > 0 && letters == (int)n)")]
+
+
+def test_fix_touching_a_static_local_references_the_programs(tmp_path: Path,
+                                                             shim_objects: list[Path]) -> None:
+    case = make_case(tmp_path, shim_objects, WORD_FIX)
+    patch = generate(case, "fix_word", write_diff(case.root, WORD_FIX, tmp_path / "fix.diff"))
+    text = patch.read_text()
+    assert "FENTRY_REPLACE(word_class, word_class_fixed);" in text
+    assert 'FENTRY_REF(seen, int, "util.c");' in text
+    assert "FENTRY_VAR(seen)++;" in text
+    # The count of words seen goes on from the program's: 2 words before, then 3rd, 4th.
+    patched = patched_matches_fixed(case, patch, ["word abc", "word 12"], ["word ab", "word "])
+    assert patched[0] == "31"
+
+
+# ---- the fix already applied to the project (git diff in the fixed working tree) ----------
+
+
+def test_diff_already_applied_to_the_project_is_taken_in_reverse(tmp_path: Path,
+                                                                 shim_objects: list[Path]) -> None:
+    case = make_case(tmp_path, shim_objects, ADD_FIX)
+    diff = write_diff(case.root, ADD_FIX, tmp_path / "fix.diff")
+    apply_edits(case.root, ADD_FIX)  # the user committed the fix; build/ is the running build
+    proc = subprocess.run([sys.executable, "-m", "fentry_build_fromdiff", "fix_add", "--diff",
+                           str(diff), "--binary", str(case.binary), "--project", str(case.root)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "replaces add (calc.c)" in proc.stdout
+    patched_matches_fixed(case, case.root / "patches" / "fix_add.c", ["add 1"], ["add -1"])
+
+
+def test_fixed_tree_instead_of_a_diff(tmp_path: Path, shim_objects: list[Path]) -> None:
+    case = make_case(tmp_path, shim_objects, SCALE_FIX)
+    result = patch_from_diff("fix_scale", case.binary, fixed_tree=tmp_path / "fixed",
+                             project=case.root)
+    patched_matches_fixed(case, result.path, [], ["scale 9"])
+
+
+# ---- refusals --------------------------------------------------------------------------------
+
+
+def refusal(tmp_path: Path, shim: list[Path], edits: list[Edit]) -> str:
+    root = copy_program(tmp_path / "project")
+    binary = build_calc(root, shim)
+    diff = write_diff(root, edits, tmp_path / "fix.diff")
+    with pytest.raises(Refusal) as e:
+        patch_from_diff("fix", binary, diff=diff, project=root)
+    assert not (root / "patches" / "fix.c").exists()
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_changed_struct_layout_is_refused(tmp_path: Path, shim_objects: list[Path]) -> None:
+    message = refusal(tmp_path, shim_objects, [
+        ("calc.c", "\tlong errors;\n};", "\tlong errors;\n\tlong unknown;\n};"),
+        ("calc.c", "\t\tstats.errors++;", "\t\tstats.errors++, stats.unknown++;"),
+    ])
+    assert message.startswith("struct stats changed")
+    assert "the variable stats in calc.c" in message and "shadow variable" in message
+
+
+def test_changed_initializer_is_refused(tmp_path: Path, shim_objects: list[Path]) -> None:
+    message = refusal(tmp_path, shim_objects, [("calc.c", "static int limit = 100;",
+                                                "static int limit = 50;")])
+    assert message.startswith("the initial value of limit (calc.c) changed")
+    assert "FENTRY_POST_PATCH" in message
+
+
+def test_new_global_variable_is_refused(tmp_path: Path, shim_objects: list[Path]) -> None:
+    message = refusal(tmp_path, shim_objects, [
+        ("calc.c", "long add(long x)\n{\n", "long adds;\n\nlong add(long x)\n{\n\tadds++;\n"),
+    ])
+    assert message.startswith("the fix adds the global variable adds (calc.c)")
+    assert "shadow variable" in message
+
+
+def test_changed_function_without_fentry_site_is_refused(tmp_path: Path,
+                                                         shim_objects: list[Path]) -> None:
+    message = refusal(tmp_path, shim_objects, [("calc.c", "sum * 31", "sum * 37")])
+    assert message.startswith("the fix changes checksum (calc.c), which has no fentry site in calc")
+
+
+def test_change_only_in_a_header_used_by_many_units_is_refused(tmp_path: Path,
+                                                               shim_objects: list[Path]) -> None:
+    message = refusal(tmp_path, shim_objects, [("calc.h", "#define WORD_MAX 16", "#define WORD_MAX 8")])
+    assert message.startswith("the fix changes only calc.h, which changes code in 2 translation units")
+    assert "calc.c: answer" in message and "util.c: word_class" in message
+
+
+def test_changed_signature_is_refused(tmp_path: Path, shim_objects: list[Path]) -> None:
+    message = refusal(tmp_path, shim_objects, [
+        ("calc.c", "static int bound(int x)\n{\n\treturn clamp(x) + 1;",
+         "static int bound(long x)\n{\n\treturn clamp((int)x) + 1;"),
+        ("calc.c", "__attribute__((noinline, noclone)) static int scale(int x)",
+         "__attribute__((noinline, noclone)) static int scale(long x)"),
+        ("calc.c", "return clamp(x) * SCALE;", "return clamp((int)x) * SCALE;"),
+    ])
+    assert message.startswith("the fix changes the type of scale from int (int) to int (long)")
+
+
+def test_a_diff_that_does_not_apply_says_so(tmp_path: Path, shim_objects: list[Path]) -> None:
+    root = copy_program(tmp_path / "project")
+    binary = build_calc(root, shim_objects)
+    diff = write_diff(root, ADD_FIX, tmp_path / "fix.diff")
+    (root / "calc.c").write_text((root / "calc.c").read_text().replace("total += x;", "total -= x;"))
+    with pytest.raises(FentryError, match="applies to .* neither forward"):
+        patch_from_diff("fix", binary, diff=diff, project=root)
