@@ -23,12 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fentry_build import gen
-from fentry_build.dwarf import program_dwarf
-from fentry_build.elfinfo import read_binary
+from fentry_build.generator import main as gen
+from fentry_build.binary.dwarf import program_dwarf
+from fentry_build.binary.elf import read_binary
 from fentry_build.errors import FentryError
-from fentry_build.inline import CopyFinder
-from fentry_build.newpatch import PATCH_NAME, MesonPatches
+from fentry_build.generator.inline import CopyFinder
+from fentry_build.generator.newpatch import PATCH_NAME, MesonPatches
 
 from fentry_build_fromdiff import compile_db, trees, units
 from fentry_build_fromdiff.compile_db import CompileEntry, CompileLine, PathMover

@@ -22,7 +22,7 @@ from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from elftools.elf.relocation import RelocationSection
 from elftools.elf.sections import Section, Symbol, SymbolTableSection
 
-from fentry_build.elfinfo import CloneName
+from fentry_build.binary.elf import CloneName
 
 _NAMES = {v: k for k, v in ENUM_RELOC_TYPE_x64.items()}
 WIDE_RELOCS = frozenset({"R_X86_64_64", "R_X86_64_PC64", "R_X86_64_GOTOFF64", "R_X86_64_DTPOFF64",

@@ -20,8 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fentry_build.elfinfo import BinaryInfo, CloneName, DataSymbol, FunctionInfo, file_matches
-from fentry_build.inline import CodeCopies, CopyFinder
+from fentry_build.binary.elf import BinaryInfo, CloneName, DataSymbol, FunctionInfo, file_matches
+from fentry_build.generator.inline import CodeCopies, CopyFinder
 
 from fentry_build_fromdiff import refusals
 from fentry_build_fromdiff.extract import (

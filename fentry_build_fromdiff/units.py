@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from fentry_build.dwarf import DWARF_ERRORS, program_dwarf, text, unit_name
+from fentry_build.binary.dwarf import DWARF_ERRORS, program_dwarf, text, unit_name
 from fentry_build.errors import FentryError
 
 from fentry_build_fromdiff.compile_db import CompileEntry, normal

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fentry_build.gen import template_environment
+from fentry_build.generator.main import template_environment
 
 from fentry_build_fromdiff import refusals
 from fentry_build_fromdiff.extract import Piece, UnitSource

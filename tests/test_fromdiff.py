@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from cbuild import INSTRUMENT, build_shim_objects, run
-from fentry_build import paths, shimlib
+from fentry_build import paths
+from fentry_build.build import flags
 from fentry_build.errors import FentryError
 from fentry_build_fromdiff.main import patch_from_diff
 from fentry_build_fromdiff.refusals import Refusal
@@ -61,7 +62,7 @@ def build_calc(root: Path, shim: list[Path], extra: list[str] | None = None) -> 
         entries.append({"directory": str(build), "file": f"../{src}", "arguments": args,
                         "output": f"{src}.o"})
         objects.append(str(build / f"{src}.o"))
-    run(["gcc", *shimlib.PROGRAM_LINK_ARGS, "-o", str(build / "calc"), *objects,
+    run(["gcc", *flags.PROGRAM_LINK_ARGS, "-o", str(build / "calc"), *objects,
          *map(str, shim), "-lpthread", "-ldl"])
     (build / "compile_commands.json").write_text(json.dumps(entries, indent=1))
     return build / "calc"
