@@ -15,6 +15,7 @@ import json
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from cbuild import INSTRUMENT, build_shim_objects, run
+from mesonrun import copy_example, meson, meson_cmd, setup_and_compile
 from fentry_build import paths
 from fentry_build.build import flags
 from fentry_build.errors import FentryError
@@ -384,3 +386,110 @@ def test_a_diff_that_does_not_apply_says_so(tmp_path: Path, shim_objects: list[P
     (root / "calc.c").write_text((root / "calc.c").read_text().replace("total += x;", "total -= x;"))
     with pytest.raises(FentryError, match="applies to .* neither forward"):
         patch_from_diff("fix", binary, diff=diff, project=root)
+
+
+# ---- the server example (Meson, -O2: GCC inlines and clones) ---------------------------------
+
+PARSE_FIX: list[Edit] = [(
+    "parser.c",
+    "\t\tif (parse_number(p, n, &req->numbers[req->nnumbers]) < 0)\n"
+    "\t\t\treturn fail(err, errlen, \"not a number: '%.*s'\", (int)(n > 24 ? 24 : n), p);\n"
+    "\t\treq->nnumbers++;\n"
+    "\t\t/* The array is full: there is no room for another number. */\n"
+    "\t\tif (req->nnumbers == MAX_NUMBERS)\n"
+    "\t\t\treturn fail(err, errlen, \"too many numbers (at most %d)\", MAX_NUMBERS);\n",
+    "\t\tif (req->nnumbers == MAX_NUMBERS)\n"
+    "\t\t\treturn fail(err, errlen, \"too many numbers (at most %d)\", MAX_NUMBERS);\n"
+    "\t\tif (parse_number(p, n, &req->numbers[req->nnumbers]) < 0)\n"
+    "\t\t\treturn fail(err, errlen, \"not a number: '%.*s'\", (int)(n > 24 ? 24 : n), p);\n"
+    "\t\treq->nnumbers++;\n",
+)]
+ANSWER_FIX: list[Edit] = [("server.c", "count_request(0); /* the bug: should be count_request(1) */",
+                           "count_request(1);")]
+
+
+def build_server(dest: Path, edits: list[Edit]) -> Path:
+    project = copy_example("server", dest)
+    apply_edits(project, edits)
+    setup_and_compile(project, "-Dbuildtype=debugoptimized")
+    return project
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/server built as a user builds it, optimised, with compile_commands.json."""
+    return build_server(tmp_path_factory.mktemp("server") / "server", [])
+
+
+def serve(binary: Path) -> tuple[subprocess.Popen[bytes], int]:
+    proc = subprocess.Popen([str(binary), "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            env=_env(), cwd=binary.parent)
+    line = Running(proc).readline()
+    assert line.startswith("listening on 127.0.0.1:"), line
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def requests(port: int, lines: list[str]) -> list[str]:
+    """One connection, one answer per line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        stream = s.makefile("rw")
+        out = []
+        for line in lines:
+            stream.write(line + "\n")
+            stream.flush()
+            out.append(stream.readline().rstrip("\n"))
+        return out
+
+
+def server_matches_fixed(project: Path, fixed: Path, patch: str, before: list[str],
+                         after: list[str]) -> list[str]:
+    env = {**os.environ, "FENTRY_STRICT": "1"}
+    meson("setup", "--reconfigure", "build", cwd=project)  # meson.build has the new patch
+    proc = subprocess.run([*meson_cmd(), "compile", "-C", "build", patch], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "warning" not in proc.stdout.lower(), proc.stdout
+    results = []
+    for binary, so in ((project / "build" / "server", project / "build" / f"{patch}.so"),
+                       (fixed / "build" / "server", None)):
+        server_proc, port = serve(binary)
+        try:
+            first = requests(port, before)
+            if so is not None:
+                apply_live(server_proc.pid, so)
+            results.append((first, requests(port, after)))  # a new connection: new code
+        finally:
+            server_proc.kill()
+            server_proc.wait()
+    (old_first, patched), (fixed_first, expected) = results
+    assert old_first == fixed_first
+    assert patched == expected
+    return patched
+
+
+def test_server_fix_of_the_global_parse_request(server: Path, tmp_path: Path) -> None:
+    diff = write_diff(server, PARSE_FIX, tmp_path / "fix.diff")
+    result = patch_from_diff("fix_parse_generated", server / "build" / "server", diff=diff,
+                             project=server)
+    text = result.path.read_text()
+    assert "FENTRY_REPLACE(parse_request, parse_request_fixed);" in text
+    assert "'fix_parse_generated': 'patches/fix_parse_generated.c'" in (server / "meson.build").read_text()
+    fixed = build_server(tmp_path / "fixed", PARSE_FIX)
+    patched = server_matches_fixed(server, fixed, "fix_parse_generated", ["SUM 1 2 3"],
+                                   ["SUM 1 2 3 4 5 6 7 8", "SUM 1 2 3 4 5 6 7 8 9", "SUM 1 x", "PING"])
+    assert patched[0] == "OK 36"
+
+
+def test_server_fix_of_a_static_function_touching_static_state(server: Path, tmp_path: Path) -> None:
+    diff = write_diff(server, ANSWER_FIX, tmp_path / "fix.diff")
+    result = patch_from_diff("fix_answer_generated", server / "build" / "server", diff=diff,
+                             project=server)
+    text = result.path.read_text()
+    # The statistics are the running server's, referenced; answer's code is the fixed one.
+    assert 'FENTRY_REF(stats, struct server_stats, "server.c");' in text
+    assert 'FENTRY_REF(stats_lock, pthread_mutex_t, "server.c");' in text
+    assert "static struct server_stats stats" not in text
+    fixed = build_server(tmp_path / "fixed", ANSWER_FIX)
+    patched = server_matches_fixed(server, fixed, "fix_answer_generated", ["PING", "SUM 1 2", "STATS"],
+                                   ["SUM x", "STATS", "NOPE", "SUM 3", "STATS"])
+    assert patched[1] == "OK requests=3 errors=1"
