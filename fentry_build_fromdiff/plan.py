@@ -114,11 +114,25 @@ class Planner:
             queue += self._resolve_needs(emitted.unit, emitted.function.needs, emitted)
         self.plan.functions.sort(key=lambda e: (e.unit.index, e.function.start))
         self.plan.pieces.sort(key=lambda p: (p[0].index, p[1].start))
+        self._check_collisions()
         if not self.plan.replaced():
             raise refusals.unsupported(
                 "the fix changes no function's code in the running build",
                 "check that the diff is the fix and --binary the build it is for")
         return self.plan
+
+    def _check_collisions(self) -> None:
+        """The patch is one file: what it copies from two units must not share a name."""
+        seen: dict[tuple[str, str], tuple[Unit, str]] = {}
+        items = [(("function", e.name), e.unit, e.function.name) for e in self.plan.functions]
+        items += [((p.kind, p.name), u, p.text) for u, p in self.plan.pieces]
+        for key, unit, text in items:
+            earlier = seen.setdefault(key, (unit, text))
+            if earlier[0] is not unit and (key[0] == "function" or earlier[1] != text):
+                raise refusals.unsupported(
+                    f"the patch must carry {key[1]} of both {earlier[0].file_name} and "
+                    f"{unit.file_name}, and one file cannot hold both",
+                    "split the fix into one patch per file (a diff each)")
 
     # ---- what changed ----------------------------------------------------------------------
 
@@ -152,7 +166,7 @@ class Planner:
     def _check_types(self, changed: dict[int, set[str]]) -> None:
         for u in self.units:
             before, after = type_layouts(u.original), type_layouts(u.fixed)
-            for name, (kind, layout, _) in after.items():
+            for name, (_, layout, _) in after.items():
                 old = before.get(name)
                 if old is None or old[1] == layout:
                     continue
