@@ -114,6 +114,30 @@ def _cmd_new_patch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_patch_from_diff(args: argparse.Namespace) -> int:
+    from fentry_build.generator.fromdiff import command
+
+    result = command.patch_from_diff(
+        args.name, Path(args.binary), diff=Path(args.diff) if args.diff else None,
+        fixed_tree=Path(args.fixed_tree) if args.fixed_tree else None, project=Path(args.project),
+        build_dir=Path(args.build_dir) if args.build_dir else None)
+    print(command.format_result(result))
+    return 0
+
+
+PATCH_FROM_DIFF_EXAMPLE = """\
+example (the running server was built from v1.4.2; the fix is committed):
+  git diff v1.4.2 > fix-cve.diff
+  fentry-build patch-from-diff fix_cve --diff fix-cve.diff --binary build/server
+  meson compile -C build patches
+  fentry-build apply --pid 1234 build/fix_cve.so
+
+The diff may be applied to the project already (it is then taken in reverse) or not
+yet.  The units are recompiled with the lines of compile_commands.json (Meson writes
+it; SCons with env.Tool('compilation_db')), so the binary's build folder must have one.
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fentry-build",
@@ -184,6 +208,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--file", help="the function's source file, when several static functions "
                    "share its name")
     s.set_defaults(func=_cmd_new_patch)
+
+    s = sub.add_parser("patch-from-diff", help="write the live patch a source fix makes (from a diff)",
+                       description="Write patches/NAME.c: the functions the fix changes, read from "
+                       "the fixed sources, as a live patch of the running build; add it to the "
+                       "project's patch list.",
+                       epilog=PATCH_FROM_DIFF_EXAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("name", help="the patch's name: writes patches/NAME.c, builds build/NAME.so")
+    fix = s.add_mutually_exclusive_group(required=True)
+    fix.add_argument("--diff", help="the fix as a unified diff (git diff), paths relative to the project")
+    fix.add_argument("--fixed-tree", help="a folder holding the fixed sources")
+    s.add_argument("--binary", required=True, help="the running build (or an archived copy), with -g")
+    s.add_argument("--project", default=".", help="the project's top folder (default: .)")
+    s.add_argument("--build-dir", help="the folder of compile_commands.json (default: beside the "
+                   "binary or above it)")
+    s.set_defaults(func=_cmd_patch_from_diff)
 
     s = sub.add_parser("demo", help="build the server example, fix its bug live, revert it")
     s.add_argument("--keep", action="store_true", help="keep the temporary build directory")

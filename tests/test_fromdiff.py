@@ -29,8 +29,8 @@ from mesonrun import copy_example, meson, meson_cmd, setup_and_compile
 from fentry_build import paths
 from fentry_build.build import flags
 from fentry_build.errors import FentryError
-from fentry_build_fromdiff.main import patch_from_diff
-from fentry_build_fromdiff.refusals import Refusal
+from fentry_build.generator.fromdiff.command import patch_from_diff
+from fentry_build.generator.fromdiff.refusals import Refusal
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("git") is None,
                                 reason="needs gcc and git")
@@ -301,7 +301,7 @@ def test_diff_already_applied_to_the_project_is_taken_in_reverse(tmp_path: Path,
     case = make_case(tmp_path, shim_objects, ADD_FIX)
     diff = write_diff(case.root, ADD_FIX, tmp_path / "fix.diff")
     apply_edits(case.root, ADD_FIX)  # the user committed the fix; build/ is the running build
-    proc = subprocess.run([sys.executable, "-m", "fentry_build_fromdiff", "fix_add", "--diff",
+    proc = subprocess.run([*CLI, "patch-from-diff", "fix_add", "--diff",
                            str(diff), "--binary", str(case.binary), "--project", str(case.root)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

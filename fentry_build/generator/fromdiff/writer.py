@@ -17,10 +17,10 @@ from pathlib import Path
 
 from fentry_build.generator.main import template_environment
 
-from fentry_build_fromdiff import refusals
-from fentry_build_fromdiff.extract import Piece, UnitSource
-from fentry_build_fromdiff.plan import Emitted, PatchPlan, Planner, Unit
-from fentry_build_fromdiff.trees import SourceTrees
+from fentry_build.generator.fromdiff import refusals
+from fentry_build.generator.fromdiff.extract import Piece, UnitSource
+from fentry_build.generator.fromdiff.plan import Emitted, PatchPlan, Planner, Unit
+from fentry_build.generator.fromdiff.trees import SourceTrees
 
 TEMPLATE = "patch_from_diff.c.j2"
 HIDDEN = '__attribute__((visibility("hidden"))) '

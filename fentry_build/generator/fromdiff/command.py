@@ -1,6 +1,6 @@
-"""main.py - patch-from-diff: the fix as a source change in, a reviewed live patch source out.
+"""command.py - patch-from-diff: the fix as a source change in, a readable live patch source out.
 
-    python -m fentry_build_fromdiff NAME (--diff FILE | --fixed-tree DIR) --binary BIN
+    fentry-build patch-from-diff NAME (--diff FILE | --fixed-tree DIR) --binary BIN
         [--project DIR] [--build-dir DIR]
 
 1. the two source trees (trees), the running binary's units and their compile lines
@@ -9,15 +9,13 @@
    section per function, and the objects compared (objdiff);
 3. the changed units are parsed with libclang in both trees (extract);
 4. the plan (plan) and the patch source (writer), written to patches/NAME.c and added to
-   meson.build's patches dict as new-patch does;
+   the project's patch list as new-patch does (patchlist);
 5. the generator's own checks run on it (fentry_build.gen), so what it prints is what the
    build will say.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,14 +26,14 @@ from fentry_build.binary.dwarf import program_dwarf
 from fentry_build.binary.elf import read_binary
 from fentry_build.errors import FentryError
 from fentry_build.generator.inline import CopyFinder
-from fentry_build.generator.newpatch import PATCH_NAME, MesonPatches
+from fentry_build.generator.newpatch import PATCH_NAME
 
-from fentry_build_fromdiff import compile_db, trees, units
-from fentry_build_fromdiff.compile_db import CompileEntry, CompileLine, PathMover
-from fentry_build_fromdiff.extract import UnitSource
-from fentry_build_fromdiff.objdiff import diff_objects
-from fentry_build_fromdiff.plan import Planner, Unit
-from fentry_build_fromdiff.writer import PatchWriter
+from fentry_build.generator.fromdiff import compile_db, patchlist, trees, units
+from fentry_build.generator.fromdiff.compile_db import CompileEntry, CompileLine, PathMover
+from fentry_build.generator.fromdiff.extract import UnitSource
+from fentry_build.generator.fromdiff.objdiff import diff_objects
+from fentry_build.generator.fromdiff.plan import Planner, Unit
+from fentry_build.generator.fromdiff.writer import PatchWriter
 
 
 @dataclass
@@ -44,9 +42,9 @@ class Result:
     replaced: list[str]
     carried: list[str]
     refs: list[str]
-    meson_build: Path
-    meson_updated: bool
-    meson_entry: str
+    build_file: Path        # meson.build or SConstruct
+    registered: bool        # the entry was added to it
+    entry: str              # 'NAME': 'patches/NAME.c'
     notes: list[str] = field(default_factory=list)
 
 
@@ -134,9 +132,9 @@ def patch_from_diff(name: str, binary: Path, *, diff: Path | None = None,
         raise FentryError("pass either --diff FILE or --fixed-tree DIR")
     project = project.resolve()
     path = _check_name(name, project)
-    meson = MesonPatches(project / "meson.build")
-    if name in meson.names:
-        raise FentryError(f"{meson.path} already has a patch named '{name}'; pick another name")
+    if name in patchlist.names(project):
+        raise FentryError(f"the project's build file already has a patch named '{name}'; pick "
+                          "another name")
     info = read_binary(binary)
     build_id = gen.check_build_id(info)
     db = compile_db.find_database(build_dir, binary)
@@ -179,14 +177,11 @@ def patch_from_diff(name: str, binary: Path, *, diff: Path | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "x", encoding="utf-8") as out:
         out.write(text)
-    source = f"patches/{name}.c"
-    updated = False
-    if meson.found:
-        gen.write_atomically(meson.path, meson.with_entry(name, source))
-        updated = True
+    registration = patchlist.register(project, name)
     return Result(path, [f"{e.function.name} ({e.unit.file_name})" for e in plan.replaced()],
                   [e.function.name for e in plan.functions if e.replaces is None],
-                  sorted(plan.refs), meson.path, updated, f"'{name}': '{source}'", notes)
+                  sorted(plan.refs), registration.build_file, registration.updated,
+                  registration.entry, notes)
 
 
 def format_result(result: Result) -> str:
@@ -195,40 +190,12 @@ def format_result(result: Result) -> str:
         lines.append(f"  carries its own {', '.join(result.carried)}")
     if result.refs:
         lines.append(f"  references the program's {', '.join(result.refs)}")
-    if result.meson_updated:
-        lines.append(f"added {result.meson_entry} to the patches dict of {result.meson_build}")
+    if result.registered:
+        lines.append(f"added {result.entry} to the patches dict of {result.build_file}")
     else:
-        lines.append(f"add this entry to the patches = {{...}} dict of {result.meson_build}:")
-        lines.append(f"  {result.meson_entry},")
+        lines.append(f"add this entry to the patches dict of {result.build_file}:")
+        lines.append(f"  {result.entry},")
     lines += [f"note: {n}" for n in result.notes]
     lines += ["", "  meson compile -C build patches",
               f"  fentry-build apply --pid PID build/{result.path.stem}.so"]
     return "\n".join(lines)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m fentry_build_fromdiff",
-        description="Write patches/NAME.c, the live patch the fix makes to a running build.",
-        epilog="example: git diff v1.4.2 > fix.diff; python -m fentry_build_fromdiff fix_cve "
-               "--diff fix.diff --binary build/server")
-    p.add_argument("name")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--diff", type=Path, help="the fix as a unified diff (git diff)")
-    source.add_argument("--fixed-tree", type=Path, help="a copy of the sources with the fix")
-    p.add_argument("--binary", required=True, type=Path, help="the running build (with -g)")
-    p.add_argument("--project", type=Path, default=Path("."), help="the project's top folder")
-    p.add_argument("--build-dir", type=Path, help="the folder of compile_commands.json")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        result = patch_from_diff(args.name, args.binary, diff=args.diff, fixed_tree=args.fixed_tree,
-                                 project=args.project, build_dir=args.build_dir)
-    except FentryError as e:
-        print(f"fentry-build: error: {e}", file=sys.stderr)
-        return 1
-    print(format_result(result))
-    return 0

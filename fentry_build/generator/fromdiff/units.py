@@ -14,7 +14,7 @@ from pathlib import Path
 from fentry_build.binary.dwarf import DWARF_ERRORS, program_dwarf, text, unit_name
 from fentry_build.errors import FentryError
 
-from fentry_build_fromdiff.compile_db import CompileEntry, normal
+from fentry_build.generator.fromdiff.compile_db import CompileEntry, normal
 
 
 def unit_sources(binary: Path) -> list[Path]:

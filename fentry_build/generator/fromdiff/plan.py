@@ -23,11 +23,11 @@ from pathlib import Path
 from fentry_build.binary.elf import BinaryInfo, CloneName, DataSymbol, FunctionInfo, file_matches
 from fentry_build.generator.inline import CodeCopies, CopyFinder
 
-from fentry_build_fromdiff import refusals
-from fentry_build_fromdiff.extract import (
+from fentry_build.generator.fromdiff import refusals
+from fentry_build.generator.fromdiff.extract import (
     FunctionSource, Needs, Piece, Symbol, UnitSource, names_in, top_level_variables, type_layouts,
 )
-from fentry_build_fromdiff.objdiff import UnitDiff
+from fentry_build.generator.fromdiff.objdiff import UnitDiff
 
 SUFFIX = "_fixed"
 
