@@ -293,6 +293,20 @@ def test_fix_touching_a_static_local_references_the_programs(tmp_path: Path,
     assert patched[0] == "31"
 
 
+NAMES_FIX: list[Edit] = [("calc.c", '{"zero", "one", "two"}', '{"zero", "one", "two", "three"}'),
+                         ("calc.c", "n < 3 ? names[n]", "n < 4 ? names[n]")]
+
+
+def test_fix_of_constant_data_carries_the_new_table(tmp_path: Path, shim_objects: list[Path]) -> None:
+    case = make_case(tmp_path, shim_objects, NAMES_FIX)
+    patch = generate(case, "fix_names", write_diff(case.root, NAMES_FIX, tmp_path / "fix.diff"))
+    text = patch.read_text()
+    # Read-only data: the patch has its own new table, and the code reading it is replaced.
+    assert 'static const char *const names[] = {"zero", "one", "two", "three"};' in text
+    assert "FENTRY_REF(names" not in text
+    patched_matches_fixed(case, patch, ["name 1"], ["name 3", "name 2", "name 9"])
+
+
 # ---- the fix already applied to the project (git diff in the fixed working tree) ----------
 
 

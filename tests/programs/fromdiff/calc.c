@@ -8,6 +8,7 @@
  *   word W    util.c's class of W and how many words it has seen (a static local)
  *   sum W     a checksum of W (a function built without an fentry site)
  *   stats     commands and errors counted so far (a struct)
+ *   name N    the name of N (a table of constant data)
  *
  * main's loop runs for the whole life of the process, so it only calls answer(): a
  * patch reaches the next command through it.
@@ -60,6 +61,13 @@ __attribute__((no_instrument_function)) int checksum(const char *s)
 	return sum & 0xffff;
 }
 
+static const char *const names[] = {"zero", "one", "two"};
+
+static const char *name_of(long n)
+{
+	return n >= 0 && n < 3 ? names[n] : "many";
+}
+
 static void count(int failed)
 {
 	stats.commands++;
@@ -82,6 +90,8 @@ __attribute__((noinline, noclone)) static void answer(const char *cmd, const cha
 		snprintf(out, size, "%d", word_class(arg));
 	else if (strcmp(cmd, "sum") == 0)
 		snprintf(out, size, "%d", checksum(arg));
+	else if (strcmp(cmd, "name") == 0)
+		snprintf(out, size, "%s", name_of(n));
 	else if (strcmp(cmd, "stats") == 0)
 		snprintf(out, size, "commands=%ld errors=%ld", stats.commands, stats.errors);
 	else {
