@@ -15,7 +15,6 @@ import json
 import os
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,21 +23,25 @@ from pathlib import Path
 
 import pytest
 
-from cbuild import INSTRUMENT, build_shim_objects, run
-from mesonrun import copy_example, meson, meson_cmd, setup_and_compile
 from fentry_build import paths
 from fentry_build.build import flags
 from fentry_build.errors import FentryError
+from fentry_build.generator.fromdiff import patchlist
 from fentry_build.generator.fromdiff.command import patch_from_diff
 from fentry_build.generator.fromdiff.refusals import Refusal
+
+from support.builds import (
+    INSTRUMENT, PROGRAMS, build_shim_objects, copy_example, meson, meson_cmd, run, setup_and_compile,
+)
+from support.cli import CLI, package_env
+from support.servers import ask, start as start_server
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("git") is None,
                                 reason="needs gcc and git")
 
-PROGRAM = Path(__file__).resolve().parent / "programs" / "fromdiff"
+PROGRAM = PROGRAMS / "fromdiff"
 SOURCES = ("calc.c", "util.c")
 WERROR = ["-Wall", "-Wextra", "-Werror"]
-CLI = [sys.executable, "-m", "fentry_build"]
 TIMEOUT = 20.0
 
 Edit = tuple[str, str, str]  # file, old text, new text
@@ -116,7 +119,9 @@ def build_patch(binary: Path, patch_c: Path) -> Path:
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_") and k != "XDG_RUNTIME_DIR"}
+    """The package importable, no fentry settings: the control socket goes where a user's does
+    (the same for the program and for `fentry-build apply`)."""
+    return {k: v for k, v in package_env().items() if not k.startswith("FENTRY_") and k != "XDG_RUNTIME_DIR"}
 
 
 @dataclass
@@ -232,6 +237,7 @@ def test_one_line_fix_of_a_global_function(tmp_path: Path, shim_objects: list[Pa
 SCALE_FIX: list[Edit] = [("calc.c", "return clamp(x) * SCALE;", "return clamp(x) * SCALE + 1;")]
 
 
+@pytest.mark.slow
 def test_fix_of_a_static_function_called_from_elsewhere(tmp_path: Path,
                                                         shim_objects: list[Path]) -> None:
     case = make_case(tmp_path, shim_objects, SCALE_FIX)
@@ -268,6 +274,7 @@ HELPER_FIX: list[Edit] = [
 ]
 
 
+@pytest.mark.slow
 def test_fix_adding_a_new_static_helper_carries_it(tmp_path: Path, shim_objects: list[Path]) -> None:
     case = make_case(tmp_path, shim_objects, HELPER_FIX)
     patch = generate(case, "fix_valid", write_diff(case.root, HELPER_FIX, tmp_path / "fix.diff"))
@@ -280,6 +287,7 @@ def test_fix_adding_a_new_static_helper_carries_it(tmp_path: Path, shim_objects:
 WORD_FIX: list[Edit] = [("util.c", "\tif (letters == (int)n)", "\tif (n > 0 && letters == (int)n)")]
 
 
+@pytest.mark.slow
 def test_fix_touching_a_static_local_references_the_programs(tmp_path: Path,
                                                              shim_objects: list[Path]) -> None:
     case = make_case(tmp_path, shim_objects, WORD_FIX)
@@ -297,6 +305,7 @@ NAMES_FIX: list[Edit] = [("calc.c", '{"zero", "one", "two"}', '{"zero", "one", "
                          ("calc.c", "n < 3 ? names[n]", "n < 4 ? names[n]")]
 
 
+@pytest.mark.slow
 def test_fix_of_constant_data_carries_the_new_table(tmp_path: Path, shim_objects: list[Path]) -> None:
     case = make_case(tmp_path, shim_objects, NAMES_FIX)
     patch = generate(case, "fix_names", write_diff(case.root, NAMES_FIX, tmp_path / "fix.diff"))
@@ -310,6 +319,7 @@ def test_fix_of_constant_data_carries_the_new_table(tmp_path: Path, shim_objects
 # ---- the fix already applied to the project (git diff in the fixed working tree) ----------
 
 
+@pytest.mark.slow
 def test_diff_already_applied_to_the_project_is_taken_in_reverse(tmp_path: Path,
                                                                  shim_objects: list[Path]) -> None:
     case = make_case(tmp_path, shim_objects, ADD_FIX)
@@ -323,6 +333,7 @@ def test_diff_already_applied_to_the_project_is_taken_in_reverse(tmp_path: Path,
     patched_matches_fixed(case, case.root / "patches" / "fix_add.c", ["add 1"], ["add -1"])
 
 
+@pytest.mark.slow
 def test_fixed_tree_instead_of_a_diff(tmp_path: Path, shim_objects: list[Path]) -> None:
     case = make_case(tmp_path, shim_objects, SCALE_FIX)
     result = patch_from_diff("fix_scale", case.binary, fixed_tree=tmp_path / "fixed",
@@ -402,6 +413,37 @@ def test_a_diff_that_does_not_apply_says_so(tmp_path: Path, shim_objects: list[P
         patch_from_diff("fix", binary, diff=diff, project=root)
 
 
+# ---- the command line and the patch list ---------------------------------------------------
+
+
+def test_cli_error_is_one_line_and_writes_nothing(tmp_path: Path, shim_objects: list[Path]) -> None:
+    root = copy_program(tmp_path / "project")
+    binary = build_calc(root, shim_objects)
+    diff = write_diff(root, [("calc.c", "static int limit = 100;", "static int limit = 7;")],
+                      tmp_path / "fix.diff")
+    proc = subprocess.run([*CLI, "patch-from-diff", "fix", "--diff", str(diff), "--binary",
+                           str(binary), "--project", str(root)], capture_output=True, text=True,
+                          timeout=300, env=_env())
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("fentry-build: error: the initial value of limit (calc.c) changed")
+    assert not (root / "patches").exists()
+
+
+def test_sconstruct_patches_dict_gets_the_entry(tmp_path: Path) -> None:
+    sconstruct = tmp_path / "SConstruct"
+    shutil.copy(paths.examples_dir() / "hello" / "SConstruct", sconstruct)
+    before = sconstruct.read_text()
+    assert "patches={'my_patch': 'patches/my_patch.c'}" in before
+    assert patchlist.names(tmp_path) == ["my_patch"]
+    registration = patchlist.register(tmp_path, "fix_cve")
+    assert registration.updated and registration.build_file == sconstruct
+    assert sconstruct.read_text() == before.replace(
+        "patches={'my_patch': 'patches/my_patch.c'}",
+        "patches={'my_patch': 'patches/my_patch.c', 'fix_cve': 'patches/fix_cve.c'}")
+    assert patchlist.names(tmp_path) == ["my_patch", "fix_cve"]
+
+
 # ---- the server example (Meson, -O2: GCC inlines and clones) ---------------------------------
 
 PARSE_FIX: list[Edit] = [(
@@ -435,26 +477,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_server(tmp_path_factory.mktemp("server") / "server", [])
 
 
-def serve(binary: Path) -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen([str(binary), "0"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            env=_env(), cwd=binary.parent)
-    line = Running(proc).readline()
-    assert line.startswith("listening on 127.0.0.1:"), line
-    return proc, int(line.rsplit(":", 1)[1])
-
-
-def requests(port: int, lines: list[str]) -> list[str]:
-    """One connection, one answer per line."""
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
-        stream = s.makefile("rw")
-        out = []
-        for line in lines:
-            stream.write(line + "\n")
-            stream.flush()
-            out.append(stream.readline().rstrip("\n"))
-        return out
-
-
 def server_matches_fixed(project: Path, fixed: Path, patch: str, before: list[str],
                          after: list[str]) -> list[str]:
     env = {**os.environ, "FENTRY_STRICT": "1"}
@@ -466,21 +488,21 @@ def server_matches_fixed(project: Path, fixed: Path, patch: str, before: list[st
     results = []
     for binary, so in ((project / "build" / "server", project / "build" / f"{patch}.so"),
                        (fixed / "build" / "server", None)):
-        server_proc, port = serve(binary)
+        srv = start_server(binary)
         try:
-            first = requests(port, before)
+            first = [ask(srv.port, r) for r in before]
             if so is not None:
-                apply_live(server_proc.pid, so)
-            results.append((first, requests(port, after)))  # a new connection: new code
+                apply_live(srv.pid, so)
+            results.append((first, [ask(srv.port, r) for r in after]))  # each a new connection
         finally:
-            server_proc.kill()
-            server_proc.wait()
+            srv.stop()
     (old_first, patched), (fixed_first, expected) = results
     assert old_first == fixed_first
     assert patched == expected
     return patched
 
 
+@pytest.mark.slow
 def test_server_fix_of_the_global_parse_request(server: Path, tmp_path: Path) -> None:
     diff = write_diff(server, PARSE_FIX, tmp_path / "fix.diff")
     result = patch_from_diff("fix_parse_generated", server / "build" / "server", diff=diff,
@@ -494,6 +516,7 @@ def test_server_fix_of_the_global_parse_request(server: Path, tmp_path: Path) ->
     assert patched[0] == "OK 36"
 
 
+@pytest.mark.slow
 def test_server_fix_of_a_static_function_touching_static_state(server: Path, tmp_path: Path) -> None:
     diff = write_diff(server, ANSWER_FIX, tmp_path / "fix.diff")
     result = patch_from_diff("fix_answer_generated", server / "build" / "server", diff=diff,
