@@ -313,7 +313,9 @@ def test_fix_of_constant_data_carries_the_new_table(tmp_path: Path, shim_objects
     # Read-only data: the patch has its own new table, and the code reading it is replaced.
     assert 'static const char *const names[] = {"zero", "one", "two", "three"};' in text
     assert "FENTRY_REF(names" not in text
-    patched_matches_fixed(case, patch, ["name 1"], ["name 3", "name 2", "name 9"])
+    # count() is carried (inlined into answer); its macro names the program's stats.
+    assert "#define COUNT_ERROR() (FENTRY_VAR(stats).errors++)" in text
+    patched_matches_fixed(case, patch, ["name 1", "nope"], ["name 3", "name 2", "name 9", "nix", "stats"])
 
 
 # ---- the fix already applied to the project (git diff in the fixed working tree) ----------
@@ -359,7 +361,7 @@ def refusal(tmp_path: Path, shim: list[Path], edits: list[Edit]) -> str:
 def test_changed_struct_layout_is_refused(tmp_path: Path, shim_objects: list[Path]) -> None:
     message = refusal(tmp_path, shim_objects, [
         ("calc.c", "\tlong errors;\n};", "\tlong errors;\n\tlong unknown;\n};"),
-        ("calc.c", "\t\tstats.errors++;", "\t\tstats.errors++, stats.unknown++;"),
+        ("calc.c", "\tstats.commands++;", "\tstats.commands++, stats.unknown++;"),
     ])
     assert message.startswith("struct stats changed")
     assert "the variable stats in calc.c" in message and "shadow variable" in message

@@ -115,6 +115,11 @@ class Planner:
         self.plan.functions.sort(key=lambda e: (e.unit.index, e.function.start))
         self.plan.pieces.sort(key=lambda p: (p[0].index, p[1].start))
         self._check_collisions()
+        for e in self.plan.replaced():
+            if e.function.name == "main":
+                self.plan.notes.append(
+                    "the patch replaces main, which is running: its code changes only for calls "
+                    "that start after the patch is applied (a program calls main once)")
         if not self.plan.replaced():
             raise refusals.unsupported(
                 "the fix changes no function's code in the running build",

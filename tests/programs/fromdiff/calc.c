@@ -68,11 +68,13 @@ static const char *name_of(long n)
 	return n >= 0 && n < 3 ? names[n] : "many";
 }
 
+#define COUNT_ERROR() (stats.errors++)
+
 static void count(int failed)
 {
 	stats.commands++;
 	if (failed)
-		stats.errors++;
+		COUNT_ERROR();
 }
 
 __attribute__((noinline, noclone)) static void answer(const char *cmd, const char *arg, char *out,
