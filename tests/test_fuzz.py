@@ -19,7 +19,6 @@ in docs/security.md.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import mmap
@@ -43,7 +42,7 @@ from elftools.elf.elffile import ELFFile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fentry_build.binary import elf as elfinfo
+from fentry_build.binary.program import Program
 from fentry_build.client import control
 from fentry_build.errors import FentryError
 from fentry_build.generator import main as gen
@@ -402,8 +401,8 @@ def where(e: BaseException) -> str:
 
 
 # Known generator bugs, reported with their fixes (docs/security.md, "Found by these tests"):
-# elfinfo.MemoryImage reads a section whose size runs past the end of the file (MemoryError
-# or OverflowError from pyelftools' read), and elfinfo.CompileUnitFiles lets pyelftools'
+# elf.MemoryImage reads a section whose size runs past the end of the file (MemoryError
+# or OverflowError from pyelftools' read), and elf.CompileUnitFiles lets pyelftools'
 # AssertionError out (a DWARF section missing once the section names are corrupt).
 KNOWN_GEN_BUGS: tuple[str, ...] = ()  # fixed: section extents checked, DWARF errors caught
 
@@ -540,12 +539,21 @@ def _gen_patch_source(source: bytes, out_dir: Path, binary: Path) -> GenRun:
 
 @contextlib.contextmanager
 def fast_generator() -> Iterator[None]:
-    """Read the binary once and build the template environment once (in-process speed;
-    the ELF reader has its own fuzz test above)."""
-    with mock.patch.object(gen, "read_binary", functools.lru_cache(maxsize=4)(elfinfo.read_binary)), \
-            mock.patch.object(gen, "template_environment",
-                              functools.lru_cache(maxsize=1)(gen.template_environment)):
+    """Open each binary once for every generator run (in-process speed; the ELF reader has
+    its own fuzz test above).  The template environment is built once anyway (jinja.py)."""
+    opened: dict[Path, Program] = {}
+    real_open = Program.open
+
+    def open_once(path: Path) -> Program:
+        if Path(path) not in opened:
+            opened[Path(path)] = real_open(Path(path))
+        return opened[Path(path)]
+
+    with mock.patch.object(Program, "open", open_once), \
+            mock.patch.object(Program, "close", lambda self: None):
         yield
+    for program in opened.values():
+        program.close()
 
 
 SOURCE_EXAMPLES = 400

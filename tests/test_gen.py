@@ -13,7 +13,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
-from fentry_build import paths
+from fentry_build import jinja, paths
 from fentry_build.binary import check
 from fentry_build.binary.elf import FunctionInfo, SiteForm, read_binary
 from fentry_build.errors import FentryError
@@ -273,9 +273,9 @@ def test_main_writes_the_output_and_leaves_no_temporary(pie_glibc: Path, tmp_pat
 
 
 def test_c_strings_are_escaped() -> None:
-    assert gen.c_string(None) == "NULL"
-    assert gen.c_string('a"b\\c\n??/é') == '"a\\"b\\\\c\\012\\077\\077/\\303\\251"'
-    assert gen.c_comment("x*/y/*z") == "x*\\/y/\\*z"
+    assert jinja.c_string(None) == "NULL"
+    assert jinja.c_string('a"b\\c\n??/é') == '"a\\"b\\\\c\\012\\077\\077/\\303\\251"'
+    assert jinja.c_comment("x*/y/*z") == "x*\\/y/\\*z"
 
 
 # ---- static functions of the same name ------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fentry_build.binary.elf import FunctionInfo, read_binary
+from fentry_build.binary.elf import FunctionInfo
+from fentry_build.binary.program import Program
 
 
 def _function_entry(f: FunctionInfo) -> dict[str, Any]:
@@ -29,7 +30,8 @@ def _counts_as_uninstrumented(f: FunctionInfo) -> bool:
 
 def check_binary(path: Path) -> dict[str, Any]:
     """A JSON-able report on `path`; FentryError if it is not a readable x86-64 ELF."""
-    info = read_binary(path)
+    with Program.open(path) as program:
+        info = program.info
     sited = sorted((f for f in info.functions if f.site is not None), key=lambda f: f.addr)
     return {
         "path": str(path),

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
 from elftools.dwarf.compileunit import CompileUnit
@@ -242,20 +240,5 @@ class ProgramDwarf:
         return posixpath.normpath(posixpath.join(comp_dir, path))
 
 
-@contextmanager
-def program_dwarf(path: Path) -> Iterator[ProgramDwarf | None]:
-    """The DWARF of the ELF file at `path` while the block runs, or None without -g.
-
-    The caller has read `path` with read_binary already: an unreadable file is an OSError.
-    """
-    with open(path, "rb") as stream:
-        try:
-            dwarf = ProgramDwarf.of(ELFFile(stream))
-        except DWARF_ERRORS:
-            dwarf = None
-        yield dwarf
-
-
 __all__ = ["DWARF_ERRORS", "ProgramDwarf", "attribute", "die_name", "may_be_inlined", "origin",
-           "origin_chain",
-           "program_dwarf", "text", "unit_name", "unit_of"]
+           "origin_chain", "text", "unit_name", "unit_of"]

@@ -25,7 +25,7 @@ DWARF_ERRORS = (DWARFError, ELFError, ConstructError, KeyError, ValueError, Inde
 
 FENTRY_SYMBOL = "__fentry__"
 
-# The bytes a function entry may hold (see DESIGN.md, "Call-site forms").
+# The bytes a function entry may hold (docs/measurements.md, "Call-site forms").
 ENDBR64 = b"\xf3\x0f\x1e\xfa"  # endbr64 (-fcf-protection): the site follows it
 CALL_REL32_OPCODE = b"\xe8"  # call rel32
 ADDR32_CALL_OPCODE = b"\x67\xe8"  # addr32 call rel32 (the linker's relaxed GOT call)
@@ -451,23 +451,39 @@ def _check_machine(elf: ELFFile, path: Path) -> None:
         )
 
 
+# What pyelftools raises on a file that is not a well-formed ELF file.
+ELF_ERRORS = (ELFError, ConstructError, struct.error, ValueError, IndexError, OverflowError,
+              MemoryError, AssertionError)
+
+
+def read_elf(elf: ELFFile, path: Path) -> BinaryInfo:
+    """What the generator and `check` need of the open ELF file `elf` (read from `path`).
+
+    Raises FentryError for a file of another machine or kind, and pyelftools' errors
+    (ELF_ERRORS) for a damaged one: see read_binary() and binary.program.Program.
+    """
+    _check_machine(elf, path)
+    reader = FunctionSymbolReader(elf)
+    return BinaryInfo(path, BuildIdReader.read(elf), reader.has_symtab,
+                      _read_functions(elf, reader), tuple(reader.variables()),
+                      has_debug_info(elf))
+
+
+def unreadable(path: Path, error: BaseException) -> FentryError:
+    """The one-line error for a file read_elf() could not read."""
+    if isinstance(error, OSError):
+        return FentryError(f"cannot read {path}: {error.strerror or error}; pass the built program")
+    return FentryError(
+        f"{path} is not a readable ELF file ({error}); pass the built program or shared library")
+
+
 def read_binary(path: Path) -> BinaryInfo:
     """Read a program or shared library; FentryError (one line) if it cannot be read as one."""
     try:
         with open(path, "rb") as stream:
-            elf = ELFFile(stream)
-            _check_machine(elf, path)
-            reader = FunctionSymbolReader(elf)
-            return BinaryInfo(path, BuildIdReader.read(elf), reader.has_symtab,
-                              _read_functions(elf, reader), tuple(reader.variables()),
-                              has_debug_info(elf))
-    except OSError as e:
-        raise FentryError(f"cannot read {path}: {e.strerror or e}; pass the built program") from None
-    except (ELFError, ConstructError, struct.error, ValueError, IndexError, OverflowError,
-            MemoryError, AssertionError) as e:
-        raise FentryError(
-            f"{path} is not a readable ELF file ({e}); pass the built program or shared library"
-        ) from None
+            return read_elf(ELFFile(stream), path)
+    except (OSError, *ELF_ERRORS) as e:
+        raise unreadable(path, e) from None
 
 
 def file_matches(file: str | None, wanted: str) -> bool:
@@ -484,6 +500,6 @@ def site_bytes_hex(site: FentrySite) -> str:
 
 
 __all__ = [
-    "BinaryInfo", "CloneName", "DataSymbol", "FentrySite", "FunctionInfo", "SiteForm",
-    "file_matches", "has_debug_info", "read_binary", "site_bytes_hex",
+    "ELF_ERRORS", "BinaryInfo", "CloneName", "DataSymbol", "FentrySite", "FunctionInfo", "SiteForm",
+    "file_matches", "has_debug_info", "read_binary", "read_elf", "site_bytes_hex", "unreadable",
 ]

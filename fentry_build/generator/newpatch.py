@@ -11,7 +11,6 @@ project's meson.build when that dict has the snippet's form (MesonPatches).
 
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 import posixpath
@@ -22,13 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elftools.dwarf.die import DIE
-from elftools.elf.elffile import ELFFile
 
+from fentry_build import jinja
 from fentry_build.binary.dwarf import DWARF_ERRORS, ProgramDwarf, attribute, die_name, origin_chain
-from fentry_build.binary.elf import BinaryInfo, FunctionInfo, file_matches, read_binary
+from fentry_build.binary.elf import FunctionInfo
+from fentry_build.binary.program import Program
 from fentry_build.errors import FentryError
 from fentry_build.generator.inline import CLONE_FIX, CopyFinder, describe
-from fentry_build.generator.main import template_environment, write_atomically
+from fentry_build.generator.main import write_atomically
+from fentry_build.generator.resolve import (
+    AmbiguousFunction, FunctionIndex, NoSuchFunction, NotInFile, NotInstrumented,
+)
 
 TEMPLATE = "new_patch.c.j2"
 PATCH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
@@ -461,82 +464,67 @@ class NewPatchResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _find_function(functions: tuple[FunctionInfo, ...], name: str, file: str | None,
-                   program: str) -> FunctionInfo:
-    candidates = [f for f in functions if f.name == name]
-    unique: list[FunctionInfo] = []
-    for f in candidates:
-        if all(g.addr != f.addr for g in unique):
-            unique.append(f)
-    if not unique:
-        clones = [f for f in functions if f.clone.is_clone and f.clone.base == name
-                  and not f.clone.is_cold_part and not f.clone.is_alias]
-        if clones:
+def _find_function(index: FunctionIndex, name: str, file: str | None, program: str) -> FunctionInfo:
+    """The function --function (and --file) name, through the generator's lookup; the
+    failures phrased for the command line."""
+    try:
+        return index.lookup(name, file, any_symbol=True)
+    except NoSuchFunction as e:
+        if e.candidates:
             raise FentryError(
                 f"{name} has no body of its own in {program}: GCC made only the IPA clone(s) "
-                f"{', '.join(c.name for c in clones)}, which its callers call instead; "
-                f"{CLONE_FIX.format(name=name)}")
-        close = _close(functions, name)
+                f"{', '.join(c.name for c in e.candidates)}, which its callers call instead; "
+                f"{CLONE_FIX.format(name=name)}") from None
+        close = index.close_names(name, clone_bases=False)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise FentryError(f"no function {name} in {program}; {hint}pass --function the name of "
-                          "one of its functions")
-    if file is not None:
-        matching = [f for f in unique if file_matches(f.file, file)]
-        if not matching:
-            found = "; ".join(f"{'static' if f.local else 'global'} in {f.file or 'an unknown file'}"
-                              for f in unique)
-            raise FentryError(f"no function {name} of file \"{file}\" in {program} ({name} is "
-                              f"{found}); fix --file")
-        unique = matching
-    if len(unique) > 1:
-        files = ", ".join(f.file or "an unknown file" for f in unique)
-        example = next((f.file for f in unique if f.file), "file.c")
-        raise FentryError(f"{name} is ambiguous in {program}: {len(unique)} functions have that "
-                          f"name (in {files}); add --file {example}")
-    f = unique[0]
-    if f.site is None:
+                          "one of its functions") from None
+    except NotInFile as e:
+        found = "; ".join(f"{'static' if f.local else 'global'} in {f.file or 'an unknown file'}"
+                          for f in e.candidates)
+        raise FentryError(f"no function {name} of file \"{file}\" in {program} ({name} is "
+                          f"{found}); fix --file") from None
+    except AmbiguousFunction as e:
+        files = ", ".join(f.file or "an unknown file" for f in e.candidates)
+        example = next((f.file for f in e.candidates if f.file), "file.c")
+        raise FentryError(f"{name} is ambiguous in {program}: {len(e.candidates)} functions have "
+                          f"that name (in {files}); add --file {example}") from None
+    except NotInstrumented:
         raise FentryError(f"{name} in {program} is not instrumented (no call to __fentry__ at its "
-                          f"entry), so no patch can replace it; {INSTRUMENT_FIX}")
-    return f
+                          f"entry), so no patch can replace it; {INSTRUMENT_FIX}") from None
 
 
-def _close(functions: tuple[FunctionInfo, ...], name: str) -> list[str]:
-    names = sorted({f.name for f in functions if not f.clone.is_clone})
-    return difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-
-
-def _render_skeleton(info: BinaryInfo, f: FunctionInfo, patch_name: str,
+def _render_skeleton(program: Program, f: FunctionInfo, patch_name: str,
                      patch_dir: Path) -> tuple[str, list[str]]:
     """The skeleton's text and notes (copies of f the patch will not reach, variadic...)."""
     notes: list[str] = []
-    program = info.path.name
-    with open(info.path, "rb") as stream:
-        dwarf = ProgramDwarf.of(ELFFile(stream))
-        if dwarf is None:
+    name = program.name
+    dwarf = program.dwarf
+    if dwarf is None:
+        raise FentryError(
+            f"new-patch reads {f.name}'s prototype from the DWARF of {name}, which has "
+            "none: build it with -g (Meson's default buildtypes debug and debugoptimized do)")
+    try:
+        die = dwarf.subprogram_at(f.addr)
+        if die is None:
             raise FentryError(
-                f"new-patch reads {f.name}'s prototype from the DWARF of {program}, which has "
-                "none: build it with -g (Meson's default buildtypes debug and debugoptimized do)")
-        try:
-            die = dwarf.subprogram_at(f.addr)
-            if die is None:
-                raise FentryError(
-                    f"no DWARF for {f.name} in {program} ({f.file or 'its file'} was compiled "
-                    "without -g); compile it with -g")
-            writer = CTypeWriter()
-            proto = prototype_of(die, f.name, writer)
-            sources = TypeSources(dwarf, writer, patch_dir)
-            sources.resolve()
-            message = describe(CopyFinder(info, dwarf).copies(f), {f.addr}, program, True)
-        except DWARF_ERRORS as e:
-            raise FentryError(f"cannot read the DWARF of {program} ({e}); "
-                              "rebuild it with gcc -g") from None
+                f"no DWARF for {f.name} in {name} ({f.file or 'its file'} was compiled "
+                "without -g); compile it with -g")
+        writer = CTypeWriter()
+        proto = prototype_of(die, f.name, writer)
+        sources = TypeSources(dwarf, writer, patch_dir)
+        sources.resolve()
+        message = describe(CopyFinder(program.info, dwarf).copies(f), {f.addr}, name, True)
+    except DWARF_ERRORS as e:
+        raise FentryError(f"cannot read the DWARF of {name} ({e}); "
+                          "rebuild it with gcc -g") from None
     if message:
         notes.append(message)
     if proto.variadic:
         notes.append(f"{f.name} is variadic: the skeleton passes only its named arguments on to "
                      "the original; write the body yourself (C cannot forward `...`)")
-    skeleton = template_environment().get_template(TEMPLATE).render({
-        "name": patch_name, "program": program, "function": f.name,
+    skeleton = jinja.environment().get_template(TEMPLATE).render({
+        "name": patch_name, "program": name, "function": f.name,
         "file": f.file if f.local else None, "proto": proto,
         "includes": sorted(sources.includes.values(), key=lambda i: (i.spelled[0] != "<", i.spelled)),
         "declarations": sources.declarations,
@@ -563,9 +551,9 @@ def new_patch(name: str, function: str, binary: Path, project_dir: Path = Path("
     if name in meson.names:
         raise FentryError(f"{meson.path} already has a patch named '{name}' in its patches dict; "
                           "pick another name")
-    info = read_binary(binary)
-    f = _find_function(info.functions, function, file, binary.name)
-    skeleton, notes = _render_skeleton(info, f, name, path.parent)
+    with Program.open(binary) as program:
+        f = _find_function(FunctionIndex(program.info), function, file, binary.name)
+        skeleton, notes = _render_skeleton(program, f, name, path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "x", encoding="utf-8") as out:  # "x": never overwrite, even in a race
         out.write(skeleton)
