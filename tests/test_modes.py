@@ -29,7 +29,7 @@ import pytest
 import fentry_build
 from fentry_build import paths
 from fentry_build.build import sharedshim
-from fentry_build.client import attach, attach_gdb
+from fentry_build.client import attach, attach_checks, attach_gdb, attach_plan, mapped, procfs
 from fentry_build.errors import FentryError
 
 from support.builds import PROGRAMS, build_patch, build_program, meson, run
@@ -557,16 +557,16 @@ def test_attach_gives_up_in_bounded_time_when_no_thread_is_at_a_safe_point(
 # ---- the pieces, without processes ----------------------------------------------------------
 
 
-def _status(**kw: Any) -> attach.ProcStatus:
+def _status(**kw: Any) -> procfs.ProcStatus:
     base = dict(name="x", state="S", ppid=1, tracer=0, uids=(0, 0, 0, 0), gids=(0, 0, 0, 0), seccomp=0)
     base.update(kw)
-    return attach.ProcStatus(**base)  # type: ignore[arg-type]
+    return procfs.ProcStatus(**base)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("state, words", [("Z", "has exited"), ("T", "is stopped"), ("t", "is stopped")])
 def test_check_permission_refuses_dead_and_stopped(state: str, words: str) -> None:
     with pytest.raises(FentryError, match=words):
-        attach.check_permission(os.getpid(), _status(state=state))
+        attach_checks.check_permission(os.getpid(), _status(state=state))
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -576,17 +576,17 @@ def test_check_permission_refuses_dead_and_stopped(state: str, words: str) -> No
 ])
 def test_check_attachable_refusals(kw: dict[str, Any], words: str) -> None:
     with pytest.raises(FentryError, match=words):
-        attach.check_attachable(os.getpid(), _status(**kw))
+        attach_checks.check_attachable(os.getpid(), _status(**kw))
 
 
 def test_check_attachable_reads_yama(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attach, "yama_scope", lambda: 3)
+    monkeypatch.setattr(attach_checks, "yama_scope", lambda: 3)
     with pytest.raises(FentryError, match="ptrace_scope=3"):
-        attach.check_attachable(os.getpid(), _status())
-    monkeypatch.setattr(attach, "yama_scope", lambda: 2)
-    monkeypatch.setattr(attach, "_has_cap", lambda cap: False)
+        attach_checks.check_attachable(os.getpid(), _status())
+    monkeypatch.setattr(attach_checks, "yama_scope", lambda: 2)
+    monkeypatch.setattr(procfs, "has_capability", lambda cap: False)
     with pytest.raises(FentryError, match="ptrace_scope=2"):
-        attach.check_attachable(os.getpid(), _status())
+        attach_checks.check_attachable(os.getpid(), _status())
 
 
 def test_a_ptrace_refusal_from_gdb_is_one_line_that_names_the_causes() -> None:
@@ -641,21 +641,22 @@ def test_threads_in_the_dynamic_linker_are_found() -> None:
 def test_the_plan_names_glibc_functions_and_the_slot(built: dict[str, Path], rundir: Path,
                                                      servers: list[ModesServer], shim_so: Path) -> None:
     s = start(servers, built["server"], rundir, busy=1)
-    maps = attach.read_maps(s.pid)
-    objects = attach.loaded_objects(s.pid, maps)
-    plan = attach.build_plan(s.pid, maps, objects, shim_so)
-    assert set(plan["functions"]) == set(attach.TARGET_FUNCTIONS)
-    [slot] = plan["slots"]
+    maps = procfs.read_maps(s.pid)
+    objects = mapped.loaded_objects(s.pid, maps)
+    plan = attach_plan.build_plan(s.pid, maps, objects, shim_so)
+    assert plan.version == attach_plan.PLAN_VERSION == attach_gdb.PLAN_VERSION
+    assert set(plan.functions) == set(attach_plan.TARGET_FUNCTIONS)
+    [slot] = plan.slots
     assert slot["module"] == str(built["server"])
     # The slot holds glibc's __fentry__ now: read it the way gdb will check it.
-    value = attach._read_mem_u64(s.pid, slot["addr"])
+    value = procfs.read_mem_u64(s.pid, slot["addr"])
     assert value is not None and any(lo <= value < hi for lo, hi in slot["accept"])
     # RELRO made it read-only after relocation: gdb's ptrace write must (and does) bypass that.
     [where] = [m for m in maps if m.start <= slot["addr"] < m.end]
     assert where.perms.startswith("r--"), where
-    labels = {label for _, _, label in plan["ranges"]["leaf"]}
+    labels = {label for _, _, label in plan.ranges["leaf"]}
     assert {"accept", "__fentry__"} <= labels
-    assert attach.shim_presence(s.pid, objects) is None
+    assert attach_checks.shim_presence(s.pid, objects) is None
 
 
 # ---- Meson: instrument_dep and the shared shim -------------------------------------------

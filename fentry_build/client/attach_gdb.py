@@ -35,6 +35,9 @@ import sys
 import time
 from typing import Any
 
+# The plan's format (fentry_build/client/attach_plan.py, AttachPlan; the two must agree).
+PLAN_VERSION = 1
+
 # ---- the decision, free of gdb (unit-tested from the package) -------------------------
 
 USER = "user"        # the program's own code (or any library that is not the C runtime)
@@ -452,7 +455,13 @@ def run(plan: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     with open(os.environ["FENTRY_ATTACH_PLAN"]) as f:
         plan = json.load(f)
-    result = run(plan)
+    if plan.get("version") != PLAN_VERSION:
+        result: dict[str, Any] = {
+            "ok": False, "stage": "plan",
+            "error": f"the plan has version {plan.get('version')}; this gdb script reads "
+                     f"version {PLAN_VERSION} (a mixed installation of fentry_build?)"}
+    else:
+        result = run(plan)
     with open(plan["result"], "w") as f:
         json.dump(result, f)
 

@@ -1,4 +1,4 @@
-"""The client of a running program's control channel (the shim's ``control.c``).
+"""client/control.py - the client of a running program's control channel (the shim's ``control/control.c``).
 
 A program built with the fentry shim listens on ``<runtime dir>/<pid>.sock`` for JSON
 requests, one per line, and answers each with one JSON line.  The runtime directory is
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fentry_build.client import procfs
 from fentry_build.errors import FentryError
 
 DEFAULT_TIMEOUT = 10.0
@@ -25,40 +26,6 @@ Reply = dict[str, Any]
 
 
 # ---- where the socket is -------------------------------------------------------------
-
-
-def _proc(pid: int) -> Path:
-    proc = Path("/proc") / str(pid)
-    if pid <= 0 or not proc.is_dir():
-        raise FentryError(f"no process with pid {pid}")
-    return proc
-
-
-def _target_environ(pid: int) -> dict[str, str] | None:
-    """The environment the process started with, or None when we may not read it."""
-    try:
-        raw = (_proc(pid) / "environ").read_bytes()
-    except (PermissionError, FileNotFoundError, ProcessLookupError):
-        return None
-    if not raw:  # a zombie, or a process that cleared it: nothing to go by
-        return None
-    env: dict[str, str] = {}
-    for item in raw.split(b"\0"):
-        key, sep, value = item.partition(b"=")
-        if sep:
-            env[key.decode(errors="surrogateescape")] = value.decode(errors="surrogateescape")
-    return env
-
-
-def _target_euid(pid: int) -> int:
-    try:
-        status = (_proc(pid) / "status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        raise FentryError(f"no process with pid {pid}") from None
-    for line in status.splitlines():
-        if line.startswith("Uid:"):
-            return int(line.split()[2])  # real, effective, saved, fs
-    raise FentryError(f"cannot read the uid of process {pid} from /proc/{pid}/status")
 
 
 def runtime_dir(env: dict[str, str], euid: int) -> Path:
@@ -74,8 +41,8 @@ def runtime_dir(env: dict[str, str], euid: int) -> Path:
 
 def socket_path(pid: int) -> Path:
     """The control socket of process ``pid``, from its environment (else ours)."""
-    euid = _target_euid(pid)
-    env = _target_environ(pid)
+    euid = procfs.effective_uid(pid)
+    env = procfs.read_environ(pid)
     return runtime_dir(env if env is not None else dict(os.environ), euid) / f"{pid}.sock"
 
 

@@ -1,0 +1,149 @@
+"""client/procfs.py - the one reader of /proc for the client: a process's status, environment,
+memory maps, name and memory, and our own capabilities.
+
+Both the control client (where is the process's socket) and attach (may we ptrace it,
+what is mapped into it) read a target process through these functions.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from fentry_build.errors import FentryError
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    inode: int
+    path: str  # "" for anonymous memory; "[vdso]", "[stack]"...
+
+    @property
+    def executable(self) -> bool:
+        return "x" in self.perms
+
+
+@dataclass(frozen=True)
+class ProcStatus:
+    """What /proc/PID/status says about who the process is and what state it is in."""
+
+    name: str
+    state: str
+    ppid: int
+    tracer: int
+    uids: tuple[int, ...]  # real, effective, saved, fs
+    gids: tuple[int, ...]
+    seccomp: int
+
+
+def proc_dir(pid: int) -> Path:
+    """/proc/PID; FentryError when there is no such process."""
+    p = Path("/proc") / str(pid)
+    if pid <= 0 or not p.is_dir():
+        raise FentryError(f"no process with pid {pid}")
+    return p
+
+
+def read_status(pid: int) -> ProcStatus:
+    try:
+        text = (proc_dir(pid) / "status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        raise FentryError(f"no process with pid {pid}") from None
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return ProcStatus(
+        name=fields.get("Name", "?"),
+        state=fields.get("State", "?").split()[0] if fields.get("State") else "?",
+        ppid=int(fields.get("PPid", "0")),
+        tracer=int(fields.get("TracerPid", "0")),
+        uids=tuple(int(x) for x in fields.get("Uid", "").split()),
+        gids=tuple(int(x) for x in fields.get("Gid", "").split()),
+        seccomp=int(fields.get("Seccomp", "0")),
+    )
+
+
+def effective_uid(pid: int) -> int:
+    """The effective uid of process `pid`."""
+    uids = read_status(pid).uids
+    if len(uids) < 2:
+        raise FentryError(f"cannot read the uid of process {pid} from /proc/{pid}/status")
+    return uids[1]
+
+
+def read_environ(pid: int) -> dict[str, str] | None:
+    """The environment the process started with, or None when we may not read it."""
+    try:
+        raw = (proc_dir(pid) / "environ").read_bytes()
+    except (PermissionError, FileNotFoundError, ProcessLookupError):
+        return None
+    if not raw:  # a zombie, or a process that cleared it: nothing to go by
+        return None
+    env: dict[str, str] = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode(errors="surrogateescape")] = value.decode(errors="surrogateescape")
+    return env
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    try:
+        text = (proc_dir(pid) / "maps").read_text()
+    except PermissionError:
+        raise FentryError(f"cannot read /proc/{pid}/maps: permission denied; attach as the "
+                          "user the process runs as, or as root") from None
+    except (FileNotFoundError, ProcessLookupError):
+        raise FentryError(f"no process with pid {pid}") from None
+    maps = []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        maps.append(Mapping(start, end, parts[1], int(parts[2], 16), int(parts[4]),
+                            parts[5].strip() if len(parts) > 5 else ""))
+    return maps
+
+
+def read_comm(pid: int) -> str:
+    """The process's name (/proc/PID/comm), "?" when it cannot be read."""
+    try:
+        return (Path("/proc") / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def read_mem_u64(pid: int, addr: int) -> int | None:
+    """The 8 bytes at `addr` in process `pid` (little-endian), None when unreadable."""
+    try:
+        with open(f"/proc/{pid}/mem", "rb") as f:
+            f.seek(addr)
+            data = f.read(8)
+        return int(struct.unpack("<Q", data)[0]) if len(data) == 8 else None
+    except (OSError, OverflowError):
+        return None
+
+
+def has_capability(cap: int) -> bool:
+    """Is capability number `cap` in our effective set (root without /proc: yes)?"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    except OSError:
+        pass
+    return os.geteuid() == 0
+
+
+__all__ = ["Mapping", "ProcStatus", "effective_uid", "has_capability", "proc_dir", "read_comm",
+           "read_environ", "read_maps", "read_mem_u64", "read_status"]
