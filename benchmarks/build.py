@@ -1,16 +1,16 @@
 """build.py - compiles the benchmark programs the way a fentry_build user's build does.
 
-Instrumented programs get the flags of ``dependency('fentry')`` (read from the shim's own
-``meson.build``, so the two never drift apart) on their compile lines only, and the shim
-linked in; patches are registered with the real generator (``python -m fentry_build.gen``)
-and linked as shared objects, exactly as ``tests/cbuild.py`` and the Meson subproject do.
+Instrumented programs get the flags of ``dependency('fentry')`` (fentry_build.build.flags,
+which tests/test_facts.py holds to the shim's own ``meson.build``) on their compile lines
+only, and the shim linked in; patches are registered with the real generator
+(``python -m fentry_build.gen``) and linked as shared objects, exactly as
+``tests/support/builds.py`` and the Meson subproject do.
 The shim is compiled once and its objects are shared by every instrumented program.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +24,7 @@ except ImportError:  # a source checkout run with a Python that has no fentry_bu
     import fentry_build
 
 from fentry_build import paths
-from fentry_build.build import sharedshim
+from fentry_build.build import flags, sharedshim
 
 HERE = Path(__file__).resolve().parent
 SHIM_CFLAGS = list(sharedshim.SHIM_CFLAGS)
@@ -45,12 +45,9 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
 
 
 def instrument_flags() -> list[str]:
-    """The compile flags of dependency('fentry'): fentry_instrument_args in shim/meson.build."""
-    text = (paths.shim_dir() / "meson.build").read_text()
-    m = re.search(r"^fentry_instrument_args\s*=\s*\[([^\]]*)\]", text, re.M)
-    if not m:
-        raise BuildError(f"fentry_instrument_args not found in {paths.shim_dir() / 'meson.build'}")
-    return re.findall(r"'([^']*)'", m.group(1))
+    """The compile flags of dependency('fentry'), from their one Python home
+    (fentry_build.build.flags; tests/test_facts.py holds shim/meson.build to the same list)."""
+    return list(flags.LINKED_INSTRUMENT_ARGS)
 
 
 def generator_env() -> dict[str, str]:

@@ -504,7 +504,7 @@ def analysis(micro: dict[str, MicroVariant], apply: dict[str, ApplyVariant],
         out.append(
             f"- **dispatch, unpatched** costs {extra:+.2f} ns per call{cyc(extra)}: a `call` "
             "and a `ret` to `__fentry__` plus `mov table(%rip),%r11; test; jnz` on every "
-            "instrumented call. The call and return pair is the cost (DESIGN.md: a "
+            "instrumented call. The call and return pair is the cost (docs/measurements.md: a "
             "`__fentry__` that is only `ret` is already 1.52×); dispatch mode cannot avoid it "
             "because it never rewrites the site. Jump mode is the mode for speed.")
     if "dispatch, active-table miss" in missed:

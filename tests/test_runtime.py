@@ -1,6 +1,6 @@
 """The shim at run time: real instrumented programs, real patches, real dlopen, no mocks.
 
-Every program here is built by real gcc with the shim linked in (tests/cbuild.py), every
+Every program here is built by real gcc with the shim linked in (tests/support/builds.py), every
 patch by the real generator, and every test runs the program as a process and asserts
 what it prints.  The C sources are in tests/programs/.  Patches arrive through
 FENTRY_PATCHES only; the control channel is switched off (FENTRY_CONTROL=0) except where
@@ -180,10 +180,10 @@ HELLO_PATCHED = "my_patch: 123\n"
 
 @pytest.fixture(scope="module")
 def hello(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    """examples/hello built with -flive-patching=inline-only-static on top of cbuild's flags.
+    """examples/hello built with -flive-patching=inline-only-static on top of build_program's flags.
 
     hello.c's my_function is a small global function called once from main: under
-    cbuild's -O2 -flive-patching=inline-clone GCC inlines it into main, and the inlined
+    build_program's -O2 -flive-patching=inline-clone GCC inlines it into main, and the inlined
     copy never reaches the fentry site (test_hello_example_with_cbuild_default_flags_
     is_patched below).  inline-only-static (the later -flive-patching wins) stops GCC
     inlining global functions, so main really calls my_function.
@@ -242,7 +242,7 @@ def test_hello_patch_with_the_control_channel_on_prints_nothing_else(hello: Buil
 
 
 def test_hello_example_with_cbuild_default_flags_is_patched(tmp_path: Path) -> None:
-    """The example exactly as tests/cbuild.py builds any program.
+    """The example exactly as tests/support/builds.py builds any program.
 
     Fails today: at -O2 -flive-patching=inline-clone GCC inlines my_function into main,
     so the patch loads without a word at run time and changes nothing (the generator

@@ -1,7 +1,7 @@
 """generator/inline.py - where else a replaced function's code runs: inlined copies (DWARF) and IPA clones (.symtab).
 
 Patching `f` redirects calls that reach f's own fentry site.  Two kinds of copies never
-reach it (DESIGN.md): a copy GCC *inlined* into a caller, and an *IPA clone*
+reach it (docs/measurements.md): a copy GCC *inlined* into a caller, and an *IPA clone*
 (f.constprop.0, f.isra.0, f.part.0) that callers call instead of f.  The generator asks
 this module, for each function a patch replaces, which callers hold such copies, and
 warns (or, strict, fails) with their names and the fix.

@@ -40,7 +40,7 @@ extern "C" {
 
 /*
  * The forms gcc and the linker give the call to __fentry__ at a function's entry
- * (measured on gcc 12 / binutils 2.40, see DESIGN.md).  An optional endbr64
+ * (measured on gcc 12 / binutils 2.40: docs/measurements.md).  An optional endbr64
  * (f3 0f 1e fa, -fcf-protection) may come first; then site_offset is 4.
  */
 enum fentry_site_form {

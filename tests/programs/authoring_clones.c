@@ -3,7 +3,7 @@
  *   scale   static; the calls with k == 7 go to scale.constprop.0, the other to scale
  *   lookup  global; its cold path is split off into lookup.part.0, which main calls
  *           directly after inlining lookup's hot head (partial inlining)
- * -flive-patching=inline-clone allows both (DESIGN.md).
+ * -flive-patching=inline-clone allows both (docs/measurements.md).
  */
 #include <stdio.h>
 #include <stdlib.h>
