@@ -19,7 +19,7 @@
 #include "core/table.h"
 
 static int jump;
-static char reason[256] = "not initialised";
+static char reason[FENTRY_ERR_MAX] = "not initialised";
 
 /* Redirections the table holds now, to restore them if a code rewrite fails. */
 static struct fentry_redirect *table_now;
@@ -67,7 +67,7 @@ static int nop_all_live(void)
 FENTRY_HIDDEN void fentry_mode_init(void)
 {
 	const char *want = secure_getenv("FENTRY_MODE");
-	const char *why = NULL;
+	char why[FENTRY_ERR_MAX];
 
 	if (want && strcmp(want, "dispatch") == 0) {
 		use_dispatch("FENTRY_MODE=dispatch");
@@ -76,7 +76,7 @@ FENTRY_HIDDEN void fentry_mode_init(void)
 	if (want && *want && strcmp(want, "jump") != 0)
 		fprintf(stderr, "fentry: FENTRY_MODE=%s is not jump or dispatch; using jump mode "
 			"where possible\n", want);
-	if (fentry_sites_load(&why) < 0 || fentry_poke_init(&why) < 0) {
+	if (fentry_sites_load(why) < 0 || fentry_poke_init(why) < 0) {
 		use_dispatch(why);
 		return;
 	}
@@ -121,7 +121,7 @@ static int publish_table(const struct fentry_redirect *r, size_t n, char *err)
 
 	if (!copy || fentry_table_publish(r, n) < 0) {
 		free(copy);
-		return snprintf(err, FENTRY_ERR_MAX, "out of memory publishing the patch table"), -1;
+		return fentry_fail(err, "out of memory publishing the patch table");
 	}
 	memcpy(copy, r, n * sizeof(*copy));
 	free(table_now);

@@ -122,35 +122,25 @@ static int open_mem(void)
 	return mem_fd < 0 ? -1 : 0;
 }
 
-FENTRY_HIDDEN int fentry_poke_init(const char **why)
+FENTRY_HIDDEN int fentry_poke_init(char *err)
 {
-	static char reason[160];
 	struct sigaction sa;
 	long cmds = syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
 
-	if (cmds < 0 || !(cmds & MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)) {
-		*why = "membarrier(SYNC_CORE) is not available, so live code cannot be rewritten safely";
-		return -1;
-	}
-	if (syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) < 0) {
-		snprintf(reason, sizeof(reason), "membarrier registration failed: %s", strerror(errno));
-		*why = reason;
-		return -1;
-	}
-	if (open_mem() < 0) {
-		snprintf(reason, sizeof(reason), "/proc/self/mem cannot be opened for writing: %s",
-			 strerror(errno));
-		*why = reason;
-		return -1;
-	}
+	if (cmds < 0 || !(cmds & MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE))
+		return fentry_fail(err, "membarrier(SYNC_CORE) is not available, so live code cannot be "
+				   "rewritten safely");
+	if (syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0) < 0)
+		return fentry_fail(err, "membarrier registration failed: %s", strerror(errno));
+	if (open_mem() < 0)
+		return fentry_fail(err, "/proc/self/mem cannot be opened for writing: %s",
+				   strerror(errno));
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_sigaction = on_sigtrap;
 	sa.sa_flags = SA_SIGINFO | SA_RESTART;
 	sigemptyset(&sa.sa_mask);
-	if (sigaction(SIGTRAP, &sa, &previous_trap) < 0) {
-		*why = "the SIGTRAP handler could not be installed";
-		return -1;
-	}
+	if (sigaction(SIGTRAP, &sa, &previous_trap) < 0)
+		return fentry_fail(err, "the SIGTRAP handler could not be installed");
 	return 0;
 }
 
@@ -326,14 +316,14 @@ FENTRY_HIDDEN int fentry_poke_batch(struct fentry_site **batch, const uintptr_t 
 	size_t i;
 
 	if (!want)
-		return snprintf(err, FENTRY_ERR_MAX, "out of memory"), -1;
+		return fentry_fail(err, "out of memory");
 	for (i = 0; i < n; i++) {
 		uintptr_t to = next[i] ? trampoline_for(next[i]) : 0;
 
 		if ((next[i] && to == 0) || site_bytes(batch[i], to, want[i]) < 0) {
 			free(want);
-			return snprintf(err, FENTRY_ERR_MAX, "no trampoline within reach of %s's "
-					"site (jump mode); use FENTRY_MODE=dispatch", "a function"), -1;
+			return fentry_fail(err, "no trampoline within reach of %s's "
+					"site (jump mode); use FENTRY_MODE=dispatch", "a function");
 		}
 	}
 	/* New trampolines are visible to every core before any site jumps there. */
@@ -375,6 +365,6 @@ undo:
 	sync_cores();
 io_error:
 	free(want);
-	return snprintf(err, FENTRY_ERR_MAX, "cannot rewrite code through /proc/self/mem: %s",
-			strerror(errno)), -1;
+	return fentry_fail(err, "cannot rewrite code through /proc/self/mem: %s",
+			strerror(errno));
 }

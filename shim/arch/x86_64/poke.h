@@ -8,8 +8,8 @@
 #include "arch/x86_64/sites.h"
 #include "core/util.h"
 
-/* membarrier registration, /proc/self/mem, the SIGTRAP handler; -1 with a reason. */
-FENTRY_HIDDEN int fentry_poke_init(const char **why);
+/* membarrier registration, /proc/self/mem, the SIGTRAP handler; -1 with why in err. */
+FENTRY_HIDDEN int fentry_poke_init(char *err);
 /* Turn every site into its NOP; only while no other thread can run them. */
 FENTRY_HIDDEN int fentry_poke_nop_all_single_threaded(void);
 /*

@@ -61,30 +61,22 @@ static int by_addr(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-FENTRY_HIDDEN int fentry_sites_load(const char **why)
+FENTRY_HIDDEN int fentry_sites_load(char *err)
 {
 	size_t n = (size_t)(__stop___mcount_loc - __start___mcount_loc);
 	struct fentry_module main_mod;
 
-	if (fentry_module_main(&main_mod) < 0) {
-		*why = "the main program's segments were not found";
-		return -1;
-	}
-	if (!fentry_module_contains_code(&main_mod, (uintptr_t)&__fentry__, 1)) {
-		*why = "the shim is not linked into the program (preloaded or attached); "
-		       "jump mode needs the program built with dependency('fentry')";
-		return -1;
-	}
-	if (__start___mcount_loc == NULL || n == 0) {
-		*why = "the program has no fentry site list (build it with dependency('fentry'), "
-		       "which adds -mrecord-mcount)";
-		return -1;
-	}
+	if (fentry_module_main(&main_mod) < 0)
+		return fentry_fail(err, "the main program's segments were not found");
+	if (!fentry_module_contains_code(&main_mod, (uintptr_t)&__fentry__, 1))
+		return fentry_fail(err, "the shim is not linked into the program (preloaded or "
+				   "attached); jump mode needs the program built with dependency('fentry')");
+	if (__start___mcount_loc == NULL || n == 0)
+		return fentry_fail(err, "the program has no fentry site list (build it with "
+				   "dependency('fentry'), which adds -mrecord-mcount)");
 	sites = calloc(n, sizeof(*sites));
-	if (!sites) {
-		*why = "out of memory";
-		return -1;
-	}
+	if (!sites)
+		return fentry_fail(err, "out of memory");
 	for (size_t i = 0; i < n; i++) {
 		uintptr_t a = __start___mcount_loc[i];
 		unsigned len;
@@ -100,10 +92,8 @@ FENTRY_HIDDEN int fentry_sites_load(const char **why)
 		memcpy(sites[nsites].orig, (const void *)a, len);
 		nsites++;
 	}
-	if (nsites == 0) {
-		*why = "no recorded site calls this shim's __fentry__";
-		return -1;
-	}
+	if (nsites == 0)
+		return fentry_fail(err, "no recorded site calls this shim's __fentry__");
 	qsort(sites, nsites, sizeof(*sites), by_addr);
 	return 0;
 }

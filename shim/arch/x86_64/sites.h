@@ -17,8 +17,8 @@ struct fentry_site {
 	uint8_t orig[6];  /* the call instruction gcc emitted, for validation           */
 };
 
-/* Read and check __mcount_loc; -1 with a reason if jump mode cannot use it. */
-FENTRY_HIDDEN int fentry_sites_load(const char **why);
+/* Read and check __mcount_loc; -1 with why jump mode cannot use it in err. */
+FENTRY_HIDDEN int fentry_sites_load(char *err);
 /* The site at exactly addr, or NULL.  Async-signal-safe. */
 FENTRY_HIDDEN struct fentry_site *fentry_site_at(uintptr_t addr);
 /* All sites, sorted by address. */

@@ -137,17 +137,17 @@ static int install(int sig, char *err)
 	struct sigaction sa, old;
 
 	if (sigaction(sig, NULL, &old) < 0)
-		return snprintf(err, FENTRY_ERR_MAX, "signal %d: %s", sig, strerror(errno)), -1;
+		return fentry_fail(err, "signal %d: %s", sig, strerror(errno));
 	if ((old.sa_flags & SA_SIGINFO) ? old.sa_sigaction != on_check
 					: old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN)
-		return snprintf(err, FENTRY_ERR_MAX, "signal %d has a handler of the program's; "
-				"set FENTRY_UNLOAD_SIGNAL to a free real-time signal", sig), -1;
+		return fentry_fail(err, "signal %d has a handler of the program's; "
+				"set FENTRY_UNLOAD_SIGNAL to a free real-time signal", sig);
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_sigaction = on_check;
 	sa.sa_flags = SA_SIGINFO | SA_RESTART;
 	sigfillset(&sa.sa_mask);
 	return sigaction(sig, &sa, NULL) < 0
-		       ? (snprintf(err, FENTRY_ERR_MAX, "signal %d: %s", sig, strerror(errno)), -1)
+		       ? fentry_fail(err, "signal %d: %s", sig, strerror(errno))
 		       : 0;
 }
 
@@ -184,10 +184,10 @@ FENTRY_HIDDEN int fentry_threads_clear_of(const uintptr_t (*ranges)[2], size_t n
 	struct timespec start;
 
 	if (sig < 0)
-		return snprintf(err, FENTRY_ERR_MAX, "FENTRY_UNLOAD_SIGNAL is not a real-time signal "
-				"number (%d..%d)", SIGRTMIN, SIGRTMAX), -1;
+		return fentry_fail(err, "FENTRY_UNLOAD_SIGNAL is not a real-time signal "
+				"number (%d..%d)", SIGRTMIN, SIGRTMAX);
 	if (nranges > MAX_RANGES)
-		return snprintf(err, FENTRY_ERR_MAX, "%s has too many segments", what), -1;
+		return fentry_fail(err, "%s has too many segments", what);
 	for (size_t i = 0; i < nranges; i++) {
 		code[i].lo = ranges[i][0];
 		code[i].hi = ranges[i][1];
@@ -199,7 +199,7 @@ FENTRY_HIDDEN int fentry_threads_clear_of(const uintptr_t (*ranges)[2], size_t n
 	atomic_store(&answers, 0);
 	atomic_store(&hits, 0);
 	if (list_threads(before, &nbefore) < 0)
-		return snprintf(err, FENTRY_ERR_MAX, "cannot list the process's threads"), -1;
+		return fentry_fail(err, "cannot list the process's threads");
 	for (size_t i = 0; i < nbefore; i++)
 		if (syscall(SYS_tgkill, pid, before[i], sig) == 0)
 			sent++;
@@ -210,16 +210,16 @@ FENTRY_HIDDEN int fentry_threads_clear_of(const uintptr_t (*ranges)[2], size_t n
 		nanosleep(&pause, NULL);
 	}
 	if ((size_t)atomic_load(&answers) < sent)
-		return snprintf(err, FENTRY_ERR_MAX, "busy: %zu thread(s) did not answer the stack "
+		return fentry_fail(err, "busy: %zu thread(s) did not answer the stack "
 				"check within 1 s (signal %d blocked?); %s stays loaded, retry later",
-				sent - (size_t)atomic_load(&answers), sig, what), -1;
+				sent - (size_t)atomic_load(&answers), sig, what);
 	if (atomic_load(&hits) > 0)
-		return snprintf(err, FENTRY_ERR_MAX, "busy: thread %ld may be running %s's code (its "
+		return fentry_fail(err, "busy: thread %ld may be running %s's code (its "
 				"registers or stack hold an address in it); it stays loaded, retry later",
-				atomic_load(&hit_tid), what), -1;
+				atomic_load(&hit_tid), what);
 	/* A thread created meanwhile was not checked: let the caller retry. */
 	if (list_threads(after, &nafter) < 0 || !same_threads(before, nbefore, after, nafter))
-		return snprintf(err, FENTRY_ERR_MAX, "busy: threads were created during the stack "
-				"check; %s stays loaded, retry later", what), -1;
+		return fentry_fail(err, "busy: threads were created during the stack "
+				"check; %s stays loaded, retry later", what);
 	return 0;
 }
