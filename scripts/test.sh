@@ -42,5 +42,8 @@ wheel=$(ls dist/fentry_build-*.whl)
 # pytest's own script (not `python -m pytest`) keeps the source tree off sys.path, so
 # the tests import the installed wheel; FENTRY_TEST_INSTALLED makes a test check that.
 export FENTRY_TEST_INSTALLED=1
+# The commands the tests start (python -m fentry_build ...) run from this folder; without
+# this, python -m would put it first on sys.path and import the checkout, not the wheel.
+export PYTHONSAFEPATH=1
 export PATH="$PWD/.venv/bin:$PATH"
 exec .venv/bin/pytest -q -p no:cacheprovider ${lane[@]+"${lane[@]}"} ${args[@]+"${args[@]}"} tests
