@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fentry_build.generator import main as gen
-from fentry_build.binary.dwarf import program_dwarf
-from fentry_build.binary.elf import read_binary
+from fentry_build.binary.program import Program
 from fentry_build.errors import FentryError
 from fentry_build.generator.inline import CopyFinder
 from fentry_build.generator.newpatch import PATCH_NAME
@@ -135,45 +134,45 @@ def patch_from_diff(name: str, binary: Path, *, diff: Path | None = None,
     if name in patchlist.names(project):
         raise FentryError(f"the project's build file already has a patch named '{name}'; pick "
                           "another name")
-    info = read_binary(binary)
-    build_id = gen.check_build_id(info)
-    db = compile_db.find_database(build_dir, binary)
-    entries = units.binary_entries(binary, compile_db.load(db))
-    keep = [db.parent.resolve()]
-    with tempfile.TemporaryDirectory(prefix="fentry-fromdiff-") as tmp:
-        work = Path(tmp)
-        if diff is not None:
-            source_trees = trees.from_diff(project, diff, work, keep)
-        else:
-            assert fixed_tree is not None
-            source_trees = trees.from_fixed_tree(project, fixed_tree)
-        compiler = UnitCompiler(source_trees, keep, work)
-        changed_units: list[Unit] = []
-        headers: set[Path] = set()
-        for entry in entries:
-            if not entry.file.is_relative_to(project):
-                continue
-            inputs = compiler.changed_inputs(entry)
-            if not inputs:
-                continue
-            headers |= {p for p in inputs if p.suffix != ".c"}
-            unit_diff = diff_objects(*compiler.objects(entry))
-            if not unit_diff.any:
-                continue
-            changed_units.append(Unit(len(changed_units), entry.file.relative_to(project), unit_diff,
-                                      compiler.parse(entry, "fixed"), compiler.parse(entry, "original")))
-        if not changed_units:
-            raise FentryError(f"the fix changes no code of {binary.name} (no function or variable of "
-                              "its units compiles differently); nothing to patch")
-        with program_dwarf(binary) as dwarf:
-            planner = Planner(info, CopyFinder(info, dwarf), changed_units, sorted(headers))
+    with Program.open(binary) as program:  # read once: symbols, build-id, DWARF
+        info = program.info
+        build_id = gen.check_build_id(info)
+        db = compile_db.find_database(build_dir, binary)
+        entries = units.binary_entries(program, compile_db.load(db))
+        keep = [db.parent.resolve()]
+        with tempfile.TemporaryDirectory(prefix="fentry-fromdiff-") as tmp:
+            work = Path(tmp)
+            if diff is not None:
+                source_trees = trees.from_diff(project, diff, work, keep)
+            else:
+                assert fixed_tree is not None
+                source_trees = trees.from_fixed_tree(project, fixed_tree)
+            compiler = UnitCompiler(source_trees, keep, work)
+            changed_units: list[Unit] = []
+            headers: set[Path] = set()
+            for entry in entries:
+                if not entry.file.is_relative_to(project):
+                    continue
+                inputs = compiler.changed_inputs(entry)
+                if not inputs:
+                    continue
+                headers |= {p for p in inputs if p.suffix != ".c"}
+                unit_diff = diff_objects(*compiler.objects(entry))
+                if not unit_diff.any:
+                    continue
+                changed_units.append(Unit(len(changed_units), entry.file.relative_to(project), unit_diff,
+                                          compiler.parse(entry, "fixed"), compiler.parse(entry, "original")))
+            if not changed_units:
+                raise FentryError(f"the fix changes no code of {binary.name} (no function or variable of "
+                                  "its units compiles differently); nothing to patch")
+            planner = Planner(info, CopyFinder(info, program.dwarf), changed_units, sorted(headers))
             plan = planner.run()
-        writer = PatchWriter(planner, plan, source_trees, path.parent)
-        text = writer.render(name=name, program=binary.name, build_id=build_id.hex(),
-                             how=source_trees.how)
-        draft = work / f"{name}.c"
-        draft.write_text(text, encoding="utf-8")
-        notes = list(plan.notes) + _generator_findings(binary, draft)
+            writer = PatchWriter(planner, plan, source_trees, path.parent)
+            text = writer.render(name=name, program=binary.name, build_id=build_id.hex(),
+                                 how=source_trees.how)
+            draft = work / f"{name}.c"
+            draft.write_text(text, encoding="utf-8")
+            notes = list(plan.notes) + _generator_findings(binary, draft)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "x", encoding="utf-8") as out:
         out.write(text)

@@ -11,35 +11,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from fentry_build.binary.dwarf import DWARF_ERRORS, program_dwarf, text, unit_name
+from fentry_build.binary.dwarf import DWARF_ERRORS, text, unit_name
+from fentry_build.binary.program import Program
 from fentry_build.errors import FentryError
 
 from fentry_build.generator.fromdiff.compile_db import CompileEntry, normal
 
 
-def unit_sources(binary: Path) -> list[Path]:
+def unit_sources(binary: Program) -> list[Path]:
     """The source file of each compile unit of `binary`, absolute."""
     found: list[Path] = []
     try:
-        with program_dwarf(binary) as dwarf:
-            if dwarf is None:
-                raise FentryError(f"{binary.name} has no DWARF: the generator finds its sources "
-                                  "through it; build it with -g (Meson's debug and debugoptimized do)")
-            for cu in dwarf.units():
-                name = unit_name(cu)
-                if not name or name.startswith("<"):
-                    continue
-                top = cu.get_top_DIE().attributes
-                comp_dir = text(top["DW_AT_comp_dir"].value) if "DW_AT_comp_dir" in top else "/"
-                found.append(normal(name, comp_dir))
+        dwarf = binary.dwarf
+        if dwarf is None:
+            raise FentryError(f"{binary.name} has no DWARF: the generator finds its sources "
+                              "through it; build it with -g (Meson's debug and debugoptimized do)")
+        for cu in dwarf.units():
+            name = unit_name(cu)
+            if not name or name.startswith("<"):
+                continue
+            top = cu.get_top_DIE().attributes
+            comp_dir = text(top["DW_AT_comp_dir"].value) if "DW_AT_comp_dir" in top else "/"
+            found.append(normal(name, comp_dir))
     except OSError as e:
-        raise FentryError(f"cannot read {binary}: {e.strerror or e}; pass the built program") from None
+        raise FentryError(f"cannot read {binary.path}: {e.strerror or e}; pass the built program") from None
     except DWARF_ERRORS as e:
         raise FentryError(f"cannot read the DWARF of {binary.name} ({e}); rebuild it with -g") from None
     return found
 
 
-def binary_entries(binary: Path, entries: Sequence[CompileEntry]) -> list[CompileEntry]:
+def binary_entries(binary: Program, entries: Sequence[CompileEntry]) -> list[CompileEntry]:
     """The compile entries of the units linked into `binary`, in the database's order."""
     sources = set(unit_sources(binary))
     chosen: dict[Path, CompileEntry] = {}

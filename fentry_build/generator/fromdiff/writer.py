@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fentry_build.generator.main import template_environment
+from fentry_build import jinja
 
 from fentry_build.generator.fromdiff import refusals
 from fentry_build.generator.fromdiff.extract import Piece, UnitSource
@@ -185,7 +185,7 @@ class PatchWriter:
     def render(self, *, name: str, program: str, build_id: str, how: str) -> str:
         texts = [(e, self.function_text(e)) for e in self.plan.functions]
         pieces = [(u, p, self._piece_text(u, p)) for u, p in self.plan.pieces]
-        return template_environment().get_template(TEMPLATE).render(
+        return jinja.environment().get_template(TEMPLATE).render(
             name=name, program=program, build_id=build_id, how=how,
             leading=self.leading(), includes=self.includes(), overrides=self.overrides(),
             declarations=[(u.file_name, t) for u, p, t in pieces if p.kind != "variable"],
