@@ -5,7 +5,8 @@
 #
 #   bash scripts/test.sh            everything (what CI runs)
 #   bash scripts/test.sh --fast     the everyday lane: without the tests marked slow or
-#                                   stress (pyproject.toml lists the markers)
+#                                   stress (pyproject.toml lists the markers), on two
+#                                   pytest-xdist workers (one test file per worker)
 # Other arguments go to pytest (e.g. -x, -k NAME, tests/test_gen.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ lane=()
 args=()
 for arg in "$@"; do
   if [ "$arg" = "--fast" ]; then
-    lane=(-m "not slow and not stress")
+    lane=(-m "not slow and not stress" -n 2 --dist loadfile)
   else
     args+=("$arg")
   fi

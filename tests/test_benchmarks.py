@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "benchmarks" / "run.py"
 
-pytestmark = pytest.mark.skipif(not RUN.is_file(), reason="benchmarks/ is not in this tree")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not RUN.is_file(), reason="benchmarks/ is not in this tree")]
 
 
 def test_quick_benchmark_runs_every_variant_and_checks_it(tmp_path: Path) -> None:

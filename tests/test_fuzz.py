@@ -60,6 +60,8 @@ from support.servers import (
     start_server,
 )
 
+pytestmark = [pytest.mark.stress]
+
 # ---- 1. the control protocol of a live process ------------------------------------------------
 
 PROTOCOL_INPUTS = 100_000   # request lines, pipelined

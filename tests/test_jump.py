@@ -105,6 +105,7 @@ def stress(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("mode", ["jump", "dispatch"])
+@pytest.mark.stress
 def test_stress_10000_apply_revert_cycles_under_8_calling_threads(
         stress: tuple[Path, Path], mode: str) -> None:
     prog, patch = stress

@@ -36,11 +36,13 @@ def hello(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return project
 
 
+@pytest.mark.slow
 def test_plain_compile_builds_the_program_and_no_patch(hello: Path) -> None:
     assert (hello / "build" / "hello").is_file()
     assert not (hello / "build" / "my_patch.so").exists()
 
 
+@pytest.mark.slow
 def test_meson_compile_patches_puts_each_patch_beside_the_program(hello: Path) -> None:
     meson("compile", "-C", "build", "patches", cwd=hello)
     assert (hello / "build" / "my_patch.so").is_file()
@@ -53,6 +55,7 @@ def test_meson_compile_patches_puts_each_patch_beside_the_program(hello: Path) -
     assert patched.stderr == ""
 
 
+@pytest.mark.slow
 def test_instrumentation_flags_are_on_compile_lines_only(hello: Path) -> None:
     commands = json.loads((hello / "build" / "compile_commands.json").read_text())
     hello_c = [c for c in commands if c["file"].endswith("hello.c")]
@@ -70,12 +73,14 @@ def test_instrumentation_flags_are_on_compile_lines_only(hello: Path) -> None:
     assert "-pg" not in link.group(0)
 
 
+@pytest.mark.slow
 def test_no_gmon_out_is_ever_written(hello: Path, tmp_path: Path) -> None:
     result = run(hello / "build" / "hello", cwd=tmp_path)
     assert result.returncode == 0
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_patches_are_regenerated_when_the_program_changes(hello: Path, tmp_path: Path) -> None:
     meson("compile", "-C", "build", "patches", cwd=hello)
     old_patch = tmp_path / "my_patch.so"
@@ -149,6 +154,7 @@ def test_meson_init_refuses_a_folder_without_meson_build(tmp_path: Path) -> None
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_init_scaffolds_a_project_that_builds_and_patches(tmp_path: Path) -> None:
     out = subprocess.run([*CLI, "init", str(tmp_path / "app")], capture_output=True,
                          text=True)

@@ -322,6 +322,7 @@ def test_preload_apply_list_revert_with_the_cli(built: dict[str, Path], shim_so:
 
 
 @needs_gdb
+@pytest.mark.stress
 def test_attach_under_client_load_then_apply_and_revert(built: dict[str, Path], shim_so: Path,
                                                          rundir: Path, servers: list[ModesServer]) -> None:
     s = start(servers, built["server"], rundir)
@@ -363,6 +364,7 @@ def test_attach_under_client_load_then_apply_and_revert(built: dict[str, Path], 
 
 
 @needs_gdb
+@pytest.mark.stress
 def test_attach_while_signals_keep_arriving(built: dict[str, Path], shim_so: Path, rundir: Path,
                                             servers: list[ModesServer]) -> None:
     s = start(servers, built["server"], rundir)
@@ -393,6 +395,7 @@ def test_attach_while_signals_keep_arriving(built: dict[str, Path], shim_so: Pat
 
 
 @needs_gdb
+@pytest.mark.stress
 def test_attach_twenty_processes_with_eight_busy_threads(built: dict[str, Path], shim_so: Path,
                                                          rundir: Path, servers: list[ModesServer]) -> None:
     hosts = []
@@ -414,6 +417,7 @@ def test_attach_twenty_processes_with_eight_busy_threads(built: dict[str, Path],
 
 
 @needs_gdb
+@pytest.mark.slow
 def test_attach_to_a_program_linked_with_the_shim_does_nothing(built: dict[str, Path], rundir: Path,
                                                                servers: list[ModesServer]) -> None:
     s = start(servers, built["linked"], rundir, busy=2)
@@ -448,6 +452,7 @@ def test_attach_refuses_a_missing_process() -> None:
 
 
 @needs_nobody
+@pytest.mark.slow
 def test_attach_refuses_a_process_of_another_user(built: dict[str, Path], rundir: Path,
                                                  servers: list[ModesServer], cache_home: Path) -> None:
     s = start(servers, built["server"], rundir, busy=2)  # runs as root
@@ -460,6 +465,7 @@ def test_attach_refuses_a_process_of_another_user(built: dict[str, Path], rundir
 
 @needs_nobody
 @needs_gdb
+@pytest.mark.slow
 def test_attach_as_an_ordinary_user(built: dict[str, Path], servers: list[ModesServer]) -> None:
     """nobody attaches to nobody's process: the cache is nobody's own (0700), gdb may ptrace."""
     top = Path(tempfile.mkdtemp(prefix="fm-", dir="/tmp"))
@@ -491,6 +497,7 @@ def test_attach_as_an_ordinary_user(built: dict[str, Path], servers: list[ModesS
 
 
 @needs_gdb
+@pytest.mark.slow
 def test_attach_refuses_a_process_already_traced(built: dict[str, Path], rundir: Path,
                                                  servers: list[ModesServer]) -> None:
     s = start(servers, built["server"], rundir, busy=2)
@@ -513,6 +520,7 @@ def test_attach_refuses_a_process_already_traced(built: dict[str, Path], rundir:
 
 
 @needs_gdb
+@pytest.mark.slow
 def test_attach_refuses_a_stopped_process(built: dict[str, Path], rundir: Path,
                                           servers: list[ModesServer]) -> None:
     s = start(servers, built["server"], rundir, busy=1)
@@ -530,6 +538,7 @@ def test_attach_refuses_a_stopped_process(built: dict[str, Path], rundir: Path,
 
 
 @needs_gdb
+@pytest.mark.slow
 def test_attach_gives_up_in_bounded_time_when_no_thread_is_at_a_safe_point(
         built: dict[str, Path], rundir: Path, cache_home: Path, shim_so: Path) -> None:
     waiter = subprocess.Popen([str(built["waiter"])], stdout=subprocess.PIPE, bufsize=0,
@@ -672,6 +681,7 @@ alias_target('shim', libfentry)
 """
 
 
+@pytest.mark.slow
 def test_meson_instrument_dep_and_shared_shim(tmp_path: Path, rundir: Path, servers: list[ModesServer]) -> None:
     from fentry_build.build import meson_init
 
@@ -714,6 +724,7 @@ EXAMPLE_SERVER = paths.examples_dir() / "server"
 
 @needs_gdb
 @pytest.mark.skipif(not (EXAMPLE_SERVER / "server.c").is_file(), reason="examples/server not there")
+@pytest.mark.stress
 def test_attach_to_the_example_server_under_load(tmp_path: Path, rundir: Path, cache_home: Path,
                                                  shim_so: Path) -> None:
     sources = [EXAMPLE_SERVER / "server.c", EXAMPLE_SERVER / "parser.c"]

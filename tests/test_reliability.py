@@ -54,6 +54,8 @@ from support.servers import (
     wait_until_quiet,
 )
 
+pytestmark = [pytest.mark.stress]  # load, faults, debuggers, uprobes: minutes
+
 # ---- running the server ----------------------------------------------------------------
 
 

@@ -401,6 +401,7 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant_name", list(VARIANTS))
+@pytest.mark.slow
 def test_patch_works_in_each_build_variant(variant_name: str, tmp_path: Path,
                                            shim_library: Path) -> None:
     v = VARIANTS[variant_name]
@@ -465,6 +466,7 @@ def test_no_gmon_out_is_written_by_instrumented_programs(compute: Built, tmp_pat
 # ---- 6. a patch for another build ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stale_patch_is_refused_naming_both_build_ids(tmp_path: Path) -> None:
     old = build(tmp_path, "compute", ["compute.c"], ["compute_plus"], cflags=["-DVERSION=1"])
     old_id = check_json(old.binary)["build_id"]

@@ -70,6 +70,7 @@ def hello(tmp_path: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_plain_scons_builds_the_program_but_no_patch(hello: Path) -> None:
     scons(hello)
     assert (hello / "hello").is_file()
@@ -79,6 +80,7 @@ def test_plain_scons_builds_the_program_but_no_patch(hello: Path) -> None:
     assert not (hello / "gmon.out").exists()
 
 
+@pytest.mark.slow
 def test_scons_patches_builds_the_patch_beside_the_program(hello: Path) -> None:
     scons(hello)
     scons(hello, "patches")
@@ -90,11 +92,13 @@ def test_scons_patches_builds_the_patch_beside_the_program(hello: Path) -> None:
     assert not list(hello.rglob("gmon.out"))
 
 
+@pytest.mark.slow
 def test_patches_alone_builds_the_program_it_needs(hello: Path) -> None:
     scons(hello, "patches")
     assert run_program(hello / "hello", hello / "my_patch.so") == PATCHED_OUTPUT
 
 
+@pytest.mark.slow
 def test_instrumentation_is_on_compile_lines_only(hello: Path) -> None:
     lines = scons(hello, "-n", ".", "patches").stdout.splitlines()
     gcc = [line for line in lines if line.startswith("gcc ")]
@@ -129,6 +133,7 @@ def test_instrumentation_is_on_compile_lines_only(hello: Path) -> None:
     assert len(gen) == 1 and gen[0].startswith(sys.executable + " -m fentry_build.gen --binary hello ")
 
 
+@pytest.mark.slow
 def test_program_has_the_site_list_and_exports_the_shadow_api(hello: Path) -> None:
     # A file the shell would glob `fentry_shadow_*` into, were the flag not quoted.
     (hello / "-Wl,--export-dynamic-symbol=fentry_shadow_decoy").write_text("")
@@ -155,6 +160,7 @@ FENTRY_REPLACE(my_function, counted);
 """
 
 
+@pytest.mark.slow
 def test_a_patch_can_call_the_shadow_api_of_the_program(hello: Path) -> None:
     (hello / "patches" / "shadow.c").write_text(SHADOW_PATCH)
     sconstruct = hello / "SConstruct"
@@ -164,6 +170,7 @@ def test_a_patch_can_call_the_shadow_api_of_the_program(hello: Path) -> None:
     assert run_program(hello / "hello", hello / "shadow.so") == "counted: 123 (1)"
 
 
+@pytest.mark.slow
 def test_changing_the_program_regenerates_the_patch(hello: Path) -> None:
     scons(hello, "patches")
     reg = hello / "hello.fentry" / "patches" / "my_patch_reg.c"
@@ -188,6 +195,7 @@ def test_changing_the_program_regenerates_the_patch(hello: Path) -> None:
     assert "fentry_build.gen" not in scons(hello, "patches").stdout
 
 
+@pytest.mark.slow
 def test_changing_the_patch_rebuilds_only_the_patch(hello: Path) -> None:
     scons(hello, "patches")
     patch = hello / "patches" / "my_patch.c"
@@ -213,6 +221,7 @@ assert result.program[0].path == 'build/hello', result.program[0].path
 """
 
 
+@pytest.mark.slow
 def test_tool_by_name_list_of_patches_and_variant_dir(hello: Path) -> None:
     (hello / "SConstruct").write_text(SCONSTRUCT_VARIANT)
     (hello / "SConscript").write_text(SCONSCRIPT_VARIANT)
@@ -241,6 +250,7 @@ fentry_build.project(env, 'hello', ['hello.c'], patches={'my_patch': 'patches/my
 """
 
 
+@pytest.mark.slow
 def test_fentry_build_project_dispatches_to_scons(hello: Path) -> None:
     (hello / "SConstruct").write_text(SCONSTRUCT_TOP_LEVEL)
     scons(hello)
@@ -249,12 +259,14 @@ def test_fentry_build_project_dispatches_to_scons(hello: Path) -> None:
     assert run_program(hello / "hello", hello / "my_patch.so") == PATCHED_OUTPUT
 
 
+@pytest.mark.slow
 def test_import_fentry_build_is_enough_in_an_sconstruct(hello: Path) -> None:
     (hello / "SConstruct").write_text(SCONSTRUCT_PLAIN_IMPORT)
     scons(hello, "patches")
     assert run_program(hello / "hello", hello / "my_patch.so") == PATCHED_OUTPUT
 
 
+@pytest.mark.slow
 def test_generator_error_fails_the_build(hello: Path) -> None:
     (hello / "patches" / "bad.c").write_text(
         "#include <fentry.h>\nstatic void repl(int x) { (void)x; }\nFENTRY_REPLACE(no_such_function, repl);\n")

@@ -50,6 +50,8 @@ from support.servers import (
     start,
 )
 
+pytestmark = [pytest.mark.slow]
+
 # ---- building -------------------------------------------------------------------------
 
 

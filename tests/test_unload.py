@@ -93,6 +93,7 @@ RSS_TOLERANCE_KIB = 512
 
 
 @pytest.mark.parametrize("mode", ["jump", "dispatch"])
+@pytest.mark.stress
 def test_10000_apply_revert_unload_cycles_keep_rss_and_fds_flat(tmp_path: Path,
                                                                 mode: str) -> None:
     prog = build_program([PROGRAMS / "cycles.c"], tmp_path / "cycles")
