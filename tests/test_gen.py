@@ -272,6 +272,28 @@ def test_main_writes_the_output_and_leaves_no_temporary(pie_glibc: Path, tmp_pat
     assert [p.name for p in out.parent.iterdir()] == ["reg.c"]
 
 
+def test_one_generator_run_opens_the_binary_once_and_checks_its_build_id_once(
+        pie_glibc: Path, tmp_path: Path) -> None:
+    from unittest import mock
+
+    from fentry_build.binary import program as program_module
+
+    patch = write(tmp_path / "fix.c", PATCH_C)
+    opened: list[Path] = []
+    real_open = program_module.Program.open
+
+    def counting_open(path: Path) -> program_module.Program:
+        opened.append(Path(path))
+        return real_open(path)
+
+    with mock.patch.object(program_module.Program, "open", counting_open), \
+            mock.patch("builtins.open", wraps=open) as any_open, \
+            mock.patch.object(gen, "check_build_id", wraps=gen.check_build_id) as checked:
+        gen.generate(pie_glibc, patch)
+    assert opened == [pie_glibc] and checked.call_count == 1
+    assert [c.args[0] for c in any_open.call_args_list].count(pie_glibc) == 1
+
+
 def test_c_strings_are_escaped() -> None:
     assert jinja.c_string(None) == "NULL"
     assert jinja.c_string('a"b\\c\n??/é') == '"a\\"b\\\\c\\012\\077\\077/\\303\\251"'
