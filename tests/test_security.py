@@ -169,7 +169,8 @@ def test_peer_credentials_refuse_another_uid_even_through_an_open_socket_file(
     assert result.returncode == 0, result.stderr
     replies = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     # One refusal, then the connection is closed: no request of it is carried out.
-    assert replies == [{"ok": False, "error": f"permission denied: uid {NOBODY} may not control "
+    assert replies == [{"ok": False, "code": "not_permitted",
+                        "error": f"permission denied: uid {NOBODY} may not control "
                         f"process {srv.pid} (uid {os.geteuid()})"}]
     assert_unchanged(srv)
     assert_stops_cleanly(srv)

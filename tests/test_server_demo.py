@@ -188,7 +188,7 @@ def test_fix_is_applied_live_while_clients_keep_asking(server: Server, project: 
         t.join(timeout=TIMEOUT)
         assert not t.is_alive()
 
-    assert reply == {"ok": True, "name": "fix_parse", "functions": 1}
+    assert (reply["ok"], reply["name"], reply["functions"]) == (True, "fix_parse", 1)
     for c in clients:
         assert c.errors == [], c.errors  # 0 failed requests
         old, new = (BUGGY, FIXED) if c.request == BUG_REQUEST else (SMALL_SUM[1],) * 2

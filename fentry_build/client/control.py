@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from fentry_build.client import procfs
+from fentry_build.client.protocol import ProcessRefused, refusal_code
 from fentry_build.errors import FentryError
 
 DEFAULT_TIMEOUT = 10.0
 APPLY_TIMEOUT = 60.0  # loading validates every site and syncs every core
 REPLY_MAX = 64 * 1024 * 1024
 
-Reply = dict[str, Any]
+Reply = dict[str, Any]  # the same as protocol.Reply
 
 
 # ---- where the socket is -------------------------------------------------------------
@@ -132,7 +133,8 @@ def request(pid: int, obj: dict[str, Any], timeout: float = DEFAULT_TIMEOUT) -> 
 
 def _checked(reply: Reply, what: str) -> Reply:
     if not reply["ok"]:
-        raise FentryError(f"{what}: {reply.get('error', 'failed (no reason given)')}")
+        raise ProcessRefused(f"{what}: {reply.get('error', 'failed (no reason given)')}",
+                             refusal_code(reply), reply)
     return reply
 
 

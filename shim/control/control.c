@@ -1,4 +1,4 @@
-/* control.c - the control channel: a Unix socket, one thread, one JSON request per line. */
+/* control.c - the control channel's connections and its thread: lines in, replies out, in time. */
 
 /*
  * Why a thread.  The seed loaded a patch from __fentry__ itself once a global variable
@@ -9,98 +9,76 @@
  * code: it may dlopen(), take the loader's mutex and sleep, and the program's threads
  * never stop or poll for it.
  *
- * The channel.  A Unix stream socket at $FENTRY_RUNTIME_DIR/<pid>.sock (default
- * $XDG_RUNTIME_DIR/fentry, else /tmp/fentry-<euid>).  The folder must be a real folder of
- * the process's effective uid that group and others cannot write; otherwise the program
- * runs without a channel and says so in one line on stderr.  The socket file is 0600 and
- * every peer is checked with SO_PEERCRED: only the same uid, or root, is served.
- * FENTRY_CONTROL=0 turns the channel off; FENTRY_CONTROL_IDLE_SECONDS (default 30) is
- * how long a client may stall before it is dropped.
- *
- * The protocol.  One JSON object per line, one reply line per request:
- *   {"op":"load","path":"/abs/x.so"} -> {"ok":true,"name":"x","functions":N}
- *   {"op":"revert","name":"x"}       -> {"ok":true,"name":"x"}
- *   {"op":"unload","name":"x"}       -> {"ok":true,"name":"x"} or "busy: ..." (retry)
- *   {"op":"list"}                    -> {"ok":true,"patches":[...]}
- *   {"op":"status"}                  -> {"ok":true,"pid":N,"program":...,...}
- *   anything wrong                   -> {"ok":false,"error":"<one line>"}
+ * The parts.  endpoint.c: the socket's folder and file.  protocol.c: what a request
+ * line means and what the reply is.  Here: who may connect (SO_PEERCRED: the process's
+ * euid or root), the connections, and the time they may take.  FENTRY_CONTROL=0
+ * turns the channel off.
  *
  * The thread.  One poll() loop over the listening socket and up to CTL_MAX_CLIENTS
  * clients, all non-blocking: each client has an input buffer of one line and an output
  * buffer for its reply, so a slow or stalled client delays nobody.  More clients wait
- * in the listen backlog until a slot frees (a stalled one is dropped after the idle
- * time).  Replies are sent
- * with MSG_NOSIGNAL (the program's SIGPIPE disposition is never touched), and the
- * thread blocks every signal so that the program's signals go to the program's threads.
+ * in the listen backlog and are accepted in order as slots free.  Replies are sent with
+ * MSG_NOSIGNAL (the program's SIGPIPE disposition is never touched), and the thread
+ * blocks every signal so that the program's signals go to the program's threads.
+ *
+ * Time.  A connection has FENTRY_CONTROL_REQUEST_SECONDS (default 10) to send a complete
+ * request line, counted from its acceptance or from the end of its previous reply - an
+ * absolute deadline that bytes received do not extend - and as long again to read each
+ * reply.  Past it the connection is closed (with a "timeout" error line if it sent part
+ * of a line).  So a slot is never held longer than that per request, and a client
+ * waiting in the backlog behind at most CTL_MAX_CLIENTS others is accepted within it.
  *
  * fork().  The child has no control thread.  It closes (never unlinks) the parent's
- * sockets and opens its own at its own pid.  Only the process that bound a socket file
- * removes it at exit, so a child's exit never takes the parent's channel away.
+ * sockets and opens its own at its own pid.
  */
-#include <dirent.h>
 #include <errno.h>
-#include <limits.h>
-#include <math.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "control/control.h"
+#include "control/endpoint.h"
 #include "control/json.h"
-#include "core/activate.h"
-#include "core/loader.h"
-#include "core/module.h"
+#include "control/protocol.h"
+#include "core/audit.h"
+#include "core/codes.h"
 
 #define CTL_MAX_CLIENTS 16
-#define CTL_LINE_MAX 65536       /* bytes of one request, its '\n' not counted */
-#define CTL_IDLE_SECONDS 30      /* default time a client may make no progress */
-#define CTL_BACKLOG 64
+#define CTL_REQUEST_SECONDS 10   /* default time for a request line, and for a reply */
 #define CTL_ACCEPT_PAUSE_MS 1000 /* after accept() ran out of file descriptors */
-#define CTL_OPS "load, revert, unload, list, status"
-#define CTL_PATH_MAX sizeof(((struct sockaddr_un *)0)->sun_path)
-#define CTL_DIR_MAX 200          /* longer cannot hold a socket path (107 bytes) anyway */
-
-#define PUT(b, lit) fentry_buf_put((b), (lit), sizeof(lit) - 1)
 
 struct ctl_client {
 	int fd;                    /* -1: a free slot                                  */
 	ino_t ino;                 /* the socket's inode: close fd only while it is ours */
-	int64_t deadline;          /* monotonic ms by which the client must make progress */
+	struct fentry_peer peer;   /* SO_PEERCRED at accept                            */
+	int64_t deadline;          /* monotonic ms: the request line, or the reply's end */
 	int eof;                   /* the client shut its side (or the connection broke) */
 	int closing;               /* close as soon as `out` is sent                    */
 	struct fentry_buf out;     /* the reply being sent ...                          */
 	size_t out_off;            /* ... and how much of it went out already            */
 	size_t in_len;
-	char in[CTL_LINE_MAX + 1]; /* received bytes: one line and its '\n' fit          */
+	char in[FENTRY_LINE_MAX + 1]; /* received bytes: one line and its '\n' fit       */
 };
 
 /*
- * The channel of this process.  Written by fentry_control_start() before the thread
+ * The connections of this process.  Written by fentry_control_start() before the thread
  * exists, then by the thread only; the fork child reads the snapshot fork() left.  A
  * slot's fd is set to -1 before it is closed, so that a snapshot never names a closed
- * (perhaps reused) descriptor.
+ * (perhaps reused) descriptor.  1 MiB of buffers: zero-initialised, so .bss, not .data
+ * in every program's file (the listening descriptor, -1 when off, is endpoint.c's).
  */
-/* -1 when this process serves no channel.  Kept out of `ctl` so that `ctl` (1 MiB of
- * client buffers) is zero-initialised .bss, not .data in every program's file. */
 static int ctl_listen_fd = -1;
 
 static struct {
-	ino_t listen_ino;         /* the listening socket's inode                      */
-	pid_t owner;              /* the process that bound `path`; only it unlinks it */
-	char path[CTL_PATH_MAX];
-	dev_t file_dev;           /* the socket file bound (unlink only that file)     */
-	ino_t file_ino;
-	int idle_ms;
+	int request_ms;
 	int64_t accept_paused_until;
 	struct ctl_client clients[CTL_MAX_CLIENTS];
 } ctl;
@@ -122,469 +100,23 @@ static void close_ours(int fd, ino_t ino)
 		close(fd);
 }
 
-/* ---- the folder and the socket file ------------------------------------------------- */
-
-/* $FENTRY_RUNTIME_DIR, $XDG_RUNTIME_DIR/fentry or /tmp/fentry-<euid>, no trailing '/'. */
-static int runtime_dir(char *dir, size_t size, char *why, size_t whylen)
+static int request_ms_from_env(void)
 {
-	const char *env = secure_getenv("FENTRY_RUNTIME_DIR"), *xdg = secure_getenv("XDG_RUNTIME_DIR");
-	size_t len;
-	int n;
-
-	if (env && env[0] && env[0] != '/') {
-		snprintf(why, whylen, "FENTRY_RUNTIME_DIR=%.200s is not an absolute path; "
-			 "set it to one", env);
-		return -1;
-	}
-	if (env && env[0])
-		n = snprintf(dir, size, "%s", env);
-	else if (xdg && xdg[0] == '/')
-		n = snprintf(dir, size, "%s/fentry", xdg);
-	else
-		n = snprintf(dir, size, "/tmp/fentry-%u", (unsigned)geteuid());
-	if (n < 0 || (size_t)n >= size) {
-		snprintf(why, whylen, "its folder name is too long for a socket path (%zu "
-			 "bytes at most); set FENTRY_RUNTIME_DIR to a short absolute path",
-			 CTL_PATH_MAX - 1);
-		return -1;
-	}
-	/* "/x/" would make lstat() follow a symlink "/x". */
-	for (len = (size_t)n; len > 1 && dir[len - 1] == '/'; len--)
-		dir[len - 1] = '\0';
-	return 0;
-}
-
-/* Create the folder (0700) if missing; refuse one another user could tamper with. */
-static int check_dir(const char *dir, char *why, size_t n)
-{
-	struct stat st;
-
-	if (mkdir(dir, 0700) < 0 && errno != EEXIST) {
-		snprintf(why, n, "cannot create %s: %s; create it (mode 0700) or set "
-			 "FENTRY_RUNTIME_DIR", dir, strerror(errno));
-		return -1;
-	}
-	if (lstat(dir, &st) < 0)
-		snprintf(why, n, "cannot stat %s: %s; set FENTRY_RUNTIME_DIR", dir,
-			 strerror(errno));
-	else if (S_ISLNK(st.st_mode))
-		snprintf(why, n, "%s is a symlink; remove it or set FENTRY_RUNTIME_DIR to a "
-			 "real folder", dir);
-	else if (!S_ISDIR(st.st_mode))
-		snprintf(why, n, "%s is not a folder; remove it or set FENTRY_RUNTIME_DIR", dir);
-	else if (st.st_uid != geteuid())
-		snprintf(why, n, "%s belongs to uid %u, not to this process's uid %u; remove it "
-			 "or set FENTRY_RUNTIME_DIR to a folder of uid %u", dir,
-			 (unsigned)st.st_uid, (unsigned)geteuid(), (unsigned)geteuid());
-	else if (st.st_mode & (S_IWGRP | S_IWOTH))
-		snprintf(why, n, "%s is writable by group or others (mode %04o); chmod 700 it "
-			 "or set FENTRY_RUNTIME_DIR", dir, (unsigned)(st.st_mode & 07777));
-	else
-		return 0;
-	return -1;
-}
-
-static void unix_address(struct sockaddr_un *a, const char *path)
-{
-	memset(a, 0, sizeof *a);
-	a->sun_family = AF_UNIX;
-	memcpy(a->sun_path, path, strlen(path) + 1); /* callers checked the length */
-}
-
-/* Is `path` a socket file nobody listens on (left by a process that is gone)? */
-static int socket_is_stale(const char *path)
-{
-	struct sockaddr_un a;
-	struct stat st;
-	int fd, stale;
-
-	if (lstat(path, &st) < 0 || !S_ISSOCK(st.st_mode))
-		return 0;
-	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		return 0;
-	unix_address(&a, path);
-	stale = connect(fd, (struct sockaddr *)&a, sizeof a) < 0 && errno == ECONNREFUSED;
-	close(fd);
-	return stale;
-}
-
-/*
- * Remove the sockets of processes that are gone: killed ones, and fork() children that
- * exec()ed (exit handlers do not run then).  Only "<pid>.sock" files whose pid does not
- * exist and on which nobody listens.
- */
-static void sweep_stale(const char *dir)
-{
-	char path[CTL_PATH_MAX], *end;
-	struct dirent *e;
-	DIR *d = opendir(dir);
-	long pid;
-
-	if (!d)
-		return;
-	while ((e = readdir(d)) != NULL) {
-		if (e->d_name[0] < '1' || e->d_name[0] > '9')
-			continue;
-		pid = strtol(e->d_name, &end, 10);
-		if (strcmp(end, ".sock") != 0 || pid > INT_MAX || pid == getpid())
-			continue;
-		if (kill((pid_t)pid, 0) == 0 || errno != ESRCH)
-			continue;
-		if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, e->d_name) >= sizeof path)
-			continue;
-		if (socket_is_stale(path))
-			unlink(path);
-	}
-	closedir(d);
-}
-
-/* Make way for our socket: a stale one at our path goes, anything else is not ours. */
-static int clear_path(const char *path, char *why, size_t n)
-{
-	struct stat st;
-
-	if (lstat(path, &st) < 0 && errno == ENOENT)
-		return 0;
-	if (socket_is_stale(path) && (unlink(path) == 0 || errno == ENOENT))
-		return 0;
-	snprintf(why, n, "%s exists and is not a stale socket; remove it or set "
-		 "FENTRY_RUNTIME_DIR", path);
-	return -1;
-}
-
-/* Bind and listen at ctl.path; on success ctl_listen_fd and ctl.owner are set. */
-static int bind_socket(char *why, size_t n)
-{
-	struct sockaddr_un a;
-	struct stat st;
-	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-
-	if (fd < 0) {
-		snprintf(why, n, "socket(): %s", strerror(errno));
-		return -1;
-	}
-	unix_address(&a, ctl.path);
-	if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) {
-		snprintf(why, n, "cannot bind %s: %s", ctl.path, strerror(errno));
-		close(fd);
-		return -1;
-	}
-	ctl.owner = getpid();
-	ctl_listen_fd = fd;
-	if (lstat(ctl.path, &st) == 0) {
-		ctl.file_dev = st.st_dev;
-		ctl.file_ino = st.st_ino;
-	}
-	if (fstat(fd, &st) == 0)
-		ctl.listen_ino = st.st_ino;
-	/* Before listen(): until then a connect() is refused, so 0600 has no window. */
-	if (chmod(ctl.path, 0600) < 0 || listen(fd, CTL_BACKLOG) < 0) {
-		snprintf(why, n, "cannot listen on %s: %s", ctl.path, strerror(errno));
-		return -1;
-	}
-	return 0;
-}
-
-static void unlink_at_exit(void)
-{
-	struct stat st;
-
-	if (ctl.owner != getpid() || !ctl.path[0])
-		return;
-	if (lstat(ctl.path, &st) == 0 && st.st_dev == ctl.file_dev && st.st_ino == ctl.file_ino)
-		unlink(ctl.path);
-}
-
-static int idle_ms_from_env(void)
-{
-	const char *s = secure_getenv("FENTRY_CONTROL_IDLE_SECONDS");
+	const char *s = secure_getenv("FENTRY_CONTROL_REQUEST_SECONDS");
 	char *end;
 	long v = s ? strtol(s, &end, 10) : 0;
 
 	if (!s || *end || v <= 0 || v > 86400)
-		v = CTL_IDLE_SECONDS;
+		v = CTL_REQUEST_SECONDS;
 	return (int)v * 1000;
-}
-
-/* Folder, stale files, bind, listen: everything but the thread. */
-static int open_channel(int sweep, char *why, size_t n)
-{
-	static int exit_handler;
-	char dir[CTL_DIR_MAX];
-	int i;
-
-	if (runtime_dir(dir, sizeof dir, why, n) < 0 || check_dir(dir, why, n) < 0)
-		return -1;
-	if ((size_t)snprintf(ctl.path, sizeof ctl.path, "%s/%d.sock", dir, (int)getpid()) >=
-	    sizeof ctl.path) {
-		snprintf(why, n, "the socket path in %s would be longer than %zu bytes; set "
-			 "FENTRY_RUNTIME_DIR to a shorter folder", dir, CTL_PATH_MAX - 1);
-		ctl.path[0] = '\0';
-		return -1;
-	}
-	if (sweep)
-		sweep_stale(dir);
-	if (!exit_handler && atexit(unlink_at_exit) == 0)
-		exit_handler = 1; /* inherited by fork children, like the flag */
-	for (i = 0; i < CTL_MAX_CLIENTS; i++)
-		ctl.clients[i].fd = -1;
-	ctl.idle_ms = idle_ms_from_env();
-	ctl.accept_paused_until = 0;
-	if (clear_path(ctl.path, why, n) < 0)
-		return -1;
-	return bind_socket(why, n);
-}
-
-/* Undo open_channel() after a failure (the thread is not running). */
-static void close_channel(void)
-{
-	int fd = ctl_listen_fd;
-
-	unlink_at_exit();
-	ctl_listen_fd = -1;
-	if (fd >= 0)
-		close(fd);
-	ctl.owner = 0;
-	ctl.path[0] = '\0';
-}
-
-/* ---- replies ------------------------------------------------------------------------ */
-
-static void reply_error(struct fentry_buf *out, const char *fmt, ...)
-	__attribute__((format(printf, 2, 3)));
-
-static void reply_error(struct fentry_buf *out, const char *fmt, ...)
-{
-	char msg[2 * FENTRY_ERR_MAX];
-	va_list ap;
-
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof msg, fmt, ap);
-	va_end(ap);
-	/* One line whatever the request echoed back contained. */
-	for (char *c = msg; *c; c++)
-		if ((unsigned char)*c < 0x20 || *c == 0x7f)
-			*c = ' ';
-	PUT(out, "{\"ok\":false,\"error\":");
-	fentry_buf_json_string(out, msg);
-	PUT(out, "}");
-}
-
-/* `"key":"value"` (or null), with a leading comma unless it is the first member. */
-static void put_string_member(struct fentry_buf *out, const char *key, const char *value)
-{
-	fentry_buf_printf(out, ",\"%s\":", key);
-	fentry_buf_json_string(out, value);
-}
-
-struct patch_count {
-	const char *name;    /* count functions of this patch ... */
-	uint32_t nfuncs;
-	unsigned loaded;     /* ... and all loaded patches        */
-};
-
-static void count_patch(const struct fentry_patch_info *p, void *arg)
-{
-	struct patch_count *c = arg;
-
-	c->loaded++;
-	if (c->name && strcmp(p->name, c->name) == 0)
-		c->nfuncs = p->nfuncs;
-}
-
-static void list_function(struct fentry_buf *out, const struct fentry_patch_info *p,
-			  uint32_t i)
-{
-	const struct fentry_func *f = &p->funcs[i];
-	int in_effect = p->func_state ? p->func_state[i] != 0 : p->state == FENTRY_ACTIVE;
-
-	PUT(out, "{\"name\":");
-	fentry_buf_json_string(out, f->name);
-	put_string_member(out, "file", f->file);
-	fentry_buf_printf(out, ",\"in_effect\":%s}", in_effect ? "true" : "false");
-}
-
-struct list_ctx {
-	struct fentry_buf *out;
-	unsigned n;
-};
-
-static void list_patch(const struct fentry_patch_info *p, void *arg)
-{
-	struct list_ctx *l = arg;
-	double at = isfinite(p->applied_at) ? p->applied_at : 0.0;
-	uint32_t i;
-
-	if (l->n++)
-		PUT(l->out, ",");
-	PUT(l->out, "{\"name\":");
-	fentry_buf_json_string(l->out, p->name);
-	put_string_member(l->out, "path", p->path);
-	put_string_member(l->out, "state", p->state == FENTRY_ACTIVE ? "active" : "reverted");
-	fentry_buf_printf(l->out, ",\"applied_at\":%.6f,\"functions\":[", at);
-	for (i = 0; p->funcs && i < p->nfuncs; i++) {
-		if (i)
-			PUT(l->out, ",");
-		list_function(l->out, p, i);
-	}
-	PUT(l->out, "]}");
-}
-
-/* ---- requests ----------------------------------------------------------------------- */
-
-enum { REQ_OP = 1, REQ_PATH = 2, REQ_NAME = 4 };
-
-struct request {
-	unsigned seen, twice, too_long; /* REQ_* bits */
-	char op[16];
-	char path[4096];
-	char name[FENTRY_NAME_MAX];
-};
-
-static const char *member_name(unsigned bit)
-{
-	return bit & REQ_OP ? "op" : bit & REQ_PATH ? "path" : "name";
-}
-
-/* fentry_json_object_strings() callback: keep the members we know, ignore the rest. */
-static void take_member(const char *key, const char *value, void *arg)
-{
-	struct request *q = arg;
-	size_t len = strlen(value), size;
-	unsigned bit;
-	char *dst;
-
-	if (strcmp(key, "op") == 0)
-		bit = REQ_OP, dst = q->op, size = sizeof q->op;
-	else if (strcmp(key, "path") == 0)
-		bit = REQ_PATH, dst = q->path, size = sizeof q->path;
-	else if (strcmp(key, "name") == 0)
-		bit = REQ_NAME, dst = q->name, size = sizeof q->name;
-	else
-		return;
-	q->twice |= q->seen & bit;
-	q->seen |= bit;
-	if (len >= size)
-		q->too_long |= bit;
-	else
-		memcpy(dst, value, len + 1);
-}
-
-static void op_load(const struct request *q, struct fentry_buf *out)
-{
-	char name[FENTRY_NAME_MAX] = "", err[FENTRY_ERR_MAX] = "";
-	struct patch_count count = {.name = name};
-
-	if (!(q->seen & REQ_PATH)) {
-		reply_error(out, "load needs a string member \"path\": the patch .so's "
-			    "absolute path");
-		return;
-	}
-	if (q->path[0] != '/') {
-		reply_error(out, "load: the path must be absolute, not \"%.300s\"", q->path);
-		return;
-	}
-	if (fentry_apply_path(q->path, name, err) < 0) {
-		err[FENTRY_ERR_MAX - 1] = '\0';
-		reply_error(out, "%s", err[0] ? err : "the loader gave no reason");
-		return;
-	}
-	name[FENTRY_NAME_MAX - 1] = '\0';
-	fentry_foreach_patch(count_patch, &count);
-	PUT(out, "{\"ok\":true");
-	put_string_member(out, "name", name);
-	fentry_buf_printf(out, ",\"functions\":%u}", (unsigned)count.nfuncs);
-}
-
-/* revert and unload: one patch, by name. */
-static void op_by_name(const struct request *q, struct fentry_buf *out,
-		       int (*action)(const char *, char *))
-{
-	char err[FENTRY_ERR_MAX] = "";
-
-	if (!(q->seen & REQ_NAME)) {
-		reply_error(out, "%s needs a string member \"name\": the patch's name", q->op);
-		return;
-	}
-	if (action(q->name, err) < 0) {
-		err[FENTRY_ERR_MAX - 1] = '\0';
-		reply_error(out, "%s", err[0] ? err : "the loader gave no reason");
-		return;
-	}
-	PUT(out, "{\"ok\":true");
-	put_string_member(out, "name", q->name);
-	PUT(out, "}");
-}
-
-static void op_list(struct fentry_buf *out)
-{
-	struct list_ctx l = {.out = out};
-
-	PUT(out, "{\"ok\":true,\"patches\":[");
-	fentry_foreach_patch(list_patch, &l);
-	PUT(out, "]}");
-}
-
-static void op_status(struct fentry_buf *out)
-{
-	static struct fentry_module main_module; /* 4 KiB: only this thread uses it */
-	char exe[4096], id[2 * FENTRY_BUILD_ID_MAX + 1];
-	struct patch_count count = {0};
-	ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-	int have_id = fentry_module_main(&main_module) == 0 && main_module.build_id_len > 0 &&
-		      main_module.build_id_len <= FENTRY_BUILD_ID_MAX;
-
-	if (n >= 0)
-		exe[n] = '\0';
-	if (have_id)
-		fentry_hex(main_module.build_id, main_module.build_id_len, id);
-	fentry_foreach_patch(count_patch, &count);
-	fentry_buf_printf(out, "{\"ok\":true,\"pid\":%d", (int)getpid());
-	put_string_member(out, "program", n >= 0 ? exe : NULL);
-	put_string_member(out, "build_id", have_id ? id : NULL);
-	put_string_member(out, "mode", fentry_mode());
-	put_string_member(out, "mode_reason", fentry_mode_reason());
-	fentry_buf_printf(out, ",\"patches_active\":%u,\"patches_loaded\":%u}",
-			  fentry_active_count(), count.loaded);
-}
-
-/* One request line (without its '\n') into one reply line in `out`. */
-static void handle_request(const char *line, size_t len, struct fentry_buf *out)
-{
-	static struct request q; /* 4 KiB: only this thread uses it */
-	char err[FENTRY_ERR_MAX];
-
-	memset(&q, 0, sizeof q);
-	if (fentry_json_object_strings(line, len, take_member, &q, err, sizeof err) < 0)
-		reply_error(out, "bad request: %s", err);
-	else if (q.twice)
-		reply_error(out, "bad request: member \"%s\" given twice", member_name(q.twice));
-	else if (q.too_long)
-		reply_error(out, "bad request: member \"%s\" is too long",
-			    member_name(q.too_long));
-	else if (!(q.seen & REQ_OP))
-		reply_error(out, "bad request: no string member \"op\" (one of: " CTL_OPS ")");
-	else if (strcmp(q.op, "load") == 0)
-		op_load(&q, out);
-	else if (strcmp(q.op, "revert") == 0)
-		op_by_name(&q, out, fentry_revert_name);
-	else if (strcmp(q.op, "unload") == 0)
-		op_by_name(&q, out, fentry_unload_name);
-	else if (strcmp(q.op, "list") == 0)
-		op_list(out);
-	else if (strcmp(q.op, "status") == 0)
-		op_status(out);
-	else
-		reply_error(out, "unknown op \"%s\": known ops are " CTL_OPS, q.op);
-	PUT(out, "\n");
 }
 
 /* ---- clients ------------------------------------------------------------------------ */
 
-static void touch(struct ctl_client *c)
+/* A new window: for the next request line, or for reading the reply just made. */
+static void start_window(struct ctl_client *c)
 {
-	c->deadline = now_ms() + ctl.idle_ms;
+	c->deadline = now_ms() + ctl.request_ms;
 }
 
 static void drop(struct ctl_client *c)
@@ -606,13 +138,14 @@ static int flush(struct ctl_client *c)
 		n = send(c->fd, c->out.data + c->out_off, c->out.len - c->out_off, MSG_NOSIGNAL);
 		if (n > 0) {
 			c->out_off += (size_t)n;
-			touch(c);
 		} else if (n < 0 && errno == EAGAIN) {
 			return 0;
 		} else if (n == 0 || errno != EINTR) {
 			return -1;
 		}
 	}
+	if (c->out.len > 0)
+		start_window(c); /* the reply is out: the next request's time starts */
 	fentry_buf_free(&c->out);
 	c->out_off = 0;
 	return 0;
@@ -625,8 +158,7 @@ static void read_input(struct ctl_client *c)
 	while (c->in_len < sizeof c->in) {
 		n = recv(c->fd, c->in + c->in_len, sizeof c->in - c->in_len, 0);
 		if (n > 0) {
-			c->in_len += (size_t)n;
-			touch(c);
+			c->in_len += (size_t)n; /* never extends the deadline */
 		} else if (n < 0 && errno == EAGAIN) {
 			return;
 		} else if (n == 0 || errno != EINTR) {
@@ -642,15 +174,15 @@ static int answer_line(struct ctl_client *c)
 	char *nl = memchr(c->in, '\n', c->in_len);
 	size_t len;
 
-	if (!nl && c->in_len <= CTL_LINE_MAX)
+	if (!nl && c->in_len <= FENTRY_LINE_MAX)
 		return 0;
 	if (!nl) {
-		reply_error(&c->out, "request line longer than %d bytes", CTL_LINE_MAX);
-		PUT(&c->out, "\n");
+		fentry_protocol_error(&c->out, FENTRY_E_BAD_REQUEST, "request line longer than %d "
+				      "bytes", FENTRY_LINE_MAX);
 		c->closing = 1;
 	} else {
 		len = (size_t)(nl - c->in);
-		handle_request(c->in, len, &c->out);
+		fentry_protocol_answer(c->in, len, &c->peer, &c->out);
 		c->in_len -= len + 1;
 		memmove(c->in, nl + 1, c->in_len);
 	}
@@ -659,6 +191,7 @@ static int answer_line(struct ctl_client *c)
 		c->closing = 1;
 	}
 	c->out_off = 0;
+	start_window(c); /* the time to read the reply */
 	return 1;
 }
 
@@ -693,19 +226,18 @@ static void client_io(struct ctl_client *c, short revents)
 }
 
 /* One reply line to a connection we will not serve, without waiting. */
-static void refuse(int fd, const char *why)
+static void refuse(int fd, int code, const char *why)
 {
 	struct fentry_buf b = {0};
 
-	reply_error(&b, "%s", why);
-	PUT(&b, "\n");
+	fentry_protocol_error(&b, code, "%s", why);
 	if (!b.oom) /* best effort: the connection is closed next anyway */
 		send(fd, b.data, b.len, MSG_NOSIGNAL | MSG_DONTWAIT);
 	fentry_buf_free(&b);
 }
 
-/* Same uid as the process, or root; -1 with a reason otherwise. */
-static int check_peer(int fd, char *why, size_t n)
+/* Same uid as the process, or root; -1 with a reason (and an audit entry) otherwise. */
+static int check_peer(int fd, struct fentry_peer *peer, char *why, size_t n)
 {
 	struct ucred cred;
 	socklen_t len = sizeof cred;
@@ -714,10 +246,14 @@ static int check_peer(int fd, char *why, size_t n)
 		snprintf(why, n, "cannot read the peer's credentials: %s", strerror(errno));
 		return -1;
 	}
+	peer->via = FENTRY_VIA_SOCKET;
+	peer->uid = cred.uid;
+	peer->pid = cred.pid;
 	if (cred.uid == geteuid() || cred.uid == 0)
 		return 0;
 	snprintf(why, n, "permission denied: uid %u may not control process %d (uid %u)",
 		 (unsigned)cred.uid, (int)getpid(), (unsigned)geteuid());
+	fentry_audit_refusal(peer, "connect", NULL, NULL, FENTRY_E_NOT_PERMITTED, why);
 	return -1;
 }
 
@@ -733,20 +269,22 @@ static struct ctl_client *free_slot(void)
 
 static void admit(int fd, struct ctl_client *c)
 {
+	struct fentry_peer peer;
 	struct stat st;
 	char why[256] = "";
 
-	if (check_peer(fd, why, sizeof why) < 0 || fstat(fd, &st) < 0) {
-		refuse(fd, why[0] ? why : "cannot serve this connection");
+	if (check_peer(fd, &peer, why, sizeof why) < 0 || fstat(fd, &st) < 0) {
+		refuse(fd, FENTRY_E_NOT_PERMITTED, why[0] ? why : "cannot serve this connection");
 		close(fd);
 		return;
 	}
 	c->ino = st.st_ino;
+	c->peer = peer;
 	c->in_len = 0;
 	c->eof = c->closing = 0;
 	c->out_off = 0;
 	memset(&c->out, 0, sizeof c->out);
-	touch(c);
+	start_window(c);
 	c->fd = fd;
 }
 
@@ -767,8 +305,8 @@ static void accept_clients(void)
 	}
 }
 
-/* A client that sent part of a line and stalled, or stopped reading its reply, goes. */
-static void expire_idle(void)
+/* A client past its deadline goes: a request line not complete, or a reply not read. */
+static void expire(void)
 {
 	int64_t now = now_ms();
 	int i;
@@ -778,8 +316,13 @@ static void expire_idle(void)
 
 		if (c->fd < 0 || c->deadline > now)
 			continue;
-		if (c->in_len > 0 && c->out.len == 0)
-			refuse(c->fd, "no complete request line in time; closing");
+		if (c->in_len > 0 && c->out.len == 0) {
+			char why[96];
+
+			snprintf(why, sizeof why, "no complete request line within %d s; closing",
+				 ctl.request_ms / 1000);
+			refuse(c->fd, FENTRY_E_TIMEOUT, why);
+		}
 		drop(c);
 	}
 }
@@ -816,18 +359,12 @@ static int fill_pollfds(struct pollfd *pfd, int *slot, int *timeout)
 	return n;
 }
 
-static int listener_is_ours(void)
-{
-	struct stat st;
-
-	return fstat(ctl_listen_fd, &st) == 0 && S_ISSOCK(st.st_mode) &&
-	       st.st_ino == ctl.listen_ino;
-}
-
 static void *serve(void *unused)
 {
 	struct pollfd pfd[1 + CTL_MAX_CLIENTS];
 	int slot[1 + CTL_MAX_CLIENTS], n, k, timeout;
+	const char *why = "the program closed its socket; start the program without closing "
+			  "inherited descriptors to keep it";
 
 	(void)unused;
 	pthread_setname_np(pthread_self(), "fentry-ctl");
@@ -841,16 +378,16 @@ static void *serve(void *unused)
 		for (k = 1; k < n; k++) /* first: clients that are gone free their slots */
 			if (pfd[k].revents)
 				client_io(&ctl.clients[slot[k]], pfd[k].revents);
-		expire_idle();
+		expire();
 		if (pfd[0].fd >= 0 && pfd[0].revents) {
-			if (!listener_is_ours())
+			if (!fentry_endpoint_is_listener(ctl_listen_fd))
 				break;
 			accept_clients();
 		}
 	}
 	/* The program closed our listening socket (a daemon closing every fd, say). */
-	dprintf(STDERR_FILENO, "fentry: control channel off: the program closed its socket; "
-		"start the program without closing inherited descriptors to keep it\n");
+	dprintf(STDERR_FILENO, "fentry: control channel off: %s\n", why);
+	fentry_endpoint_publish_off(why);
 	ctl_listen_fd = -1;
 	for (k = 0; k < CTL_MAX_CLIENTS; k++)
 		if (ctl.clients[k].fd >= 0)
@@ -858,7 +395,7 @@ static void *serve(void *unused)
 	return NULL;
 }
 
-static int start_thread(char *why, size_t n)
+static int start_thread(char *why)
 {
 	pthread_attr_t attr;
 	pthread_t thread;
@@ -874,7 +411,7 @@ static int start_thread(char *why, size_t n)
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	pthread_attr_destroy(&attr);
 	if (rc != 0) {
-		snprintf(why, n, "cannot start its thread: %s", strerror(rc));
+		snprintf(why, FENTRY_ERR_MAX, "cannot start its thread: %s", strerror(rc));
 		return -1;
 	}
 	return 0;
@@ -884,12 +421,24 @@ static void start(int sweep)
 {
 	const char *setting = secure_getenv("FENTRY_CONTROL");
 	char why[FENTRY_ERR_MAX];
+	int i;
 
-	if ((setting && strcmp(setting, "0") == 0) || ctl.owner == getpid())
+	if (setting && strcmp(setting, "0") == 0) {
+		fentry_endpoint_publish_off("FENTRY_CONTROL=0 (the program runs without a channel)");
 		return;
-	if (open_channel(sweep, why, sizeof why) < 0 || start_thread(why, sizeof why) < 0) {
-		close_channel();
+	}
+	if (fentry_endpoint_is_open())
+		return;
+	for (i = 0; i < CTL_MAX_CLIENTS; i++)
+		ctl.clients[i].fd = -1;
+	ctl.request_ms = request_ms_from_env();
+	ctl.accept_paused_until = 0;
+	ctl_listen_fd = fentry_endpoint_open(sweep, why);
+	if (ctl_listen_fd < 0 || start_thread(why) < 0) {
+		fentry_endpoint_close();
+		ctl_listen_fd = -1;
 		dprintf(STDERR_FILENO, "fentry: control channel off: %s\n", why);
+		fentry_endpoint_publish_off(why);
 	}
 }
 
@@ -907,15 +456,12 @@ void fentry_control_start(void)
  */
 void fentry_control_after_fork_child(void)
 {
-	int had = ctl.owner != 0, fd, i;
+	int had = ctl_listen_fd >= 0, fd, i;
 
-	ctl.owner = 0; /* first: nothing below may unlink the parent's file */
-	ctl.path[0] = '\0';
+	fentry_endpoint_forget_after_fork(); /* first: nothing may unlink the parent's file */
+	ctl_listen_fd = -1;
 	if (!had)
 		return;
-	fd = ctl_listen_fd;
-	ctl_listen_fd = -1;
-	close_ours(fd, ctl.listen_ino);
 	for (i = 0; i < CTL_MAX_CLIENTS; i++) {
 		fd = ctl.clients[i].fd;
 		ctl.clients[i].fd = -1;

@@ -2,8 +2,8 @@
 
 /*
  * The reader accepts exactly RFC 8259 JSON (any value may nest inside the object, up
- * to JSON_DEPTH_MAX levels) and reports only what control.c needs: the top-level
- * members of an object whose values are strings.  Strings are validated as UTF-8,
+ * to JSON_DEPTH_MAX levels) and reports only what the protocol needs: the top-level
+ * members of an object whose values are strings or numbers (numbers as their text).  Strings are validated as UTF-8,
  * escapes are decoded (surrogate pairs into one code point); "\u0000" is refused
  * because the callback receives NUL-terminated C strings.
  *
@@ -167,7 +167,7 @@ struct json_reader {
 	size_t errlen;
 	/* second pass only: where decoded strings go, and the callback */
 	char *scratch;
-	void (*fn)(const char *key, const char *value, void *arg);
+	void (*fn)(const char *key, enum fentry_json_kind kind, const char *value, void *arg);
 	void *arg;
 };
 
@@ -417,12 +417,13 @@ static int parse_array(struct json_reader *r)
 
 /*
  * One "key": value member.  At the top level of the second pass the key and a string
- * value are decoded into the scratch buffer (key first, value after its NUL) and handed
- * to the callback.
+ * value (decoded) or a number (its text) go into the scratch buffer (key first, value
+ * after its NUL) and to the callback.
  */
 static int parse_member(struct json_reader *r, int top)
 {
 	char *key = top ? r->scratch : NULL, *value = NULL;
+	const unsigned char *from;
 
 	skip_ws(r);
 	if (r->p >= r->end || *r->p != '"')
@@ -430,12 +431,23 @@ static int parse_member(struct json_reader *r, int top)
 	if (parse_string(r, key) < 0 || expect(r, ':', "expected ':' after object key") < 0)
 		return -1;
 	skip_ws(r);
-	if (!key || !r->fn || r->p >= r->end || *r->p != '"')
+	if (!key || !r->fn || r->p >= r->end)
 		return parse_value(r);
 	value = key + strlen(key) + 1;
-	if (parse_string(r, value) < 0)
+	if (*r->p == '"') {
+		if (parse_string(r, value) < 0)
+			return -1;
+		r->fn(key, FENTRY_JSON_STRING, value, r->arg);
+		return 0;
+	}
+	if (*r->p != '-' && (*r->p < '0' || *r->p > '9'))
+		return parse_value(r);
+	from = r->p;
+	if (parse_number(r) < 0)
 		return -1;
-	r->fn(key, value, r->arg);
+	memcpy(value, from, (size_t)(r->p - from));
+	value[r->p - from] = '\0';
+	r->fn(key, FENTRY_JSON_NUMBER, value, r->arg);
 	return 0;
 }
 
@@ -516,8 +528,9 @@ static int read_text(struct json_reader *r)
 	return 0;
 }
 
-int fentry_json_object_strings(const char *text, size_t len,
-			       void (*fn)(const char *key, const char *value, void *arg),
+int fentry_json_object_members(const char *text, size_t len,
+			       void (*fn)(const char *key, enum fentry_json_kind kind,
+					  const char *value, void *arg),
 			       void *arg, char *err, size_t errlen)
 {
 	struct json_reader r = {

@@ -19,14 +19,17 @@ FENTRY_HIDDEN void fentry_buf_printf(struct fentry_buf *b, const char *fmt, ...)
 FENTRY_HIDDEN void fentry_buf_json_string(struct fentry_buf *b, const char *s);
 FENTRY_HIDDEN void fentry_buf_free(struct fentry_buf *b);
 
+enum fentry_json_kind { FENTRY_JSON_STRING = 's', FENTRY_JSON_NUMBER = 'n' };
+
 /*
  * Parse one JSON text that must be an object; for each top-level member whose value is
- * a string, call `fn(key, value, arg)` (both NUL-terminated, unescaped).  Members of
- * other types are accepted and skipped.  Returns 0, or -1 with a one-line reason in err.
+ * a string or a number, call `fn(key, kind, value, arg)` (NUL-terminated; a string
+ * unescaped, a number as its JSON text).  Members of other types are accepted and
+ * skipped.  Returns 0, or -1 with a one-line reason in err (and no call made).
  */
-FENTRY_HIDDEN int fentry_json_object_strings(const char *text, size_t len,
-					     void (*fn)(const char *key, const char *value,
-							void *arg),
+FENTRY_HIDDEN int fentry_json_object_members(const char *text, size_t len,
+					     void (*fn)(const char *key, enum fentry_json_kind kind,
+							const char *value, void *arg),
 					     void *arg, char *err, size_t errlen);
 
 #endif /* FENTRY_JSON_H */

@@ -13,11 +13,13 @@
 #include "arch/x86_64/poke.h"
 #include "control/control.h"
 #include "core/activate.h"
+#include "core/audit.h"
 #include "core/loader.h"
 
 static void apply_one(const char *path)
 {
-	char resolved[PATH_MAX], err[FENTRY_ERR_MAX], name[FENTRY_NAME_MAX];
+	struct fentry_peer me = fentry_peer_self(FENTRY_VIA_START);
+	char resolved[PATH_MAX], err[FENTRY_ERR_MAX];
 	const char *use = path;
 
 	/* A relative entry is taken relative to the current directory, made absolute so
@@ -33,7 +35,7 @@ static void apply_one(const char *path)
 		strcat(resolved, path);
 		use = resolved;
 	}
-	if (fentry_apply_path(use, name, err) < 0)
+	if (fentry_audited_apply(&me, use, NULL, err) < 0)
 		fprintf(stderr, "fentry: patch %s not loaded: %s\n", path, err);
 }
 
@@ -89,8 +91,21 @@ static void apply_env_patches(void)
 	free(copy);
 }
 
+static void before_fork(void)
+{
+	fentry_loader_lock_for_fork();
+	fentry_audit_lock_for_fork();
+}
+
+static void after_fork_parent(void)
+{
+	fentry_audit_unlock_after_fork();
+	fentry_loader_unlock_after_fork();
+}
+
 static void after_fork_child(void)
 {
+	fentry_audit_unlock_after_fork();
 	fentry_loader_unlock_after_fork();
 	fentry_poke_after_fork_child();
 	fentry_control_after_fork_child();
@@ -102,8 +117,8 @@ static void after_fork_child(void)
  */
 __attribute__((constructor)) static void fentry_init(void)
 {
-	pthread_atfork(fentry_loader_lock_for_fork, fentry_loader_unlock_after_fork,
-		       after_fork_child);
+	pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+	fentry_audit_init();
 	fentry_mode_init();
 	apply_env_patches();
 	fentry_control_start();

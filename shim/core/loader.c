@@ -61,20 +61,42 @@ static struct loaded_patch **patches;
 static size_t npatches;
 static uint64_t next_order = 1;
 
+static int vfail(char *err, int code, const char *fmt, va_list ap)
+{
+	vsnprintf(err, FENTRY_ERR_MAX, fmt, ap);
+	/* Keep messages to one line whatever dlerror() or a path contained. */
+	for (char *p = err; *p; p++)
+		if (*p == '\n' || *p == '\r')
+			*p = ' ';
+	return -code;
+}
+
+/* One line into err; returns -code (core/codes.h) for the caller to pass on. */
+static int fail_as(char *err, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+static int fail_as(char *err, int code, const char *fmt, ...)
+{
+	va_list ap;
+	int rc;
+
+	va_start(ap, fmt);
+	rc = vfail(err, code, fmt, ap);
+	va_end(ap);
+	return rc;
+}
+
+/* fail_as() without a more precise code than FENTRY_E_FAILED: returns -1. */
 static int fail(char *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 static int fail(char *err, const char *fmt, ...)
 {
 	va_list ap;
+	int rc;
 
 	va_start(ap, fmt);
-	vsnprintf(err, FENTRY_ERR_MAX, fmt, ap);
+	rc = vfail(err, FENTRY_E_FAILED, fmt, ap);
 	va_end(ap);
-	/* Keep messages to one line whatever dlerror() or a path contained. */
-	for (char *p = err; *p; p++)
-		if (*p == '\n' || *p == '\r')
-			*p = ' ';
-	return -1;
+	return rc;
 }
 
 static double now(void)
@@ -104,7 +126,8 @@ static int name_of(const char *path, char *name, char *err)
 	if (len > 3 && strcmp(base + len - 3, ".so") == 0)
 		len -= 3;
 	if (len == 0 || len >= FENTRY_NAME_MAX)
-		return fail(err, "%s: not a patch file name (expected NAME.so)", path);
+		return fail_as(err, FENTRY_E_BAD_FILE, "%s: not a patch file name (expected NAME.so)",
+			       path);
 	memcpy(name, base, len);
 	name[len] = '\0';
 	return 0;
@@ -121,31 +144,32 @@ static int open_checked(const char *path, struct stat *st, char *err)
 
 	if (fd < 0) {
 		if (errno == ELOOP)
-			return fail(err, "%s: is a symbolic link; pass the path of the file itself", path);
-		return fail(err, "%s: cannot open: %s", path, strerror(errno));
+			return fail_as(err, FENTRY_E_BAD_FILE, "%s: is a symbolic link; pass the path "
+				       "of the file itself", path);
+		return fail_as(err, FENTRY_E_BAD_FILE, "%s: cannot open: %s", path, strerror(errno));
 	}
 	if (fstat(fd, st) < 0) {
-		fail(err, "%s: cannot stat: %s", path, strerror(errno));
+		fail_as(err, FENTRY_E_BAD_FILE, "%s: cannot stat: %s", path, strerror(errno));
 		goto bad;
 	}
 	if (!S_ISREG(st->st_mode)) {
-		fail(err, "%s: not a regular file", path);
+		fail_as(err, FENTRY_E_BAD_FILE, "%s: not a regular file", path);
 		goto bad;
 	}
 	if (st->st_mode & (S_IWGRP | S_IWOTH)) {
-		fail(err, "%s: writable by group or others (mode %03o); chmod go-w it",
-		     path, (unsigned)(st->st_mode & 0777));
+		fail_as(err, FENTRY_E_BAD_FILE, "%s: writable by group or others (mode %03o); "
+			"chmod go-w it", path, (unsigned)(st->st_mode & 0777));
 		goto bad;
 	}
 	if (st->st_uid != geteuid() && st->st_uid != 0) {
-		fail(err, "%s: owned by uid %u, not by this process's uid %u or root", path,
-		     (unsigned)st->st_uid, (unsigned)geteuid());
+		fail_as(err, FENTRY_E_BAD_FILE, "%s: owned by uid %u, not by this process's uid %u "
+			"or root", path, (unsigned)st->st_uid, (unsigned)geteuid());
 		goto bad;
 	}
 	return fd;
 bad:
 	close(fd);
-	return -1;
+	return -FENTRY_E_BAD_FILE;
 }
 
 /*
@@ -173,20 +197,22 @@ static int validate_func(const struct fentry_func *f, const struct fentry_module
 	Dl_info info;
 
 	if (f->name == NULL || f->replacement == NULL || *f->replacement == NULL)
-		return fail(err, "patch %s: a function entry has no name or replacement", pname);
+		return fail_as(err, FENTRY_E_BAD_PATCH, "patch %s: a function entry has no name or "
+			       "replacement", pname);
 	if ((f->site_offset != 0 && f->site_offset != 4) || (f->site_len != 5 && f->site_len != 6) ||
 	    f->entry_len != f->site_offset + f->site_len)
-		return fail(err, "patch %s: %s: malformed site description", pname, f->name);
+		return fail_as(err, FENTRY_E_BAD_PATCH, "patch %s: %s: malformed site description",
+			       pname, f->name);
 	if (!fentry_module_contains_code(mod, addr, f->entry_len))
-		return fail(err, "patch %s: %s: address 0x%llx is outside %s's code", pname,
-			    f->name, (unsigned long long)f->addr, mod->path);
+		return fail_as(err, FENTRY_E_BAD_PATCH, "patch %s: %s: address 0x%llx is outside "
+			       "%s's code", pname, f->name, (unsigned long long)f->addr, mod->path);
 	if (entry_differs(f, addr))
-		return fail(err, "patch %s: %s: the bytes at its entry differ from the build the "
-			    "patch was made for (a breakpoint or another tool changed them?)",
-			    pname, f->name);
+		return fail_as(err, FENTRY_E_ENTRY_CHANGED, "patch %s: %s: the bytes at its entry "
+			       "differ from the build the patch was made for (a breakpoint or "
+			       "another tool changed them?)", pname, f->name);
 	if (dladdr(*f->replacement, &info) == 0)
-		return fail(err, "patch %s: %s: replacement is not inside any loaded object",
-			    pname, f->name);
+		return fail_as(err, FENTRY_E_BAD_PATCH, "patch %s: %s: replacement is not inside "
+			       "any loaded object", pname, f->name);
 	r->site_end = addr + f->site_offset + f->site_len;
 	r->target = (uintptr_t)*f->replacement;
 	return 0;
@@ -198,47 +224,52 @@ static int validate(struct loaded_patch *p, char *err)
 	const struct fentry_patch *d = p->desc;
 	struct fentry_module mod, main_mod;
 	char want[2 * FENTRY_BUILD_ID_MAX + 1], have[2 * FENTRY_BUILD_ID_MAX + 1];
+	int rc;
 
 	if (d->abi_version != FENTRY_ABI_VERSION)
-		return fail(err, "patch %s: descriptor ABI version %u, this shim reads %u; "
-			    "rebuild the patch with this fentry_build", p->name,
-			    (unsigned)d->abi_version, (unsigned)FENTRY_ABI_VERSION);
+		return fail_as(err, FENTRY_E_BAD_PATCH, "patch %s: descriptor ABI version %u, this "
+			       "shim reads %u; rebuild the patch with this fentry_build", p->name,
+			       (unsigned)d->abi_version, (unsigned)FENTRY_ABI_VERSION);
 	if (d->nfuncs == 0 || d->nfuncs > 65536 || d->funcs == NULL ||
 	    d->build_id_len == 0 || d->build_id_len > FENTRY_BUILD_ID_MAX)
-		return fail(err, "patch %s: malformed descriptor", p->name);
+		return fail_as(err, FENTRY_E_BAD_PATCH, "patch %s: malformed descriptor", p->name);
 	if (fentry_module_by_build_id(d->build_id, d->build_id_len, &mod) < 0) {
 		fentry_hex(d->build_id, d->build_id_len, want);
 		have[0] = '\0';
 		if (fentry_module_main(&main_mod) == 0)
 			fentry_hex(main_mod.build_id, main_mod.build_id_len, have);
-		return fail(err, "patch %s was built for another build of %s (build-id %s; the "
-			    "running program's is %s); rebuild the patch against the running binary",
-			    p->name, d->target ? d->target : "its program", want,
-			    have[0] ? have : "unknown");
+		return fail_as(err, FENTRY_E_WRONG_BUILD, "patch %s was built for another build of "
+			       "%s (build-id %s; the running program's is %s); rebuild the patch "
+			       "against the running binary", p->name,
+			       d->target ? d->target : "its program", want, have[0] ? have : "unknown");
 	}
 	p->redirects = calloc(d->nfuncs, sizeof(*p->redirects));
 	p->in_effect = calloc(d->nfuncs, 1);
 	if (!p->redirects || !p->in_effect)
 		return fail(err, "patch %s: out of memory", p->name);
 	if (d->nrefs > 65536 || (d->nrefs && d->refs == NULL))
-		return fail(err, "patch %s: malformed descriptor (references)", p->name);
+		return fail_as(err, FENTRY_E_BAD_PATCH, "patch %s: malformed descriptor "
+			       "(references)", p->name);
 	for (uint32_t i = 0; i < d->nrefs; i++) {
 		const struct fentry_ref *r = &d->refs[i];
 
 		if (r->name == NULL || r->slot == NULL)
-			return fail(err, "patch %s: a reference has no name or slot", p->name);
+			return fail_as(err, FENTRY_E_BAD_PATCH, "patch %s: a reference has no name "
+				       "or slot", p->name);
 		if (!fentry_module_contains(&mod, mod.base + (uintptr_t)r->addr, r->size ? r->size : 1))
-			return fail(err, "patch %s: reference %s at 0x%llx is outside %s", p->name,
-				    r->name, (unsigned long long)r->addr, mod.path);
+			return fail_as(err, FENTRY_E_BAD_PATCH, "patch %s: reference %s at 0x%llx is "
+				       "outside %s", p->name, r->name, (unsigned long long)r->addr,
+				       mod.path);
 	}
 	p->base = mod.base;
 	for (uint32_t i = 0; i < d->nfuncs; i++) {
-		if (validate_func(&d->funcs[i], &mod, p->name, &p->redirects[i], err) < 0)
-			return -1;
+		rc = validate_func(&d->funcs[i], &mod, p->name, &p->redirects[i], err);
+		if (rc < 0)
+			return rc;
 		for (uint32_t j = 0; j < i; j++)
 			if (p->redirects[j].site_end == p->redirects[i].site_end)
-				return fail(err, "patch %s replaces %s twice", p->name,
-					    d->funcs[i].name);
+				return fail_as(err, FENTRY_E_BAD_PATCH, "patch %s replaces %s twice",
+					       p->name, d->funcs[i].name);
 	}
 	return 0;
 }
@@ -443,15 +474,17 @@ static int activate(struct loaded_patch *p, char *err)
 	struct loaded_patch **replaced = NULL;
 	size_t nreplaced = 0;
 	char why[FENTRY_ERR_MAX / 2] = "";
+	int rc;
 
 	if (p->desc->pre_patch && *p->desc->pre_patch) {
-		int rc = call_with_timeout(*p->desc->pre_patch, NULL, why, sizeof(why));
+		rc = call_with_timeout(*p->desc->pre_patch, NULL, why, sizeof(why));
 
 		if (rc < 0)
 			p->stuck = 1; /* its code is still running: never unmap it */
 		if (rc != 0)
-			return fail(err, "patch %s: its pre-patch callback %s%s; nothing applied",
-				    p->name, rc > 0 ? "refused: " : "", why);
+			return fail_as(err, FENTRY_E_CALLBACK_REFUSED, "patch %s: its pre-patch "
+				       "callback %s%s; nothing applied", p->name,
+				       rc > 0 ? "refused: " : "", why);
 	}
 	if (p->desc->flags & FENTRY_PATCH_REPLACE_ALL) {
 		replaced = calloc(npatches + 1, sizeof(*replaced));
@@ -467,11 +500,12 @@ static int activate(struct loaded_patch *p, char *err)
 		}
 	}
 	p->order = next_order++;
-	if (publish(p, err) < 0) {
+	rc = publish(p, err);
+	if (rc < 0) {
 		for (size_t i = 0; i < nreplaced; i++)
 			replaced[i]->state = FENTRY_ACTIVE;
 		free(replaced);
-		return -1;
+		return rc;
 	}
 	p->state = FENTRY_ACTIVE;
 	p->applied_at = now();
@@ -485,11 +519,12 @@ static int activate(struct loaded_patch *p, char *err)
 static int reactivate(struct loaded_patch *p, const struct stat *st, char *err)
 {
 	if (p->state == FENTRY_ACTIVE)
-		return fail(err, "patch %s is already applied; revert it first, or give the new "
-			    "patch another file name", p->name);
+		return fail_as(err, FENTRY_E_WRONG_STATE, "patch %s is already applied; revert it "
+			       "first, or give the new patch another file name", p->name);
 	if (p->dev != st->st_dev || p->ino != st->st_ino)
-		return fail(err, "a different file named %s.so was applied before and stays "
-			    "loaded; give the new patch another file name", p->name);
+		return fail_as(err, FENTRY_E_WRONG_STATE, "a different file named %s.so was "
+			       "applied before and stays loaded; give the new patch another file "
+			       "name", p->name);
 	return activate(p, err);
 }
 
@@ -520,23 +555,24 @@ static int check_elf_extent(int fd, const struct stat *st, const char *path, cha
 
 	if (pread(fd, &eh, sizeof(eh), 0) != (ssize_t)sizeof(eh) ||
 	    memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0)
-		return fail(err, "%s: not an ELF file", path);
+		return fail_as(err, FENTRY_E_BAD_FILE, "%s: not an ELF file", path);
 	if (eh.e_ident[EI_CLASS] != ELFCLASS64 || eh.e_machine != EM_X86_64 ||
 	    eh.e_type != ET_DYN)
-		return fail(err, "%s: not an x86-64 shared object", path);
+		return fail_as(err, FENTRY_E_BAD_FILE, "%s: not an x86-64 shared object", path);
 	if (eh.e_phentsize != sizeof(ph) || eh.e_phnum == 0 || eh.e_phoff > size ||
 	    (uint64_t)eh.e_phnum * sizeof(ph) > size - eh.e_phoff)
-		return fail(err, "%s: truncated or corrupt: its program headers lie past the end "
-			    "of the file", path);
+		return fail_as(err, FENTRY_E_BAD_FILE, "%s: truncated or corrupt: its program "
+			       "headers lie past the end of the file", path);
 	for (unsigned i = 0; i < eh.e_phnum; i++) {
 		if (pread(fd, &ph, sizeof(ph), (off_t)(eh.e_phoff + i * sizeof(ph))) !=
 		    (ssize_t)sizeof(ph))
-			return fail(err, "%s: cannot read its program headers", path);
+			return fail_as(err, FENTRY_E_BAD_FILE, "%s: cannot read its program headers",
+				       path);
 		if (ph.p_type == PT_LOAD && (ph.p_offset > size || ph.p_filesz > size - ph.p_offset))
-			return fail(err, "%s: truncated: a segment ends at byte %llu but the file "
-				    "has %llu bytes; rebuild or copy the patch again", path,
-				    (unsigned long long)(ph.p_offset + ph.p_filesz),
-				    (unsigned long long)size);
+			return fail_as(err, FENTRY_E_BAD_FILE, "%s: truncated: a segment ends at byte "
+				       "%llu but the file has %llu bytes; rebuild or copy the patch "
+				       "again", path, (unsigned long long)(ph.p_offset + ph.p_filesz),
+				       (unsigned long long)size);
 	}
 	return 0;
 }
@@ -546,6 +582,7 @@ static int load_new(const char *path, int fd, const struct stat *st, const char 
 {
 	struct loaded_patch *p = calloc(1, sizeof(*p)), **grown;
 	char fdpath[64];
+	int rc;
 
 	if (!p) {
 		close(fd);
@@ -557,7 +594,8 @@ static int load_new(const char *path, int fd, const struct stat *st, const char 
 	p->dev = st->st_dev;
 	p->ino = st->st_ino;
 
-	if (check_elf_extent(fd, st, path, err) < 0)
+	rc = check_elf_extent(fd, st, path, err);
+	if (rc < 0)
 		goto bad;
 	/* Load the file we checked, through our descriptor, never the path again. */
 	/*
@@ -573,47 +611,58 @@ static int load_new(const char *path, int fd, const struct stat *st, const char 
 		/* dlerror() names our /proc path; skip it, the message names the patch. */
 		if (s && (s = strstr(s, ": ")) != NULL)
 			why = s + 2;
-		fail(err, "%s: cannot load: %s", path, why ? why : "unknown error");
+		rc = fail_as(err, FENTRY_E_BAD_FILE, "%s: cannot load: %s", path,
+			     why ? why : "unknown error");
 		goto bad;
 	}
 	p->desc = dlsym(p->handle, FENTRY_PATCH_SYMBOL);
 	if (!p->desc) {
-		fail(err, "%s: no %s descriptor; build patches with the fentry generator",
-		     path, FENTRY_PATCH_SYMBOL);
+		rc = fail_as(err, FENTRY_E_BAD_PATCH, "%s: no %s descriptor; build patches with "
+			     "the fentry generator", path, FENTRY_PATCH_SYMBOL);
 		goto bad;
 	}
-	if (validate(p, err) < 0)
+	rc = validate(p, err);
+	if (rc < 0)
 		goto bad;
 	grown = realloc(patches, (npatches + 1) * sizeof(*patches));
 	if (!grown) {
-		fail(err, "out of memory");
+		rc = fail(err, "out of memory");
 		goto bad;
 	}
 	patches = grown;
 	bind_references(p);
-	if (activate(p, err) < 0)
+	rc = activate(p, err);
+	if (rc < 0)
 		goto bad;
 	patches[npatches++] = p;
 	return 0;
 bad:
 	discard(p);
-	return -1;
+	return rc;
 }
 
-FENTRY_HIDDEN int fentry_apply_path(const char *path, char *name_out, char *err)
+FENTRY_HIDDEN int fentry_apply_path(const char *path, struct fentry_load_report *report,
+				    char *err)
 {
+	struct fentry_load_report unused;
 	char name[FENTRY_NAME_MAX];
 	struct loaded_patch *old;
 	struct stat st;
 	int fd, rc;
 
+	if (!report)
+		report = &unused;
+	memset(report, 0, sizeof(*report));
 	if (path == NULL || path[0] != '/')
-		return fail(err, "%s: the patch path must be absolute", path ? path : "(null)");
-	if (name_of(path, name, err) < 0)
-		return -1;
+		return fail_as(err, FENTRY_E_BAD_FILE, "%s: the patch path must be absolute",
+			       path ? path : "(null)");
+	rc = name_of(path, name, err);
+	if (rc < 0)
+		return rc;
+	memcpy(report->name, name, sizeof(report->name));
 	fd = open_checked(path, &st, err);
 	if (fd < 0)
-		return -1;
+		return fd;
 	pthread_mutex_lock(&loader_lock);
 	old = find(name);
 	if (old) {
@@ -622,9 +671,9 @@ FENTRY_HIDDEN int fentry_apply_path(const char *path, char *name_out, char *err)
 	} else {
 		rc = load_new(path, fd, &st, name, err); /* takes fd */
 	}
+	if (rc == 0 && (old = find(name)) != NULL)
+		report->functions = old->desc->nfuncs;
 	pthread_mutex_unlock(&loader_lock);
-	if (rc == 0 && name_out)
-		snprintf(name_out, FENTRY_NAME_MAX, "%s", name);
 	return rc;
 }
 
@@ -636,15 +685,16 @@ FENTRY_HIDDEN int fentry_revert_name(const char *name, char *err)
 	pthread_mutex_lock(&loader_lock);
 	p = find(name);
 	if (!p)
-		rc = fail(err, "no patch named %s is loaded", name);
+		rc = fail_as(err, FENTRY_E_NO_SUCH_PATCH, "no patch named %s is loaded", name);
 	else if (p->state != FENTRY_ACTIVE)
-		rc = fail(err, "patch %s is not applied (already reverted)", name);
+		rc = fail_as(err, FENTRY_E_WRONG_STATE, "patch %s is not applied (already "
+			     "reverted)", name);
 	else {
 		run_callback(p, p->desc->pre_unpatch, "pre-unpatch");
 		p->state = FENTRY_REVERTED;
-		if (publish(NULL, err) < 0) {
+		rc = publish(NULL, err);
+		if (rc < 0) {
 			p->state = FENTRY_ACTIVE;
-			rc = -1;
 		} else {
 			run_callback(p, p->desc->post_unpatch, "post-unpatch");
 		}
@@ -704,16 +754,17 @@ FENTRY_HIDDEN int fentry_unload_name(const char *name, char *err)
 	pthread_mutex_lock(&loader_lock);
 	p = find(name);
 	if (!p) {
-		fail(err, "no patch named %s is loaded", name);
+		rc = fail_as(err, FENTRY_E_NO_SUCH_PATCH, "no patch named %s is loaded", name);
 		goto out;
 	}
 	if (p->state == FENTRY_ACTIVE) {
-		fail(err, "patch %s is applied; revert it before unloading it", name);
+		rc = fail_as(err, FENTRY_E_WRONG_STATE, "patch %s is applied; revert it before "
+			     "unloading it", name);
 		goto out;
 	}
 	if (p->stuck) {
-		fail(err, "patch %s: a callback of it overran its time limit and may still be "
-		     "running; it stays loaded", name);
+		rc = fail_as(err, FENTRY_E_WRONG_STATE, "patch %s: a callback of it overran its "
+			     "time limit and may still be running; it stays loaded", name);
 		goto out;
 	}
 	if (dlinfo(p->handle, RTLD_DI_LINKMAP, &lm) < 0 || lm == NULL) {
@@ -727,8 +778,11 @@ FENTRY_HIDDEN int fentry_unload_name(const char *name, char *err)
 		fail(err, "patch %s: its code segments were not found; it stays loaded", name);
 		goto out;
 	}
-	if (fentry_threads_clear_of((const uintptr_t (*)[2])ranges, c.n, name, err) < 0)
+	/* Every failure of the check leaves the patch loaded: "busy, retry". */
+	if (fentry_threads_clear_of((const uintptr_t (*)[2])ranges, c.n, name, err) < 0) {
+		rc = -FENTRY_E_BUSY;
 		goto out;
+	}
 	forget(p); /* dlclose() and close the descriptor */
 	rc = 0;
 out:
@@ -751,6 +805,7 @@ FENTRY_HIDDEN void fentry_foreach_patch(void (*fn)(const struct fentry_patch_inf
 		memcpy(info->path, p->path, sizeof(info->path));
 		info->state = p->state;
 		info->applied_at = p->applied_at;
+		info->sha256[0] = '\0'; /* not computed yet */
 		info->nfuncs = p->desc->nfuncs;
 		info->funcs = p->desc->funcs;
 		info->func_state = p->in_effect;
@@ -784,42 +839,4 @@ FENTRY_HIDDEN unsigned fentry_active_count(void)
 		n += patches[i]->state == FENTRY_ACTIVE;
 	pthread_mutex_unlock(&loader_lock);
 	return n;
-}
-
-/* The public API of fentry.h for programs linked with the shim. */
-/* The loader's verbs write up to FENTRY_ERR_MAX bytes; the caller's buffer may be smaller. */
-static int public_call(int (*verb)(const char *, char *), const char *arg, char *err,
-		       size_t errlen)
-{
-	char buf[FENTRY_ERR_MAX];
-	int rc = verb(arg, buf);
-
-	if (rc < 0 && err && errlen)
-		snprintf(err, errlen, "%s", buf);
-	return rc;
-}
-
-static int apply_path_unnamed(const char *path, char *err)
-{
-	return fentry_apply_path(path, NULL, err);
-}
-
-int fentry_apply(const char *path, char *err, size_t errlen)
-{
-	return public_call(apply_path_unnamed, path, err, errlen);
-}
-
-int fentry_revert(const char *name, char *err, size_t errlen)
-{
-	return public_call(fentry_revert_name, name, err, errlen);
-}
-
-int fentry_unload(const char *name, char *err, size_t errlen)
-{
-	return public_call(fentry_unload_name, name, err, errlen);
-}
-
-const char *fentry_current_mode(void)
-{
-	return fentry_mode();
 }

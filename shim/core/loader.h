@@ -4,12 +4,14 @@
 
 #include <stdint.h>
 
+#include "core/codes.h"
 #include "core/util.h"
 #include "fentry.h"
 
 enum fentry_patch_state { FENTRY_ACTIVE = 1, FENTRY_REVERTED = 2 };
 
 #define FENTRY_NAME_MAX 256
+#define FENTRY_SHA256_HEX 64 /* hex digits of a SHA-256 */
 
 /* What `list` reports of one loaded patch.  A snapshot; owned by the caller. */
 struct fentry_patch_info {
@@ -17,6 +19,7 @@ struct fentry_patch_info {
 	char path[4096];
 	enum fentry_patch_state state;
 	double applied_at;       /* unix time of the last activation              */
+	char sha256[FENTRY_SHA256_HEX + 1]; /* of the file as loaded; "" when not known */
 	uint32_t nfuncs;
 	const struct fentry_func *funcs; /* valid while the patch stays loaded (always) */
 	const char *func_state;  /* per function: 1 if this patch's replacement is the one in
@@ -24,16 +27,31 @@ struct fentry_patch_info {
 };
 
 /*
- * Check the file at `path`, dlopen it, validate its descriptor against the running
- * process, and activate all its functions in one publish.  On failure nothing changes
- * and `err` holds one line.  `name_out` (FENTRY_NAME_MAX) receives the patch's name.
+ * What a load tells its caller besides success or failure - the reply's members and the
+ * audit trail's (core/audit.c).  Filled as far as the load got, also when it fails.
  */
-FENTRY_HIDDEN int fentry_apply_path(const char *path, char *name_out, char *err);
+struct fentry_load_report {
+	char name[FENTRY_NAME_MAX];         /* the patch's name; "" if the path has none  */
+	char sha256[FENTRY_SHA256_HEX + 1]; /* of the file's contents as loaded; "" when
+	                                       they were not read                         */
+	uint32_t functions;                 /* on success: the functions it replaces      */
+};
+
+/*
+ * The verbs below return 0, or -code (core/codes.h: FENTRY_E_WRONG_BUILD, ...; a plain -1
+ * is FENTRY_E_FAILED) with one line in `err`.
+ *
+ * Check the file at `path`, dlopen it, validate its descriptor against the running
+ * process, and activate all its functions in one publish.  On failure nothing changes.
+ * `report` may be NULL.
+ */
+FENTRY_HIDDEN int fentry_apply_path(const char *path, struct fentry_load_report *report,
+				    char *err);
 /* Deactivate the patch `name`; its functions fall back to the patch below or the original. */
 FENTRY_HIDDEN int fentry_revert_name(const char *name, char *err);
 /*
  * Unload the reverted patch `name` (dlclose) once no thread can be running its code;
- * otherwise -1 with "busy: ..." and the patch stays loaded.
+ * otherwise -FENTRY_E_BUSY with "busy: ..." and the patch stays loaded.
  */
 FENTRY_HIDDEN int fentry_unload_name(const char *name, char *err);
 /* Call `fn` for each loaded patch, oldest first, under the loader's lock. */

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "control/control.h"
+#include "core/audit.h"
 
 static volatile sig_atomic_t released;
 
@@ -49,6 +50,7 @@ int main(void)
 	sigaddset(&usr1, SIGUSR1);
 	sigprocmask(SIG_BLOCK, &usr1, &old);
 	pthread_atfork(NULL, NULL, fentry_control_after_fork_child);
+	fentry_audit_init();
 	fentry_control_start();
 	printf("ready %d\n", (int)getpid());
 	fflush(stdout);

@@ -3,7 +3,8 @@
 /*
  * Records on stdin, back to back: a mode letter, 8 hex digits of length, the bytes.
  *   P  parse as a request: prints "ERR <reason>" or "OK" followed by " <key hex>=<value
- *      hex>" for each callback, in order
+ *      hex>" for each string member and " <key hex>#<number text>" for each number, in
+ *      order
  *   E  write as a JSON string literal with fentry_buf_json_string: prints it
  * One output line per record.
  */
@@ -19,14 +20,18 @@ static void put_hex(struct fentry_buf *out, const char *s)
 		fentry_buf_printf(out, "%02x", (unsigned char)*s);
 }
 
-static void on_member(const char *key, const char *value, void *arg)
+static void on_member(const char *key, enum fentry_json_kind kind, const char *value, void *arg)
 {
 	struct fentry_buf *out = arg;
 
 	fentry_buf_put(out, " ", 1);
 	put_hex(out, key);
-	fentry_buf_put(out, "=", 1);
-	put_hex(out, value);
+	if (kind == FENTRY_JSON_STRING) {
+		fentry_buf_put(out, "=", 1);
+		put_hex(out, value);
+	} else {
+		fentry_buf_printf(out, "#%s", value);
+	}
 }
 
 /* A failing parse must not have called back at all: that prints "BUG". */
@@ -35,7 +40,7 @@ static void parse(const char *text, size_t len)
 	struct fentry_buf members = {0};
 	char err[FENTRY_ERR_MAX];
 
-	if (fentry_json_object_strings(text, len, on_member, &members, err, sizeof err) < 0)
+	if (fentry_json_object_members(text, len, on_member, &members, err, sizeof err) < 0)
 		printf("%s %s\n", members.len ? "BUG" : "ERR", err);
 	else
 		printf("OK%s\n", members.len ? members.data : "");

@@ -5,7 +5,8 @@
  * exist; its name is the file name without ".so"; a name containing "refuse" fails
  * with a loader-style message; every patch "replaces" compute() and parse() of
  * parser.c, so the newest active patch is the one in effect.  The main module's
- * build-id is 01 02 .. 14.
+ * build-id is 01 02 .. 14.  Every file's "SHA-256" is STUB_SHA256 (the real one is the
+ * loader's business); the verbs return -code like the loader's.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -18,6 +19,7 @@
 #include "core/module.h"
 
 #define STUB_MAX 64
+#define STUB_SHA256 "5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b5b"
 
 static const struct fentry_func stub_funcs[] = {
 	{.name = "compute", .file = NULL},
@@ -49,28 +51,35 @@ static void patch_name(const char *path, char *name)
 	name[len] = '\0';
 }
 
-int fentry_apply_path(const char *path, char *name_out, char *err)
+int fentry_apply_path(const char *path, struct fentry_load_report *report, char *err)
 {
 	struct fentry_patch_info *p;
-	int rc = -1;
+	int rc = -FENTRY_E_FAILED;
 
 	pthread_mutex_lock(&lock);
-	patch_name(path, name_out);
-	if (access(path, F_OK) != 0)
+	memset(report, 0, sizeof *report);
+	patch_name(path, report->name);
+	if (access(path, F_OK) != 0) {
 		snprintf(err, FENTRY_ERR_MAX, "cannot open %s: no such file", path);
-	else if (strstr(name_out, "refuse"))
+		rc = -FENTRY_E_BAD_FILE;
+	} else if (strstr(report->name, "refuse")) {
+		snprintf(report->sha256, sizeof report->sha256, "%s", STUB_SHA256);
 		snprintf(err, FENTRY_ERR_MAX, "patch %s was built for another build of the program "
-			 "(build-id differs); rebuild it", name_out);
-	else if (npatches == STUB_MAX)
+			 "(build-id differs); rebuild it", report->name);
+		rc = -FENTRY_E_WRONG_BUILD;
+	} else if (npatches == STUB_MAX) {
 		snprintf(err, FENTRY_ERR_MAX, "too many patches");
-	else {
+	} else {
 		p = &patches[npatches++];
-		snprintf(p->name, sizeof p->name, "%s", name_out);
+		snprintf(p->name, sizeof p->name, "%s", report->name);
 		snprintf(p->path, sizeof p->path, "%s", path);
+		snprintf(p->sha256, sizeof p->sha256, "%s", STUB_SHA256);
+		snprintf(report->sha256, sizeof report->sha256, "%s", STUB_SHA256);
 		p->state = FENTRY_ACTIVE;
 		p->applied_at = unix_now();
 		p->nfuncs = 2;
 		p->funcs = stub_funcs;
+		report->functions = 2;
 		rc = 0;
 	}
 	pthread_mutex_unlock(&lock);
@@ -79,7 +88,7 @@ int fentry_apply_path(const char *path, char *name_out, char *err)
 
 int fentry_revert_name(const char *name, char *err)
 {
-	int i, rc = -1;
+	int i, rc = -FENTRY_E_NO_SUCH_PATCH;
 
 	pthread_mutex_lock(&lock);
 	for (i = (int)npatches - 1; i >= 0 && rc < 0; i--)
@@ -122,8 +131,8 @@ unsigned fentry_active_count(void)
 
 int fentry_unload_name(const char *name, char *err)
 {
-	snprintf(err, FENTRY_ERR_MAX, "stub loader cannot unload %s", name);
-	return -1;
+	snprintf(err, FENTRY_ERR_MAX, "busy: the stub loader never unloads %s", name);
+	return -FENTRY_E_BUSY;
 }
 
 const char *fentry_mode(void)
