@@ -14,7 +14,9 @@
  * buffer of FENTRY_ERR_MAX bytes owned by the caller (the control channel sends it back
  * as the reply's "error"; FENTRY_PATCHES prints it).  The public calls of fentry.h take
  * (err, errlen) instead and copy that line into the caller's buffer, and json.c keeps an
- * explicit length because its callers pass buffers of their own.
+ * explicit length because its callers pass buffers of their own.  Where a caller acts on
+ * the kind of failure (the loader's verbs, the control protocol), the return value is
+ * -code instead, a code of core/codes.h; -1 is its FENTRY_E_FAILED.
  */
 #define FENTRY_ERR_MAX 512
 
