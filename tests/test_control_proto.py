@@ -250,6 +250,7 @@ def test_load_list_revert(host: Host, tmp_path: Path) -> None:
     assert (p["name"], p["path"], p["state"], p["sha256"]) == ("fix", str(patch), "active",
                                                                STUB_SHA256)
     assert abs(p["applied_at"] - time.time()) < 60
+    assert p["built_at"] == pytest.approx(p["applied_at"] - 60)  # the stub's stand-in mtime
     assert p["functions"] == [
         {"name": "compute", "file": None, "in_effect": True},
         {"name": "parse", "file": "parser.c", "in_effect": True},

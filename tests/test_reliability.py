@@ -330,48 +330,18 @@ def test_fork_exec_and_exit_while_patches_are_applied_and_reverted(
 GDB = shutil.which("gdb")
 needs_gdb = pytest.mark.needs_gdb
 
-# After a stop: give gdb the symbols of every patch .so of `dir` that the inferior maps, at
-# its load address (read from /proc/PID/maps).  See gdb_command() for why.
-ADD_PATCH_SYMBOLS = '''
-import gdb
-pid = gdb.selected_inferior().pid
-done = set()
-with open("/proc/%d/maps" % pid) as maps:
-    for line in maps:
-        f = line.split()
-        if len(f) >= 6 and f[5].startswith({dir!r}) and f[5].endswith(".so") \\
-                and int(f[2], 16) == 0 and f[5] not in done:
-            done.add(f[5])
-            gdb.execute("add-symbol-file %s -o %#x" % (f[5], int(f[0].split("-")[0], 16)))
-'''
-
-
-def gdb_sysroot(tmp: Path) -> Path:
-    """A sysroot that is / without /proc (symlinks to every other top-level folder)."""
-    root = tmp / "sysroot"
-    root.mkdir(exist_ok=True)
-    for name in os.listdir("/"):
-        if name != "proc" and not (root / name).exists():
-            (root / name).symlink_to("/" + name)
-    return root
-
-
-def gdb_command(tmp: Path, patch_dir: Path, commands: list[str], args: list[str]) -> list[str]:
-    """A gdb -batch invocation that cannot hang and knows the patches' symbols.
+def gdb_command(commands: list[str], args: list[str]) -> list[str]:
+    """A gdb -batch invocation as a user would type it, that cannot wait for input.
 
     -nx: no ~/.gdbinit.  debuginfod off: no network look-ups (and no question).  stdin is
-    /dev/null and the caller kills it on a timeout.  The sysroot without /proc: the shim
-    dlopen()s a patch as "/proc/self/fd/N", a name gdb resolves in its *own* process,
-    where fd N is one of gdb's pipes - gdb then blocks reading it forever (that was the
-    hang; see docs/security.md).  With this sysroot gdb does not find that file and goes
-    on; `source` of ADD_PATCH_SYMBOLS then loads each patch's symbols from its real path.
+    /dev/null and the caller kills it on a timeout.  A gdb that runs the program while a
+    patch loads reads the patch's name at that moment as /proc/self/fd/N (the shim's
+    private copy, docs/security.md) and cannot open it; `sharedlibrary` after a stop reads
+    the name the patch carries once loaded - its path - and its symbols from there.
     """
-    script = tmp / "add_patch_symbols.py"
-    script.write_text(ADD_PATCH_SYMBOLS.format(dir=str(patch_dir) + "/"))
-    argv = [GDB or "gdb", "-nx", "-batch", "-iex", "set debuginfod enabled off",
-            "-iex", f"set sysroot {gdb_sysroot(tmp)}"]
+    argv = [GDB or "gdb", "-nx", "-batch", "-iex", "set debuginfod enabled off"]
     for c in commands:
-        argv += ["-ex", f"source {script}" if c == "ADD_PATCH_SYMBOLS" else c]
+        argv += ["-ex", c]
     return argv + ["--args", *args]
 
 
@@ -406,8 +376,7 @@ def test_a_crashing_replacement_is_named_with_its_patch_in_gdbs_backtrace(
     env = program_env(mode, FENTRY_PATCHES=str(patch))
     plain = subprocess.run([str(prog)], env=env, capture_output=True, text=True, timeout=30)
     assert plain.returncode == -signal.SIGSEGV  # the patch author's bug: a NULL dereference
-    out = run_gdb(gdb_command(tmp_path, patch.parent,
-                              ["run", "ADD_PATCH_SYMBOLS", "bt", "info symbol $pc", "kill"],
+    out = run_gdb(gdb_command(["run", "sharedlibrary", "bt", "info symbol $pc", "kill"],
                               [str(prog)]), env)
     assert "Program received signal SIGSEGV" in out, out
     bt = frames(out)
@@ -423,20 +392,47 @@ def _dl_names(prog: Path, patch: Path) -> list[str]:
 
 
 @needs_gdb
-def test_plain_gdb_finds_the_patch_symbols_by_itself(gdb_build: tuple[Path, Path]) -> None:
-    """What a user types: no sysroot trick.  It must neither hang nor miss the patch."""
+def test_gdb_running_the_program_while_a_patch_loads_neither_hangs_nor_misses_it(
+        gdb_build: tuple[Path, Path]) -> None:
+    """What a user types.  While it loads, the patch is named /proc/self/fd/N, which gdb
+    resolves in its own process: N is a descriptor gdb does not have (a warning, never a
+    hang on one of gdb's pipes); once loaded the patch is named by its path, which
+    `sharedlibrary` reads."""
     prog, patch = gdb_build
     names = _dl_names(prog, patch)
-    # Patches are dlopen()ed as /proc/<pid>/fd/N: /proc/self/fd/N would name one of gdb's
-    # own descriptors when gdb opens it, and gdb would block on its own pipe.
-    assert not any(n.startswith("/proc/self/fd/") for n in names), names
-    out = run_gdb([GDB or "gdb", "-nx", "-batch", "-iex", "set debuginfod enabled off",
-                   "-ex", "break rel_stop", "-ex", "run", "-ex", "break rel_target_new",
-                   "-ex", "continue", "-ex", "bt", "-ex", "continue",
-                   "--args", str(prog), "asc", str(patch)], program_env("jump"), timeout=30)
+    assert str(patch) in names and not any(n.startswith("/proc/") for n in names), names
+    out = run_gdb(gdb_command(["break rel_stop", "run", "sharedlibrary", "break rel_target_new",
+                               "continue", "bt", "continue"],
+                              [str(prog), "asc", str(patch)]), program_env("jump"), timeout=30)
     bt = frames(out)
     assert len(bt) >= 2 and "rel_target_new" in bt[0] and "rel_caller" in bt[1], out
     assert "result 202" in out and "exited normally" in out, out
+
+
+@needs_gdb
+@pytest.mark.parametrize("mode", MODES)
+def test_gdb_attaching_to_a_patched_process_finds_the_patch_symbols_by_itself(
+        gdb_build: tuple[Path, Path], mode: str) -> None:
+    prog, patch = gdb_build
+    proc = subprocess.Popen([str(prog), "aw", str(patch)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=program_env(mode))
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "apply ok\n"
+        assert proc.stdout.readline() == "waiting\n"
+        out = run_gdb([GDB or "gdb", "-nx", "-batch", "-iex", "set debuginfod enabled off",
+                       "-p", str(proc.pid), "-ex", "info symbol rel_target_new",
+                       "-ex", "info line rel_target_new", "-ex", "detach"],
+                      program_env(mode), timeout=30)
+        assert f"rel_target_new in section .text of {patch}" in out, out
+        assert "rel_gdb_patch.c" in out, out
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "done\n"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @needs_gdb
@@ -446,8 +442,7 @@ def test_apply_refuses_an_entry_holding_a_debugger_breakpoint_and_leaves_it_ther
     prog, patch = gdb_build
     # Stopped at rel_stop, gdb puts a breakpoint on rel_target's first byte; the program
     # then applies a patch of rel_target in-process, and calls it.
-    out = run_gdb(gdb_command(tmp_path, patch.parent,
-                              ["break rel_stop", "run", "break *rel_target", "continue", "bt",
+    out = run_gdb(gdb_command(["break rel_stop", "run", "break *rel_target", "continue", "bt",
                                "continue"],
                               [str(prog), "sac", str(patch)]), program_env(mode))
     assert re.search(r"apply failed: patch rel_gdb_patch: rel_target: the bytes at its entry "
@@ -463,8 +458,7 @@ def test_apply_refuses_an_entry_holding_a_debugger_breakpoint_and_leaves_it_ther
 def test_a_patched_program_runs_under_gdb_and_bt_in_the_replacement_shows_its_caller(
         gdb_build: tuple[Path, Path], tmp_path: Path, mode: str) -> None:
     prog, patch = gdb_build
-    out = run_gdb(gdb_command(tmp_path, patch.parent,
-                              ["break rel_stop", "run", "ADD_PATCH_SYMBOLS",
+    out = run_gdb(gdb_command(["break rel_stop", "run", "sharedlibrary",
                                "break rel_target_new", "break *rel_target", "continue", "bt",
                                "continue", "bt", "continue"],
                               [str(prog), "asc", str(patch)]), program_env(mode))
@@ -488,8 +482,7 @@ def test_revert_with_a_breakpoint_on_the_patched_entry_keeps_the_program_correct
     # gdb's breakpoint on rel_target's entry is inserted while the patch is in effect; the
     # program reverts the patch, stops (gdb removes its breakpoints, then re-inserts them)
     # and calls rel_target twice.
-    out = run_gdb(gdb_command(tmp_path, patch.parent,
-                              ["break rel_stop", "run", "break *rel_target", "continue",
+    out = run_gdb(gdb_command(["break rel_stop", "run", "break *rel_target", "continue",
                                "continue", "continue", "continue", "continue", "continue"],
                               [str(prog), "asrscc", str(patch)]), program_env(mode))
     assert "apply ok" in out, out

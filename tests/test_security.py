@@ -199,13 +199,15 @@ def noexec_dir() -> Iterator[Path | str]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def _plain_shared_object(tmp: Path, marker: Path) -> Path:
-    """A .so without a fentry descriptor, whose constructor writes its euid to `marker`."""
+def _plain_shared_object(tmp: Path, marker: Path, *, claims_to_be_a_patch: bool = False) -> Path:
+    """A .so whose constructor writes its euid to `marker`; no fentry descriptor, or (with
+    `claims_to_be_a_patch`) a dynamic symbol `fentry_patch` that is not one."""
     src = tmp / "plain.c"
     src.write_text('#include <stdio.h>\n#include <unistd.h>\n'
                    '__attribute__((constructor)) static void ran(void)\n'
                    f'{{ FILE *f = fopen("{marker}", "w");\n'
-                   '  if (f) { fprintf(f, "euid=%d\\n", (int)geteuid()); fclose(f); } }\n')
+                   '  if (f) { fprintf(f, "euid=%d\\n", (int)geteuid()); fclose(f); } }\n'
+                   + ("int fentry_patch[8];\n" if claims_to_be_a_patch else ""))
     out = tmp / "plain.so"
     run(["gcc", "-shared", "-fPIC", "-o", str(out), str(src)])
     out.chmod(0o755)
@@ -237,7 +239,8 @@ def make_refused_file(kind: str, built: ServerBuild, tmp: Path, noexec: Path | s
     if kind == "noexec mount":
         if isinstance(noexec, str):
             pytest.skip(noexec)
-        return _copy(fix, noexec / "fix_parse.so"), "cannot load: failed to map segment"
+        return (_copy(fix, noexec / "fix_parse.so"),
+                "on a file system mounted noexec, where nothing may be executed")
     if kind == "another architecture":
         data = bytearray(fix.read_bytes())
         data[18:20] = EM_AARCH64.to_bytes(2, "little")  # e_machine
@@ -289,14 +292,30 @@ def test_a_patch_file_that_must_not_be_loaded_is_refused_with_one_line(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_shared_object_without_a_descriptor_is_refused_but_its_constructor_ran(
+def test_a_shared_object_without_a_descriptor_is_refused_before_its_constructor_runs(
         built: ServerBuild, started: list[Server], tmp_path: Path, mode: str) -> None:
-    """The documented trust boundary: dlopen() runs constructors before validation."""
+    """Its dynamic symbols are read from the private copy before dlopen()."""
     marker = tmp_path / "constructor_ran"
     plain = _plain_shared_object(tmp_path, marker)
     srv = start_server(built.binary, mode)
     started.append(srv)
-    assert "no fentry_patch descriptor; build patches with the fentry generator" in refused(srv, plain)
+    assert (f"{plain}: not a fentry patch: its dynamic symbols define no fentry_patch; build "
+            "patches with the fentry generator") in refused(srv, plain)
+    assert not marker.exists()
+    assert_unchanged(srv)
+    assert_stops_cleanly(srv)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_shared_object_claiming_to_be_a_patch_is_refused_after_its_constructor_ran(
+        built: ServerBuild, started: list[Server], tmp_path: Path, mode: str) -> None:
+    """The documented trust boundary: dlopen() runs constructors before the descriptor
+    can be validated."""
+    marker = tmp_path / "constructor_ran"
+    plain = _plain_shared_object(tmp_path, marker, claims_to_be_a_patch=True)
+    srv = start_server(built.binary, mode)
+    started.append(srv)
+    assert "descriptor ABI version 0" in refused(srv, plain)
     assert marker.exists()
     assert_unchanged(srv)
     assert_stops_cleanly(srv)
@@ -456,7 +475,9 @@ def test_a_setuid_program_ignores_the_environment_of_the_user_who_runs_it(
     os.chown(setuid, 0, 0)
     setuid.chmod(0o4755)
     marker = public_dir / "constructor_ran"
-    lib = _plain_shared_object(public_dir, marker)  # root's, 0755: passes the file checks
+    # root's, 0755, with a fentry_patch symbol: loaded (its constructor runs) if the
+    # environment is honoured
+    lib = _plain_shared_object(public_dir, marker, claims_to_be_a_patch=True)
     lib.chmod(0o755)
     made = public_dir / "made_by_root"
     env = {"PATH": "/usr/bin:/bin", "FENTRY_PATCHES": str(lib), "FENTRY_RUNTIME_DIR": str(made)}

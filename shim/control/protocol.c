@@ -109,6 +109,7 @@ static void list_patch(const struct fentry_patch_info *p, void *arg)
 	put_string_member(l->out, "path", p->path);
 	put_string_member(l->out, "state", p->state == FENTRY_ACTIVE ? "active" : "reverted");
 	put_string_member(l->out, "sha256", p->sha256[0] ? p->sha256 : NULL);
+	fentry_buf_printf(l->out, ",\"built_at\":%.6f", isfinite(p->built_at) ? p->built_at : 0.0);
 	fentry_buf_printf(l->out, ",\"applied_at\":%.6f,\"functions\":[", at);
 	for (i = 0; p->funcs && i < p->nfuncs; i++) {
 		if (i)

@@ -32,19 +32,15 @@
 #include "core/activate.h"
 #include "core/loader.h"
 #include "core/module.h"
+#include "core/patchfile.h"
 #include "core/table.h"
 
 /* The loader's record of one patch. */
 struct loaded_patch {
 	char name[FENTRY_NAME_MAX];
 	char path[4096];
-	void *handle;                    /* from dlopen; never closed (see top)       */
-	int fd;                          /* the checked file, loaded as /proc/<pid>/fd/N;
-	                                    kept open so that N is never reused: glibc
-	                                    matches an already-loaded object by name  */
+	struct fentry_patchfile file;    /* the sealed copy loaded, its SHA-256       */
 	const struct fentry_patch *desc; /* the descriptor inside the patch           */
-	dev_t dev;                       /* identity of the file loaded, to recognise  */
-	ino_t ino;                       /* a re-apply of the same file               */
 	enum fentry_patch_state state;
 	double applied_at;
 	uint64_t order;                  /* activation order: higher is newer          */
@@ -131,45 +127,6 @@ static int name_of(const char *path, char *name, char *err)
 	memcpy(name, base, len);
 	name[len] = '\0';
 	return 0;
-}
-
-/*
- * Open the patch file and check it: a regular file (not a symlink, directory or FIFO),
- * not writable by group or others, owned by us or by root.  The returned descriptor is
- * what gets loaded, so the file cannot be swapped between this check and dlopen().
- */
-static int open_checked(const char *path, struct stat *st, char *err)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
-
-	if (fd < 0) {
-		if (errno == ELOOP)
-			return fail_as(err, FENTRY_E_BAD_FILE, "%s: is a symbolic link; pass the path "
-				       "of the file itself", path);
-		return fail_as(err, FENTRY_E_BAD_FILE, "%s: cannot open: %s", path, strerror(errno));
-	}
-	if (fstat(fd, st) < 0) {
-		fail_as(err, FENTRY_E_BAD_FILE, "%s: cannot stat: %s", path, strerror(errno));
-		goto bad;
-	}
-	if (!S_ISREG(st->st_mode)) {
-		fail_as(err, FENTRY_E_BAD_FILE, "%s: not a regular file", path);
-		goto bad;
-	}
-	if (st->st_mode & (S_IWGRP | S_IWOTH)) {
-		fail_as(err, FENTRY_E_BAD_FILE, "%s: writable by group or others (mode %03o); "
-			"chmod go-w it", path, (unsigned)(st->st_mode & 0777));
-		goto bad;
-	}
-	if (st->st_uid != geteuid() && st->st_uid != 0) {
-		fail_as(err, FENTRY_E_BAD_FILE, "%s: owned by uid %u, not by this process's uid %u "
-			"or root", path, (unsigned)st->st_uid, (unsigned)geteuid());
-		goto bad;
-	}
-	return fd;
-bad:
-	close(fd);
-	return -FENTRY_E_BAD_FILE;
 }
 
 /*
@@ -516,12 +473,12 @@ static int activate(struct loaded_patch *p, char *err)
 	return 0;
 }
 
-static int reactivate(struct loaded_patch *p, const struct stat *st, char *err)
+static int reactivate(struct loaded_patch *p, const struct fentry_patchfile *pf, char *err)
 {
 	if (p->state == FENTRY_ACTIVE)
 		return fail_as(err, FENTRY_E_WRONG_STATE, "patch %s is already applied; revert it "
 			       "first, or give the new patch another file name", p->name);
-	if (p->dev != st->st_dev || p->ino != st->st_ino)
+	if (memcmp(p->file.sha256, pf->sha256, sizeof(pf->sha256)) != 0)
 		return fail_as(err, FENTRY_E_WRONG_STATE, "a different file named %s.so was "
 			       "applied before and stays loaded; give the new patch another file "
 			       "name", p->name);
@@ -532,90 +489,30 @@ static void discard(struct loaded_patch *p)
 {
 	if (p->stuck) /* deliberately leaked: a callback thread may still run its code */
 		return;
-	if (p->handle)
-		dlclose(p->handle);
-	if (p->fd >= 0)
-		close(p->fd);
+	fentry_patchfile_close(&p->file);
 	free(p->redirects);
 	free(p->in_effect);
 	free(p);
 }
 
-/*
- * dlopen() maps a file's PT_LOAD segments as their headers declare them.  In a truncated
- * file a segment runs past the end: its pages have nothing behind them, and the first
- * touch (relocating the patch, reading its dynamic section) kills the whole process
- * with SIGBUS.  So refuse a file whose headers promise more bytes than it has.
- */
-static int check_elf_extent(int fd, const struct stat *st, const char *path, char *err)
-{
-	uint64_t size = (uint64_t)st->st_size;
-	Elf64_Ehdr eh;
-	Elf64_Phdr ph;
-
-	if (pread(fd, &eh, sizeof(eh), 0) != (ssize_t)sizeof(eh) ||
-	    memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0)
-		return fail_as(err, FENTRY_E_BAD_FILE, "%s: not an ELF file", path);
-	if (eh.e_ident[EI_CLASS] != ELFCLASS64 || eh.e_machine != EM_X86_64 ||
-	    eh.e_type != ET_DYN)
-		return fail_as(err, FENTRY_E_BAD_FILE, "%s: not an x86-64 shared object", path);
-	if (eh.e_phentsize != sizeof(ph) || eh.e_phnum == 0 || eh.e_phoff > size ||
-	    (uint64_t)eh.e_phnum * sizeof(ph) > size - eh.e_phoff)
-		return fail_as(err, FENTRY_E_BAD_FILE, "%s: truncated or corrupt: its program "
-			       "headers lie past the end of the file", path);
-	for (unsigned i = 0; i < eh.e_phnum; i++) {
-		if (pread(fd, &ph, sizeof(ph), (off_t)(eh.e_phoff + i * sizeof(ph))) !=
-		    (ssize_t)sizeof(ph))
-			return fail_as(err, FENTRY_E_BAD_FILE, "%s: cannot read its program headers",
-				       path);
-		if (ph.p_type == PT_LOAD && (ph.p_offset > size || ph.p_filesz > size - ph.p_offset))
-			return fail_as(err, FENTRY_E_BAD_FILE, "%s: truncated: a segment ends at byte "
-				       "%llu but the file has %llu bytes; rebuild or copy the patch "
-				       "again", path, (unsigned long long)(ph.p_offset + ph.p_filesz),
-				       (unsigned long long)size);
-	}
-	return 0;
-}
-
-/* Load, validate and activate a patch not seen before; takes ownership of fd. */
-static int load_new(const char *path, int fd, const struct stat *st, const char *name, char *err)
+/* Load, validate and activate a patch not seen before; takes over the copy in pf. */
+static int load_new(const char *path, struct fentry_patchfile *pf, const char *name, char *err)
 {
 	struct loaded_patch *p = calloc(1, sizeof(*p)), **grown;
-	char fdpath[64];
 	int rc;
 
 	if (!p) {
-		close(fd);
+		fentry_patchfile_close(pf);
 		return fail(err, "out of memory");
 	}
-	p->fd = fd; /* owned by the record from here on */
+	p->file = *pf; /* owned by the record from here on */
 	snprintf(p->name, sizeof(p->name), "%s", name);
 	snprintf(p->path, sizeof(p->path), "%s", path);
-	p->dev = st->st_dev;
-	p->ino = st->st_ino;
 
-	rc = check_elf_extent(fd, st, path, err);
+	rc = fentry_patchfile_load(&p->file, path, err);
 	if (rc < 0)
 		goto bad;
-	/* Load the file we checked, through our descriptor, never the path again. */
-	/*
-	 * Named by pid, not "self": the name is what debuggers open to read the patch's
-	 * symbols, and in gdb's own process /proc/self/fd/N is one of gdb's descriptors.
-	 */
-	snprintf(fdpath, sizeof(fdpath), "/proc/%d/fd/%d", (int)getpid(), fd);
-	p->handle = dlopen(fdpath, RTLD_NOW | RTLD_LOCAL);
-	if (!p->handle) {
-		const char *why = dlerror();
-		const char *s = why ? strstr(why, fdpath) : NULL;
-
-		/* dlerror() names our /proc path; skip it, the message names the patch. */
-		if (s && (s = strstr(s, ": ")) != NULL)
-			why = s + 2;
-		rc = fail_as(err, FENTRY_E_BAD_FILE, "%s: cannot load: %s", path,
-			     why ? why : "unknown error");
-		goto bad;
-	}
-	p->desc = dlsym(p->handle, FENTRY_PATCH_SYMBOL);
+	p->desc = dlsym(p->file.handle, FENTRY_PATCH_SYMBOL);
 	if (!p->desc) {
 		rc = fail_as(err, FENTRY_E_BAD_PATCH, "%s: no %s descriptor; build patches with "
 			     "the fentry generator", path, FENTRY_PATCH_SYMBOL);
@@ -645,10 +542,9 @@ FENTRY_HIDDEN int fentry_apply_path(const char *path, struct fentry_load_report 
 				    char *err)
 {
 	struct fentry_load_report unused;
-	char name[FENTRY_NAME_MAX];
+	struct fentry_patchfile pf;
 	struct loaded_patch *old;
-	struct stat st;
-	int fd, rc;
+	int rc;
 
 	if (!report)
 		report = &unused;
@@ -656,22 +552,23 @@ FENTRY_HIDDEN int fentry_apply_path(const char *path, struct fentry_load_report 
 	if (path == NULL || path[0] != '/')
 		return fail_as(err, FENTRY_E_BAD_FILE, "%s: the patch path must be absolute",
 			       path ? path : "(null)");
-	rc = name_of(path, name, err);
+	rc = name_of(path, report->name, err);
 	if (rc < 0)
 		return rc;
-	memcpy(report->name, name, sizeof(report->name));
-	fd = open_checked(path, &st, err);
-	if (fd < 0)
-		return fd;
+	/* The file is read once, into a sealed copy: what is checked below is what runs. */
+	rc = fentry_patchfile_copy(path, &pf, err);
+	if (rc < 0)
+		return rc;
+	memcpy(report->sha256, pf.sha256_hex, sizeof(report->sha256));
 	pthread_mutex_lock(&loader_lock);
-	old = find(name);
+	old = find(report->name);
 	if (old) {
-		rc = reactivate(old, &st, err);
-		close(fd);
+		rc = reactivate(old, &pf, err);
+		fentry_patchfile_close(&pf);
 	} else {
-		rc = load_new(path, fd, &st, name, err); /* takes fd */
+		rc = load_new(path, &pf, report->name, err); /* takes pf */
 	}
-	if (rc == 0 && (old = find(name)) != NULL)
+	if (rc == 0 && (old = find(report->name)) != NULL)
 		report->functions = old->desc->nfuncs;
 	pthread_mutex_unlock(&loader_lock);
 	return rc;
@@ -703,33 +600,6 @@ FENTRY_HIDDEN int fentry_revert_name(const char *name, char *err)
 	return rc;
 }
 
-/* The executable segments of a loaded patch, as [lo, hi) pairs. */
-struct code_ranges {
-	const char *path; /* the name the dynamic linker knows it by */
-	uintptr_t base;
-	uintptr_t (*ranges)[2];
-	size_t n, cap;
-};
-
-static int collect_ranges(struct dl_phdr_info *info, size_t size, void *arg)
-{
-	struct code_ranges *c = arg;
-
-	(void)size;
-	if (info->dlpi_addr != c->base || strcmp(info->dlpi_name, c->path) != 0)
-		return 0;
-	for (int i = 0; i < info->dlpi_phnum && c->n < c->cap; i++) {
-		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
-
-		if (ph->p_type == PT_LOAD && (ph->p_flags & PF_X)) {
-			c->ranges[c->n][0] = info->dlpi_addr + ph->p_vaddr;
-			c->ranges[c->n][1] = info->dlpi_addr + ph->p_vaddr + ph->p_memsz;
-			c->n++;
-		}
-	}
-	return 1;
-}
-
 static void forget(struct loaded_patch *p)
 {
 	size_t i = 0;
@@ -746,9 +616,8 @@ static void forget(struct loaded_patch *p)
 FENTRY_HIDDEN int fentry_unload_name(const char *name, char *err)
 {
 	uintptr_t ranges[16][2];
-	struct code_ranges c = {.ranges = ranges, .cap = 16};
-	struct link_map *lm = NULL;
 	struct loaded_patch *p;
+	size_t n;
 	int rc = -1;
 
 	pthread_mutex_lock(&loader_lock);
@@ -767,23 +636,17 @@ FENTRY_HIDDEN int fentry_unload_name(const char *name, char *err)
 			     "time limit and may still be running; it stays loaded", name);
 		goto out;
 	}
-	if (dlinfo(p->handle, RTLD_DI_LINKMAP, &lm) < 0 || lm == NULL) {
-		fail(err, "patch %s: its link map is unknown; it stays loaded", name);
-		goto out;
-	}
-	c.path = lm->l_name;
-	c.base = lm->l_addr;
-	dl_iterate_phdr(collect_ranges, &c);
-	if (c.n == 0) {
+	n = fentry_patchfile_code(&p->file, ranges, 16);
+	if (n == 0 || n > 16) {
 		fail(err, "patch %s: its code segments were not found; it stays loaded", name);
 		goto out;
 	}
 	/* Every failure of the check leaves the patch loaded: "busy, retry". */
-	if (fentry_threads_clear_of((const uintptr_t (*)[2])ranges, c.n, name, err) < 0) {
+	if (fentry_threads_clear_of((const uintptr_t (*)[2])ranges, n, name, err) < 0) {
 		rc = -FENTRY_E_BUSY;
 		goto out;
 	}
-	forget(p); /* dlclose() and close the descriptor */
+	forget(p); /* dlclose() and close the copy */
 	rc = 0;
 out:
 	pthread_mutex_unlock(&loader_lock);
@@ -805,7 +668,8 @@ FENTRY_HIDDEN void fentry_foreach_patch(void (*fn)(const struct fentry_patch_inf
 		memcpy(info->path, p->path, sizeof(info->path));
 		info->state = p->state;
 		info->applied_at = p->applied_at;
-		info->sha256[0] = '\0'; /* not computed yet */
+		memcpy(info->sha256, p->file.sha256_hex, sizeof(info->sha256));
+		info->built_at = (double)p->file.mtime.tv_sec + (double)p->file.mtime.tv_nsec / 1e9;
 		info->nfuncs = p->desc->nfuncs;
 		info->funcs = p->desc->funcs;
 		info->func_state = p->in_effect;

@@ -5,13 +5,13 @@
 #include <stdint.h>
 
 #include "core/codes.h"
+#include "core/sha256.h"
 #include "core/util.h"
 #include "fentry.h"
 
 enum fentry_patch_state { FENTRY_ACTIVE = 1, FENTRY_REVERTED = 2 };
 
 #define FENTRY_NAME_MAX 256
-#define FENTRY_SHA256_HEX 64 /* hex digits of a SHA-256 */
 
 /* What `list` reports of one loaded patch.  A snapshot; owned by the caller. */
 struct fentry_patch_info {
@@ -19,7 +19,8 @@ struct fentry_patch_info {
 	char path[4096];
 	enum fentry_patch_state state;
 	double applied_at;       /* unix time of the last activation              */
-	char sha256[FENTRY_SHA256_HEX + 1]; /* of the file as loaded; "" when not known */
+	char sha256[FENTRY_SHA256_HEX + 1]; /* of the file's contents as loaded         */
+	double built_at;         /* unix time: the file's mtime when it was loaded   */
 	uint32_t nfuncs;
 	const struct fentry_func *funcs; /* valid while the patch stays loaded (always) */
 	const char *func_state;  /* per function: 1 if this patch's replacement is the one in
@@ -41,9 +42,9 @@ struct fentry_load_report {
  * The verbs below return 0, or -code (core/codes.h: FENTRY_E_WRONG_BUILD, ...; a plain -1
  * is FENTRY_E_FAILED) with one line in `err`.
  *
- * Check the file at `path`, dlopen it, validate its descriptor against the running
- * process, and activate all its functions in one publish.  On failure nothing changes.
- * `report` may be NULL.
+ * Check the file at `path`, copy it into a sealed private copy, dlopen that, validate
+ * its descriptor against the running process, and activate all its functions in one
+ * publish.  On failure nothing changes.  `report` may be NULL.
  */
 FENTRY_HIDDEN int fentry_apply_path(const char *path, struct fentry_load_report *report,
 				    char *err);

@@ -77,6 +77,7 @@ int fentry_apply_path(const char *path, struct fentry_load_report *report, char 
 		snprintf(report->sha256, sizeof report->sha256, "%s", STUB_SHA256);
 		p->state = FENTRY_ACTIVE;
 		p->applied_at = unix_now();
+		p->built_at = p->applied_at - 60; /* a stand-in for the file's mtime */
 		p->nfuncs = 2;
 		p->funcs = stub_funcs;
 		report->functions = 2;
