@@ -93,6 +93,7 @@ def test_overwriting_truncating_or_deleting_the_applied_file_changes_nothing(
     assert listing(srv)[0]["sha256"] == sha256(v1)
 
 
+@pytest.mark.stress
 @pytest.mark.parametrize("mode", MODES)
 def test_a_file_rewritten_while_it_is_being_loaded_is_loaded_whole_or_refused(
         built: ServerBuild, tmp_path: Path, started: list[Server], mode: str) -> None:
