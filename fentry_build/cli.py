@@ -47,7 +47,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_apply(args: argparse.Namespace) -> int:
     from fentry_build.client import control
 
-    reply = control.apply(args.pid, Path(args.patch))
+    reply = control.apply(args.pid, Path(args.patch), timeout=args.timeout or control.APPLY_TIMEOUT)
     print(json.dumps(reply, sort_keys=True) if args.json else control.format_apply(reply))
     return 0
 
@@ -55,7 +55,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 def _cmd_revert(args: argparse.Namespace) -> int:
     from fentry_build.client import control
 
-    reply = control.revert(args.pid, args.name)
+    reply = control.revert(args.pid, args.name, timeout=args.timeout or control.DEFAULT_TIMEOUT)
     print(json.dumps(reply, sort_keys=True) if args.json else control.format_revert(reply))
     return 0
 
@@ -63,7 +63,7 @@ def _cmd_revert(args: argparse.Namespace) -> int:
 def _cmd_unload(args: argparse.Namespace) -> int:
     from fentry_build.client import control
 
-    reply = control.unload(args.pid, args.name)
+    reply = control.unload(args.pid, args.name, timeout=args.timeout or control.DEFAULT_TIMEOUT)
     print(json.dumps(reply, sort_keys=True) if args.json else control.format_unload(reply))
     return 0
 
@@ -71,7 +71,12 @@ def _cmd_unload(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     from fentry_build.client import control
 
-    reply = control.list_patches(args.pid)
+    timeout = args.timeout or control.DEFAULT_TIMEOUT
+    if args.history:
+        reply = control.history(args.pid, timeout=timeout)
+        print(json.dumps(reply, sort_keys=True) if args.json else control.format_history(reply))
+        return 0
+    reply = control.list_patches(args.pid, timeout=timeout)
     print(json.dumps(reply, sort_keys=True) if args.json else control.format_list(reply))
     return 0
 
@@ -79,7 +84,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from fentry_build.client import control
 
-    reply = control.status(args.pid)
+    reply = control.status(args.pid, timeout=args.timeout or control.DEFAULT_TIMEOUT)
     print(json.dumps(reply, sort_keys=True) if args.json else control.format_status(reply))
     return 0
 
@@ -138,6 +143,12 @@ it; SCons with env.Tool('compilation_db')), so the binary's build folder must ha
 """
 
 
+def _timeout_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="give up after this long (default 10; apply: 60); a request the process "
+                        "has not come to by then expires and is never carried out")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fentry-build",
@@ -164,28 +175,35 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pid", type=int, required=True)
     s.add_argument("patch", help="the patch .so (its name is the file name without .so)")
     s.add_argument("--json", action="store_true")
+    _timeout_option(s)
     s.set_defaults(func=_cmd_apply)
 
     s = sub.add_parser("revert", help="revert a patch of a running process by name")
     s.add_argument("--pid", type=int, required=True)
     s.add_argument("name")
     s.add_argument("--json", action="store_true")
+    _timeout_option(s)
     s.set_defaults(func=_cmd_revert)
 
     s = sub.add_parser("unload", help="unload a reverted patch once no thread runs its code")
     s.add_argument("--pid", type=int, required=True)
     s.add_argument("name")
     s.add_argument("--json", action="store_true")
+    _timeout_option(s)
     s.set_defaults(func=_cmd_unload)
 
     s = sub.add_parser("list", help="the patches of a running process")
     s.add_argument("--pid", type=int, required=True)
+    s.add_argument("--history", action="store_true",
+                   help="its audit trail instead: every apply, revert and unload since it started")
     s.add_argument("--json", action="store_true")
+    _timeout_option(s)
     s.set_defaults(func=_cmd_list)
 
     s = sub.add_parser("status", help="pid, program, build-id and mode of a running process")
     s.add_argument("--pid", type=int, required=True)
     s.add_argument("--json", action="store_true")
+    _timeout_option(s)
     s.set_defaults(func=_cmd_status)
 
     s = sub.add_parser("shim-path", help="build (once) and print the shared shim, for LD_PRELOAD")

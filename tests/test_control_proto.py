@@ -625,7 +625,8 @@ print(s.makefile("rb").readline().decode(), end="")
 def test_other_uid_cannot_even_connect(host: Host) -> None:
     assert stat.S_IMODE(host.rundir.stat().st_mode) == 0o700  # root's own folder
     result = _as_nobody(CLIENT_AS_NOBODY, host.rundir, host.pid)
-    assert result.stdout.startswith(f"permission denied: cannot connect to {host.sock}"), result
+    assert result.stdout.strip() == (f"permission denied: process {host.pid} runs as uid 0; only "
+                                     "that user or root may control it"), result
     assert_alive(host)
 
 
@@ -639,13 +640,14 @@ def test_other_uid_is_refused_by_peer_credentials(host: Host) -> None:
     expected = (f"permission denied: uid {NOBODY} may not control process {host.pid} "
                 f"(uid {os.geteuid()})")
     assert json.loads(result.stdout) == {"ok": False, "code": "not_permitted", "error": expected}, result
+    # The client does not get that far: it may not see which socket the process serves.
     result = _as_nobody(CLIENT_AS_NOBODY, host.rundir, host.pid)
-    assert result.stdout.strip() == f"status of pid {host.pid}: {expected}", result
+    assert result.stdout.startswith(f"permission denied: process {host.pid} runs as uid 0"), result
     assert_alive(host)
-    # Both attempts are in the audit trail, with the peer's uid and pid.
+    # The attempt is in the audit trail, with the peer's uid and pid.
     (reply,) = talk(host.sock, b'{"op":"history"}')
     attempts = [(e["op"], e["peer_uid"], e["ok"], e["code"], e["error"]) for e in reply["history"]]
-    assert attempts == [("connect", NOBODY, False, "not_permitted", expected)] * 2
+    assert attempts == [("connect", NOBODY, False, "not_permitted", expected)]
     assert all(e["peer_pid"] > 0 and e["via"] == "socket" for e in reply["history"])
 
 
@@ -681,7 +683,8 @@ def test_control_off(start_host: Any, rundir: Path) -> None:
     h = start_host(rundir, {"FENTRY_CONTROL": "0"})
     assert list(rundir.iterdir()) == []
     assert "fentry-ctl" not in _tasks(h.pid).values()
-    with pytest.raises(FentryError, match=f"process {h.pid} has no fentry control channel"):
+    with pytest.raises(FentryError, match=f"^process {h.pid} has no fentry control channel: "
+                       r"FENTRY_CONTROL=0 \(the program runs without a channel\)$"):
         control.status(h.pid)
     assert h.finish() == (0, "")
 
@@ -842,11 +845,123 @@ def test_tmp_folder_is_the_last_resort(start_host: Any) -> None:
 # ---- the Python client ---------------------------------------------------------------
 
 
-def test_client_finds_socket_from_the_target_environment(
+def test_client_finds_the_socket_the_process_serves_whatever_our_environment(
         host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FENTRY_RUNTIME_DIR", "/nonexistent")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/nonexistent")
     assert control.socket_path(host.pid) == host.sock
     assert control.status(host.pid)["pid"] == host.pid
+
+
+def test_client_finds_the_channel_of_a_child_after_the_environment_changed(
+        host: Host, rundir: Path) -> None:
+    # Daemons clear and set their environment; a fork child's channel follows the new one
+    # while /proc/PID/environ still shows the start-up one (which named `rundir`).
+    elsewhere = rundir / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    assert host.command("clearenv") == ["env"]
+    assert host.command(f"setenv FENTRY_RUNTIME_DIR {elsewhere}") == ["env"]
+    child = host.fork()
+    assert wait_for(lambda: (elsewhere / f"{child}.sock").exists())
+    assert f"FENTRY_RUNTIME_DIR={rundir}".encode() in Path(f"/proc/{child}/environ").read_bytes()
+    assert control.socket_path(child) == elsewhere / f"{child}.sock"
+    assert control.status(child)["pid"] == child
+    assert control.status(host.pid)["pid"] == host.pid
+
+
+def test_client_does_not_need_the_start_up_environment(host: Host) -> None:
+    # Programs that set their process title overwrite the environment strings in place.
+    assert host.command("clobber") == ["clobbered"]
+    assert b"FENTRY_RUNTIME_DIR" not in Path(f"/proc/{host.pid}/environ").read_bytes()
+    assert control.status(host.pid)["pid"] == host.pid
+
+
+def test_client_refuses_a_folder_others_may_write_and_sends_nothing(host: Host) -> None:
+    host.rundir.chmod(0o777)
+    try:
+        with pytest.raises(FentryError, match=f"^{host.sock}: its folder {host.rundir} is "
+                                              r"writable by group or others \(mode 0777\): "
+                                              "refusing$"):
+            control.revert(host.pid, "anything")
+    finally:
+        host.rundir.chmod(0o700)
+    assert talk(host.sock, b'{"op":"history"}')[0]["history"] == []  # nothing reached it
+
+
+@needs_root
+def test_client_refuses_a_folder_of_another_user(host: Host) -> None:
+    os.chown(host.rundir, NOBODY, NOBODY)
+    try:
+        with pytest.raises(FentryError, match=f"its folder {host.rundir} belongs to uid {NOBODY}, "
+                                              r"not to uid 0 \(process \d+'s\) or root: refusing$"):
+            control.status(host.pid)
+    finally:
+        os.chown(host.rundir, 0, 0)
+
+
+def test_client_refuses_a_socket_another_process_serves_and_sends_nothing(
+        host: Host, rundir: Path) -> None:
+    # Someone who could write the folder replaced the process's socket file with theirs:
+    # the path the process bound now leads to another listener.  Its peer credentials
+    # give it away; it receives nothing.
+    fake_dir = Path(tempfile.mkdtemp(prefix="ffake-", dir="/tmp"))
+    fake_dir.chmod(0o777)
+    fake = subprocess.Popen(
+        [*(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+           if os.geteuid() == 0 else []),
+         "/usr/bin/python3", "-c", FAKE_SERVER, str(fake_dir / "fake.sock")],
+        stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert fake.stdout is not None and fake.stdout.readline().strip() == "listening"
+        os.rename(host.sock, rundir / "real.sock")
+        os.rename(fake_dir / "fake.sock", host.sock)
+        with pytest.raises(FentryError) as e:
+            control.apply(host.pid, Path(sys.executable))
+        uid = NOBODY if os.geteuid() == 0 else os.geteuid()
+        assert str(e.value) == (f"{host.sock} is served by pid {fake.pid} of uid {uid}, not by "
+                                f"process {host.pid}: refusing")
+    finally:
+        fake.kill()
+        out, _ = fake.communicate()
+        shutil.rmtree(fake_dir, ignore_errors=True)
+    assert out == ""  # the fake accepted the connection and got no byte of a request
+
+
+FAKE_SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(8)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    c.settimeout(2)
+    try:
+        data = c.recv(65536)
+    except TimeoutError:
+        data = b""
+    if data:
+        print("received", data, flush=True)
+    try:
+        c.sendall(b'{"ok": true, "name": "fake", "functions": 1}\n')
+    except OSError:
+        pass
+    c.close()
+"""
+
+
+def test_client_refuses_a_stopped_process_at_once(host: Host, tmp_path: Path) -> None:
+    (tmp_path / "fix.so").write_bytes(b"")
+    os.kill(host.pid, signal.SIGSTOP)
+    try:
+        assert wait_for(lambda: Path(f"/proc/{host.pid}/stat").read_text().split()[2] == "T")
+        with pytest.raises(FentryError, match=rf"^process {host.pid} is stopped \(state T\), so it "
+                                              rf"cannot answer; continue it \(kill -CONT {host.pid}\)"):
+            control.apply(host.pid, tmp_path / "fix.so")
+    finally:
+        os.kill(host.pid, signal.SIGCONT)
+    assert control.list_patches(host.pid)["patches"] == []  # nothing was queued
+    assert control.history(host.pid)["history"] == []
 
 
 def test_client_round_trip_and_formatting(host: Host, tmp_path: Path,
@@ -911,18 +1026,44 @@ def test_client_process_without_the_shim(rundir: Path) -> None:
         proc.wait()
 
 
-def test_client_times_out_on_a_silent_listener(rundir: Path) -> None:
-    proc = subprocess.Popen(["sleep", "30"], env=_host_env(rundir))
-    silent = socket.socket(socket.AF_UNIX)
+SILENT_LISTENER = r"""
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(os.path.join(sys.argv[1], f"{os.getpid()}.sock"))
+s.listen(1)  # connections wait in the backlog; nothing is ever read
+print("listening", flush=True)
+time.sleep(60)
+"""
+
+
+def test_client_request_not_taken_by_its_deadline_expires(rundir: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", SILENT_LISTENER, str(rundir)],
+                            stdout=subprocess.PIPE, text=True)
     try:
-        silent.bind(str(rundir / f"{proc.pid}.sock"))
-        silent.listen(1)  # accepts into the backlog, never answers
-        with pytest.raises(FentryError, match=f"process {proc.pid} did not answer within 0.5 s"):
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
+        with pytest.raises(FentryError, match=f"^process {proc.pid} did not take the request "
+                                              "within 0.5 s; it expired and will not be carried "
+                                              "out later$"):
             control.request(proc.pid, {"op": "status"}, timeout=0.5)
     finally:
-        silent.close()
         proc.kill()
         proc.wait()
+
+
+def test_client_history_and_its_formatting(host: Host, tmp_path: Path) -> None:
+    (tmp_path / "fix.so").write_bytes(b"")
+    control.apply(host.pid, tmp_path / "fix.so")
+    with pytest.raises(FentryError):
+        control.revert(host.pid, "nope")
+    reply = control.history(host.pid)
+    lines = control.format_history(reply).splitlines()
+    assert len(lines) == 2
+    me = f"by uid {os.geteuid()} pid {os.getpid()}"
+    assert lines[0].endswith(f"  apply fix ({tmp_path / 'fix.so'}, sha256 {STUB_SHA256[:16]})  "
+                             f"{me}: done")
+    assert lines[1].endswith(f"  revert nope  {me}: refused (no_such_patch): no active patch named nope")
+    assert control.format_history({"ok": True, "history": [], "dropped": 0}) == \
+        "no apply, revert or unload so far"
 
 
 # ---- json.c against Python's json ----------------------------------------------------

@@ -1,105 +1,85 @@
-"""client/control.py - the client of a running program's control channel (the shim's ``control/control.c``).
+"""client/control.py - the client of a running program's control channel (docs/protocol.md).
 
-A program built with the fentry shim listens on ``<runtime dir>/<pid>.sock`` for JSON
-requests, one per line, and answers each with one JSON line.  The runtime directory is
-worked out from the *target's* environment, the way the shim did it: so that root, or a
-user whose environment differs, reaches the same socket.
+A program built with the fentry shim serves a unix socket; each request is one JSON line,
+each reply one JSON line.  Which socket, and whether to trust it, is channel.py's business:
+nothing is sent before it found the socket the process really serves and checked its
+folder and its peer.  Every request carries a deadline; past it the process refuses it
+instead of carrying it out late (``expired``).
+
+The operations are plain functions of a process - its pid, or a ``channel.Target`` read
+once - so that tools handling many processes call them in a loop.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
+import termios
 import time
 from pathlib import Path
 from typing import Any
 
-from fentry_build.client import procfs
+from fentry_build.client import channel
+from fentry_build.client.channel import Target
 from fentry_build.client.protocol import ProcessRefused, refusal_code
 from fentry_build.errors import FentryError
 
 DEFAULT_TIMEOUT = 10.0
 APPLY_TIMEOUT = 60.0  # loading validates every site and syncs every core
+#: How long to wait, after the deadline, for the reply of a request the process took in
+#: time: an operation it started keeps running (callbacks have their own limit, 5 s each).
+STARTED_GRACE = 30.0
 REPLY_MAX = 64 * 1024 * 1024
 
 Reply = dict[str, Any]  # the same as protocol.Reply
+Process = int | Target
 
 
-# ---- where the socket is -------------------------------------------------------------
+def target_of(process: Process) -> Target:
+    return process if isinstance(process, Target) else Target.of(process)
 
 
-def runtime_dir(env: dict[str, str], euid: int) -> Path:
-    """The shim's rule: $FENTRY_RUNTIME_DIR, $XDG_RUNTIME_DIR/fentry, /tmp/fentry-<euid>."""
-    explicit = env.get("FENTRY_RUNTIME_DIR", "")
-    if explicit:
-        return Path(explicit)
-    xdg = env.get("XDG_RUNTIME_DIR", "")
-    if xdg.startswith("/"):
-        return Path(xdg) / "fentry"
-    return Path(f"/tmp/fentry-{euid}")
-
-
-def socket_path(pid: int) -> Path:
-    """The control socket of process ``pid``, from its environment (else ours)."""
-    euid = procfs.effective_uid(pid)
-    env = procfs.read_environ(pid)
-    return runtime_dir(env if env is not None else dict(os.environ), euid) / f"{pid}.sock"
+def socket_path(process: Process) -> Path:
+    """The control socket the process serves, as a path from here (channel.find)."""
+    return channel.find(target_of(process)).local_path()
 
 
 # ---- one request ---------------------------------------------------------------------
 
 
-def _no_channel(pid: int) -> FentryError:
-    return FentryError(
-        f"process {pid} has no fentry control channel: it was not built with the fentry "
-        "shim, or runs with FENTRY_CONTROL=0"
-    )
-
-
-def _connect_retrying(sock: socket.socket, path: Path, timeout: float) -> None:
-    """connect(); a full backlog (EAGAIN: the process is busy) is retried until `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            sock.connect(str(path))
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise TimeoutError from None
-            time.sleep(0.01)
-
-
-def _connect(pid: int, path: Path, timeout: float) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+def _unread(sock: socket.socket) -> int:
+    """Bytes we sent that the other end has not read yet (SIOCOUTQ); -1 if unknown."""
     try:
-        _connect_retrying(sock, path, timeout)
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
-        raise _no_channel(pid) from None
-    except PermissionError:
-        sock.close()
-        raise FentryError(
-            f"permission denied: cannot connect to {path}; only the user process {pid} runs "
-            "as (or root) may control it"
-        ) from None
-    except TimeoutError:
-        sock.close()
-        raise FentryError(f"process {pid} did not accept a connection within {timeout:g} s") from None
-    except OSError as e:
-        sock.close()
-        raise FentryError(f"cannot connect to {path}: {e.strerror or e}") from None
-    return sock
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return int.from_bytes(raw, "little", signed=True)
+    except OSError:
+        return -1
 
 
-def _read_line(sock: socket.socket, pid: int, timeout: float) -> bytes:
+def _read_line(sock: socket.socket, pid: int, deadline: float, timeout: float) -> bytes:
+    """The reply line; past the deadline, say whether the request can still take effect."""
     data = bytearray()
+    grace_until: float | None = None
     while b"\n" not in data:
+        now = time.time()
+        until = deadline if grace_until is None else grace_until
+        if now >= until:
+            if grace_until is None and _unread(sock) != 0:
+                raise FentryError(f"process {pid} did not take the request within {timeout:g} s; "
+                                  "it expired and will not be carried out later")
+            if grace_until is None:
+                grace_until = deadline + STARTED_GRACE
+                continue
+            raise FentryError(f"process {pid} took the request in time but did not answer "
+                              f"within {timeout + STARTED_GRACE:g} s; it may still be carried "
+                              f"out - see fentry-build list --pid {pid}")
+        sock.settimeout(max(until - now, 0.001))
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
-            raise FentryError(f"process {pid} did not answer within {timeout:g} s") from None
+            continue
         except ConnectionResetError:
             chunk = b""
         if not chunk:
@@ -110,24 +90,33 @@ def _read_line(sock: socket.socket, pid: int, timeout: float) -> bytes:
     return bytes(data[: data.index(b"\n")])
 
 
-def request(pid: int, obj: dict[str, Any], timeout: float = DEFAULT_TIMEOUT) -> Reply:
-    """Send one request to process ``pid`` and return its reply (``ok`` true or false)."""
-    path = socket_path(pid)
-    sock = _connect(pid, path, timeout)
+def request(process: Process, obj: dict[str, Any], timeout: float = DEFAULT_TIMEOUT) -> Reply:
+    """Send one request and return the process's reply (``ok`` true or false).
+
+    The request carries ``"deadline"`` = now + `timeout`: if the process has not come to it
+    by then it refuses it (``expired``) rather than carrying it out late, so a request that
+    timed out here never takes effect afterwards - unless the process had already taken it,
+    which the error then says.
+    """
+    target = target_of(process)
+    deadline = time.time() + timeout
+    sock, _ = channel.connect(target, timeout)
     with sock:
+        line = json.dumps({**obj, "deadline": round(deadline, 3)}).encode() + b"\n"
         try:
-            sock.sendall(json.dumps(obj).encode() + b"\n")
+            sock.sendall(line)
         except TimeoutError:
-            raise FentryError(f"process {pid} did not take the request within {timeout:g} s") from None
+            raise FentryError(f"process {target.pid} did not take the request within "
+                              f"{timeout:g} s; it expired and will not be carried out later") from None
         except (BrokenPipeError, ConnectionResetError):
             pass  # it may have refused us with a reply line: read it
-        line = _read_line(sock, pid, timeout)
+        raw = _read_line(sock, target.pid, deadline, timeout)
     try:
-        reply = json.loads(line)
+        reply = json.loads(raw)
     except ValueError:
-        raise FentryError(f"process {pid} sent a reply that is not JSON: {line[:200]!r}") from None
+        raise FentryError(f"process {target.pid} sent a reply that is not JSON: {raw[:200]!r}") from None
     if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
-        raise FentryError(f"process {pid} sent a reply without \"ok\": {line[:200]!r}")
+        raise FentryError(f"process {target.pid} sent a reply without \"ok\": {raw[:200]!r}")
     return reply
 
 
@@ -141,8 +130,12 @@ def _checked(reply: Reply, what: str) -> Reply:
 # ---- the operations ------------------------------------------------------------------
 
 
-def apply(pid: int, patch: Path) -> Reply:
-    """Load the patch .so into process ``pid``; ``{"ok", "name", "functions"}``.
+def _pid(process: Process) -> int:
+    return process.pid if isinstance(process, Target) else process
+
+
+def apply(process: Process, patch: Path, timeout: float = APPLY_TIMEOUT) -> Reply:
+    """Load the patch .so into the process; ``{"ok", "name", "sha256", "functions"}``.
 
     The path sent is absolute (the process has its own working directory) but keeps the
     file's own name, symlink or not: the patch's name comes from it.
@@ -152,32 +145,44 @@ def apply(pid: int, patch: Path) -> Reply:
         raise FentryError(f"patch {patch} does not exist; build it first (meson compile patches)")
     if not path.is_file():
         raise FentryError(f"patch {patch} is not a regular file")
-    reply = request(pid, {"op": "load", "path": str(path)}, timeout=APPLY_TIMEOUT)
-    return _checked(reply, f"apply {path.name} to pid {pid}")
+    reply = request(process, {"op": "load", "path": str(path)}, timeout=timeout)
+    return _checked(reply, f"apply {path.name} to pid {_pid(process)}")
 
 
-def revert(pid: int, name: str) -> Reply:
-    """Revert the patch ``name`` in process ``pid``."""
-    return _checked(request(pid, {"op": "revert", "name": name}), f"revert {name} in pid {pid}")
+def revert(process: Process, name: str, timeout: float = DEFAULT_TIMEOUT) -> Reply:
+    """Revert the patch ``name`` in the process."""
+    return _checked(request(process, {"op": "revert", "name": name}, timeout),
+                    f"revert {name} in pid {_pid(process)}")
 
 
-def unload(pid: int, name: str) -> Reply:
-    """Unload the reverted patch ``name`` from process ``pid`` once no thread runs its code.
+def unload(process: Process, name: str, timeout: float = DEFAULT_TIMEOUT) -> Reply:
+    """Unload the reverted patch ``name`` from the process once no thread runs its code.
 
-    A thread that may still be inside the patch makes the process answer "busy: ...",
-    raised here as a FentryError; the patch then stays loaded and can be unloaded later.
+    A thread that may still be inside the patch makes the process answer "busy: ..."
+    (ProcessRefused with code "busy"); the patch then stays loaded and can be unloaded later.
     """
-    return _checked(request(pid, {"op": "unload", "name": name}), f"unload {name} in pid {pid}")
+    return _checked(request(process, {"op": "unload", "name": name}, timeout),
+                    f"unload {name} in pid {_pid(process)}")
 
 
-def list_patches(pid: int) -> Reply:
-    """The patches loaded into process ``pid``, oldest first."""
-    return _checked(request(pid, {"op": "list"}), f"list the patches of pid {pid}")
+def list_patches(process: Process, timeout: float = DEFAULT_TIMEOUT) -> Reply:
+    """The patches loaded into the process, oldest first."""
+    return _checked(request(process, {"op": "list"}, timeout),
+                    f"list the patches of pid {_pid(process)}")
 
 
-def status(pid: int) -> Reply:
-    """Process ``pid``'s program, build-id, mode and patch counts."""
-    return _checked(request(pid, {"op": "status"}), f"status of pid {pid}")
+def status(process: Process, timeout: float = DEFAULT_TIMEOUT) -> Reply:
+    """The process's program, build-id, mode, patch counts and protocol version."""
+    return _checked(request(process, {"op": "status"}, timeout), f"status of pid {_pid(process)}")
+
+
+def history(process: Process, timeout: float = DEFAULT_TIMEOUT) -> Reply:
+    """The process's audit trail: every apply, revert and unload since it started."""
+    reply = request(process, {"op": "history"}, timeout)
+    if not reply["ok"] and reply.get("code") is None and "unknown op" in str(reply.get("error")):
+        raise FentryError(f"process {_pid(process)} runs a fentry shim without an audit trail "
+                          "(protocol 1); it keeps no history")
+    return _checked(reply, f"history of pid {_pid(process)}")
 
 
 # ---- for people ----------------------------------------------------------------------
@@ -226,6 +231,32 @@ def format_list(reply: Reply) -> str:
     return "\n".join(line for p in patches for line in _format_patch(p))
 
 
+_VERBS = {"load": "apply", "revert": "revert", "unload": "unload", "connect": "connect"}
+
+
+def _format_entry(e: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(e["time"])))
+    who = ("the program itself" if e["via"] == "api" else "FENTRY_PATCHES at start"
+           if e["via"] == "start" else f"uid {e['peer_uid']} pid {e['peer_pid']}")
+    what = _VERBS.get(str(e["op"]), str(e["op"]))
+    if e.get("name"):
+        what += f" {e['name']}"
+    if e.get("path") and e["op"] == "load":
+        what += f" ({e['path']}"
+        what += f", sha256 {str(e['sha256'])[:16]})" if e.get("sha256") else ")"
+    result = "done" if e["ok"] else f"refused ({e.get('code')}): {e.get('error')}"
+    return f"{when}  {what}  by {who}: {result}"
+
+
+def format_history(reply: Reply) -> str:
+    entries = reply.get("history", [])
+    lines = [_format_entry(e) for e in entries] or ["no apply, revert or unload so far"]
+    if reply.get("dropped"):
+        lines.insert(0, f"({reply['dropped']} older entries dropped; the newest "
+                        f"{reply.get('kept')} are kept)")
+    return "\n".join(lines)
+
+
 def format_status(reply: Reply) -> str:
     rows = [
         ("pid", reply.get("pid")),
@@ -234,22 +265,28 @@ def format_status(reply: Reply) -> str:
         ("mode", str(reply.get("mode") or "(unknown)")
          + (f" ({reply['mode_reason']})" if reply.get("mode_reason") else "")),
         ("patches", f"{reply.get('patches_active')} active, {reply.get('patches_loaded')} loaded"),
+        ("protocol", reply.get("protocol", 1)),
     ]
     return "\n".join(f"{key + ':':<10} {value}" for key, value in rows)
 
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
+    "APPLY_TIMEOUT",
+    "Process",
     "apply",
     "revert",
     "unload",
     "list_patches",
     "status",
+    "history",
     "request",
     "socket_path",
-    "runtime_dir",
+    "target_of",
     "format_apply",
     "format_revert",
     "format_unload",
     "format_list",
+    "format_history",
     "format_status",
 ]

@@ -1,7 +1,7 @@
 """client/procfs.py - the one reader of /proc for the client: a process's status, environment,
-memory maps, name and memory, and our own capabilities.
+memory maps, name, memory, descriptors and unix sockets, and our own capabilities.
 
-Both the control client (where is the process's socket) and attach (may we ptrace it,
+Both the control client (which socket the process serves) and attach (may we ptrace it,
 what is mapped into it) read a target process through these functions.
 """
 
@@ -42,6 +42,12 @@ class ProcStatus:
     uids: tuple[int, ...]  # real, effective, saved, fs
     gids: tuple[int, ...]
     seccomp: int
+    nspids: tuple[int, ...] = ()  # its pid in each pid namespace, ours first, its own last
+
+    @property
+    def own_pid(self) -> int:
+        """The pid the process has in its own pid namespace (what getpid() returns there)."""
+        return self.nspids[-1] if self.nspids else 0
 
 
 def proc_dir(pid: int) -> Path:
@@ -69,6 +75,7 @@ def read_status(pid: int) -> ProcStatus:
         uids=tuple(int(x) for x in fields.get("Uid", "").split()),
         gids=tuple(int(x) for x in fields.get("Gid", "").split()),
         seccomp=int(fields.get("Seccomp", "0")),
+        nspids=tuple(int(x) for x in fields.get("NSpid", "").split()),
     )
 
 
@@ -134,6 +141,69 @@ def read_mem_u64(pid: int, addr: int) -> int | None:
         return None
 
 
+def fd_links(pid: int) -> list[tuple[int, str]] | None:
+    """(fd, readlink of /proc/PID/fd/fd) for each open descriptor of `pid`; None when we may
+    not look (another user's process, or one that is not dumpable)."""
+    fds = proc_dir(pid) / "fd"
+    try:
+        names = os.listdir(fds)
+    except PermissionError:
+        return None
+    except (FileNotFoundError, ProcessLookupError):
+        raise FentryError(f"no process with pid {pid}") from None
+    links = []
+    for name in names:
+        try:
+            links.append((int(name), os.readlink(fds / name)))
+        except (OSError, ValueError):
+            continue  # closed meanwhile
+    return links
+
+
+def socket_inodes(links: list[tuple[int, str]]) -> set[int]:
+    """The inodes of the sockets among fd_links()."""
+    return {int(target[8:-1]) for _, target in links
+            if target.startswith("socket:[") and target.endswith("]")}
+
+
+@dataclass(frozen=True)
+class UnixListener:
+    """A listening unix stream socket bound to a path (a line of /proc/PID/net/unix)."""
+
+    inode: int
+    path: str  # as bound, in the binding process's mount namespace
+
+
+_SO_ACCEPTCON = 0x10000
+_SOCK_STREAM = 1
+
+
+def unix_listeners(pid: int) -> list[UnixListener]:
+    """The listening unix stream sockets with a path in the network namespace of `pid`."""
+    try:
+        text = (proc_dir(pid) / "net" / "unix").read_text(errors="surrogateescape")
+    except PermissionError:
+        return []
+    except (FileNotFoundError, ProcessLookupError):
+        raise FentryError(f"no process with pid {pid}") from None
+    found = []
+    for line in text.splitlines()[1:]:
+        # Num RefCount Protocol Flags Type St Inode Path (the path may hold spaces)
+        fields = line.split(None, 7)
+        if (len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON
+                and int(fields[4], 16) == _SOCK_STREAM and fields[7].startswith("/")):
+            found.append(UnixListener(int(fields[6]), fields[7]))
+    return found
+
+
+def same_mount_namespace(pid: int) -> bool:
+    """Does `pid` see the file system as we do (same mount namespace)?  False when unknown."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return False
+
+
 def has_capability(cap: int) -> bool:
     """Is capability number `cap` in our effective set (root without /proc: yes)?"""
     try:
@@ -145,5 +215,6 @@ def has_capability(cap: int) -> bool:
     return os.geteuid() == 0
 
 
-__all__ = ["Mapping", "ProcStatus", "effective_uid", "has_capability", "proc_dir", "read_comm",
-           "read_environ", "read_maps", "read_mem_u64", "read_status"]
+__all__ = ["Mapping", "ProcStatus", "UnixListener", "effective_uid", "fd_links", "has_capability",
+           "proc_dir", "read_comm", "read_environ", "read_maps", "read_mem_u64", "read_status",
+           "same_mount_namespace", "socket_inodes", "unix_listeners"]

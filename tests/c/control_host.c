@@ -6,6 +6,12 @@
  *          ("child <pid>")
  *   spawn  fork a child that execs /bin/true at once, and reap it ("spawned <pid>")
  *   wait   reap one child ("reaped <pid> <status>")
+ *   clearenv, setenv NAME VALUE
+ *          change the environment, as daemons do ("env"); a fork child's channel then
+ *          follows the new one, while /proc/PID/environ still shows the one at start
+ *   clobber
+ *          overwrite the environment strings of the start with 'x' where they lie, as
+ *          programs that set their process title do ("clobbered")
  *   exit   exit(0) (atexit handlers run); EOF on stdin does the same
  * At start it prints "ready <pid>" once fentry_control_start() returned.
  */
@@ -20,7 +26,10 @@
 #include "control/control.h"
 #include "core/audit.h"
 
+extern char **environ;
+
 static volatile sig_atomic_t released;
+static char **start_environ;
 
 static void on_usr1(int sig)
 {
@@ -39,7 +48,7 @@ int main(void)
 {
 	struct sigaction sa;
 	sigset_t usr1, old;
-	char line[64];
+	char line[512], name[128], value[384];
 	pid_t pid;
 	int status;
 
@@ -49,6 +58,7 @@ int main(void)
 	sigemptyset(&usr1);
 	sigaddset(&usr1, SIGUSR1);
 	sigprocmask(SIG_BLOCK, &usr1, &old);
+	start_environ = environ;
 	pthread_atfork(NULL, NULL, fentry_control_after_fork_child);
 	fentry_audit_init();
 	fentry_control_start();
@@ -71,6 +81,16 @@ int main(void)
 		} else if (strcmp(line, "wait\n") == 0) {
 			pid = wait(&status);
 			printf("reaped %d %d\n", (int)pid, status);
+		} else if (strcmp(line, "clearenv\n") == 0) {
+			clearenv();
+			printf("env\n");
+		} else if (sscanf(line, "setenv %127s %383s", name, value) == 2) {
+			setenv(name, value, 1);
+			printf("env\n");
+		} else if (strcmp(line, "clobber\n") == 0) {
+			for (char **e = start_environ; *e; e++)
+				memset(*e, 'x', strlen(*e));
+			printf("clobbered\n");
 		} else if (strcmp(line, "exit\n") == 0) {
 			break;
 		}
