@@ -99,6 +99,15 @@ def test_operations_accepted_and_refused_are_in_memory_and_in_the_log_file(
     assert "pre-patch callback refused" in entries[4]["error"]
     assert entries[1]["path"] is None and "error" not in entries[1]
     assert all(entries[i]["time"] <= entries[i + 1]["time"] for i in range(len(entries) - 1))
+    # fentry-build list --history shows the same, as JSON and as text.
+    shown = cli("list", "--pid", pid, "--history", "--json")
+    assert json.loads(shown.stdout)["history"] == entries
+    text = cli("list", "--pid", pid, "--history").stdout.splitlines()
+    assert len(text) == 9
+    assert f"  apply fix_parse ({fix}" in text[0]
+    assert text[0].endswith("  by FENTRY_PATCHES at start: done")
+    assert "  apply fix_parse (" in text[3] and text[3].endswith(
+        ": refused (wrong_build): " + entries[3]["error"])
     # The file holds the same entries, one JSON object per line, naming the process.
     lines = log_lines(log)
     assert [{k: v for k, v in line.items() if k not in ("process", "program")}

@@ -68,13 +68,23 @@ class Target:
         return cls(pid, st.own_pid or pid, st.uids[1], st.state, st.name)
 
     def check_running(self) -> None:
-        """Refuse at once a process that cannot answer (a request would wait in its socket)."""
-        if self.state in ("Z", "X"):
-            raise FentryError(f"process {self.pid} has exited (state {self.state})")
-        if self.state == "T":
+        """Refuse at once a process that cannot answer (a request would wait in its socket).
+
+        A traced process (strace) stops for an instant at each system call: it counts as
+        stopped only if it still is after a few looks over 0.1 s.
+        """
+        state = self.state
+        for _ in range(5):
+            if state not in ("T", "t"):
+                break
+            time.sleep(0.02)
+            state = procfs.read_status(self.pid).state
+        if state in ("Z", "X"):
+            raise FentryError(f"process {self.pid} has exited (state {state})")
+        if state == "T":
             raise FentryError(f"process {self.pid} is stopped (state T), so it cannot answer; "
                               f"continue it (kill -CONT {self.pid}) and retry")
-        if self.state == "t":
+        if state == "t":
             raise FentryError(f"process {self.pid} is stopped by a debugger (state t), so it "
                               "cannot answer; continue it in the debugger and retry")
 
