@@ -7,6 +7,7 @@ in syslog.  Real programs, real CLI, real syslog socket (a datagram socket mount
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -95,6 +96,13 @@ def test_operations_accepted_and_refused_are_in_memory_and_in_the_log_file(
     assert all(e["peer_pid"] not in (0, srv.pid) for e in entries[1:])  # the CLI processes
     assert len({e["peer_pid"] for e in entries[1:]}) == 8  # one CLI process each
     assert entries[0]["path"] == str(fix) and entries[3]["path"] == str(built.other_fix)
+    fix_sha = hashlib.sha256(fix.read_bytes()).hexdigest()
+    assert [e["sha256"] for e in entries] == [
+        fix_sha, fix_sha, fix_sha,  # loaded at start, reverted, unloaded
+        hashlib.sha256(built.other_fix.read_bytes()).hexdigest(),  # read, then refused
+        hashlib.sha256(built.patches["rel_veto_patch"].read_bytes()).hexdigest(),
+        None,  # no such patch: no file
+        fix_sha, fix_sha, fix_sha]
     assert "was built for another build" in entries[3]["error"]
     assert "pre-patch callback refused" in entries[4]["error"]
     assert entries[1]["path"] is None and "error" not in entries[1]
@@ -121,11 +129,15 @@ def test_the_hash_of_the_loaded_file_is_the_same_in_the_reply_list_and_trail(
         built: ServerBuild, started: list[Server]) -> None:
     srv = start_server(built.binary, "dispatch")
     started.append(srv)
-    reply = control.apply(srv.pid, built.patches["fix_parse"])
+    fix = built.patches["fix_parse"]
+    reply = control.apply(srv.pid, fix)
     (listed,) = control.list_patches(srv.pid)["patches"]
     (entry,) = history(srv.pid)
-    # What the loader computed (the SHA-256 of its sealed copy) or null where it does not.
-    assert reply["sha256"] == listed["sha256"] == entry["sha256"]
+    # The loader's SHA-256 of the copy it loaded: the file's, wherever it is shown.
+    assert reply["sha256"] == listed["sha256"] == entry["sha256"] == \
+        hashlib.sha256(fix.read_bytes()).hexdigest()
+    control.revert(srv.pid, "fix_parse")
+    assert history(srv.pid)[-1]["sha256"] == entry["sha256"]  # revert names the same file
     assert_stops_cleanly(srv)
 
 
@@ -142,6 +154,8 @@ def test_in_process_calls_are_audited_as_the_process_itself(
         ("api", "load", "sitebytes_patch", str(patch), True),
         ("api", "revert", "sitebytes_patch", None, True),
     ]
+    sha = hashlib.sha256(patch.read_bytes()).hexdigest()
+    assert [e["sha256"] for e in lines] == [sha, sha]
     (pid,) = {e["process"] for e in lines}
     assert all((e["peer_pid"], e["peer_uid"], e["program"]) == (pid, os.geteuid(), str(prog))
                for e in lines)
