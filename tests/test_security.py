@@ -340,6 +340,9 @@ def test_the_folder_of_a_patch_is_not_checked(built: ServerBuild, started: list[
 # ---- swapping files while apply runs -------------------------------------------------------
 
 RACE_APPLIES = 200
+# A loaded machine can let one outcome of the race (load or refusal) win every time for a
+# while: the runs go on until both were seen, up to this many - a bound, not a speed.
+RACE_APPLIES_MAX = 10 * RACE_APPLIES
 REASON_KEYS = {"is a symbolic link": "symlink", "writable by group or others": "writable"}
 
 
@@ -379,8 +382,14 @@ class Swapper:
 def _apply_while_swapping(srv: Server, path: Path, marker: Path, swapper: Swapper,
                           allowed: tuple[str, ...]) -> Counter[str]:
     outcome: Counter[str] = Counter()
+
+    def both_seen() -> bool:
+        return outcome["loaded_good"] > 0 and any(k.startswith("refused") for k in outcome)
+
     with swapper:
-        for _ in range(RACE_APPLIES):
+        for applies in range(1, RACE_APPLIES_MAX + 1):
+            if applies > RACE_APPLIES and both_seen():
+                break
             reply = control.request(srv.pid, {"op": "load", "path": str(path)}, timeout=60)
             if reply["ok"]:
                 outcome["loaded_good"] += 1
@@ -399,11 +408,13 @@ def _apply_while_swapping(srv: Server, path: Path, marker: Path, swapper: Swappe
                 outcome["refused_" + REASON_KEYS.get(reason, "owner")] += 1
             assert not marker.exists(), "the evil patch's constructor ran"
     outcome["swaps"] = swapper.swaps
+    outcome["applies"] = sum(v for k, v in outcome.items() if k != "swaps")
     return outcome
 
 
 @needs_root
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.stress  # a race, run hundreds of times
 def test_swapping_the_file_during_apply_never_loads_the_evil_one(
         built: ServerBuild, started: list[Server], tmp_path: Path, mode: str) -> None:
     marker = tmp_path / "evil_ran"
@@ -423,7 +434,7 @@ def test_swapping_the_file_during_apply_never_loads_the_evil_one(
     outcome = _apply_while_swapping(
         srv, target, marker, Swapper(target, [good, evil_link, good, evil_ww, good, evil_nobody]),
         ("is a symbolic link", "writable by group or others", f"owned by uid {NOBODY}"))
-    figures(f"file swap race ({mode})", applies=RACE_APPLIES, **outcome)
+    figures(f"file swap race ({mode})", **outcome)
     assert outcome["loaded_good"] > 0 and sum(
         v for k, v in outcome.items() if k.startswith("refused")) > 0
     assert not marker.exists()
@@ -432,6 +443,7 @@ def test_swapping_the_file_during_apply_never_loads_the_evil_one(
 
 @needs_root
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.stress  # a race, run hundreds of times
 def test_swapping_the_folder_during_apply_never_loads_the_evil_file(
         built: ServerBuild, started: list[Server], tmp_path: Path, mode: str) -> None:
     """The folder is not checked (a symlinked folder is followed), but the file reached
@@ -458,7 +470,7 @@ def test_swapping_the_folder_during_apply_never_loads_the_evil_file(
         srv, current / "rel_race.so", marker,
         Swapper(current, [links[0], links[1], links[0], links[2]]),
         ("writable by group or others", f"owned by uid {NOBODY}"))
-    figures(f"folder swap race ({mode})", applies=RACE_APPLIES, **outcome)
+    figures(f"folder swap race ({mode})", **outcome)
     assert outcome["loaded_good"] > 0
     assert not marker.exists()
     assert_stops_cleanly(srv)
