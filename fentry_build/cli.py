@@ -180,14 +180,15 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("revert", help="revert a patch of a running process by name")
     s.add_argument("--pid", type=int, required=True)
-    s.add_argument("name")
+    s.add_argument("name", help="the patch: its name (fix), file name (fix.so) or the path applied")
     s.add_argument("--json", action="store_true")
     _timeout_option(s)
     s.set_defaults(func=_cmd_revert)
 
-    s = sub.add_parser("unload", help="unload a reverted patch once no thread runs its code")
+    s = sub.add_parser("unload", help="unload a patch's reverted or replaced versions once no "
+                       "thread runs their code")
     s.add_argument("--pid", type=int, required=True)
-    s.add_argument("name")
+    s.add_argument("name", help="the patch: its name (fix), file name (fix.so) or the path applied")
     s.add_argument("--json", action="store_true")
     _timeout_option(s)
     s.set_defaults(func=_cmd_unload)

@@ -149,19 +149,27 @@ def apply(process: Process, patch: Path, timeout: float = APPLY_TIMEOUT) -> Repl
     return _checked(reply, f"apply {path.name} to pid {_pid(process)}")
 
 
+def _patch_spelling(name: str) -> str:
+    """A patch named by its name, its file name, or the path applied (made absolute, as
+    apply sent it)."""
+    return os.path.abspath(name) if "/" in name else name
+
+
 def revert(process: Process, name: str, timeout: float = DEFAULT_TIMEOUT) -> Reply:
-    """Revert the patch ``name`` in the process."""
-    return _checked(request(process, {"op": "revert", "name": name}, timeout),
+    """Revert the patch ``name`` (name, ``name.so`` or the path applied) in the process."""
+    return _checked(request(process, {"op": "revert", "name": _patch_spelling(name)}, timeout),
                     f"revert {name} in pid {_pid(process)}")
 
 
 def unload(process: Process, name: str, timeout: float = DEFAULT_TIMEOUT) -> Reply:
-    """Unload the reverted patch ``name`` from the process once no thread runs its code.
+    """Unload the versions of patch ``name`` that are not active (reverted, or replaced by
+    a newer version) from the process, once no thread can be running their code.
 
-    A thread that may still be inside the patch makes the process answer "busy: ..."
-    (ProcessRefused with code "busy"); the patch then stays loaded and can be unloaded later.
+    A thread that may still be inside one makes the process answer "busy: ..."
+    (ProcessRefused with code "busy"); that version then stays loaded and can be unloaded
+    later.
     """
-    return _checked(request(process, {"op": "unload", "name": name}, timeout),
+    return _checked(request(process, {"op": "unload", "name": _patch_spelling(name)}, timeout),
                     f"unload {name} in pid {_pid(process)}")
 
 
@@ -192,16 +200,39 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def _short(sha256: object) -> str:
+    return str(sha256)[:12] if sha256 else "?"
+
+
 def format_apply(reply: Reply) -> str:
-    return f"applied {reply['name']} ({_plural(int(reply['functions']), 'function')} replaced)"
+    name, functions = reply["name"], _plural(int(reply["functions"]), "function")
+    if reply.get("changed") is False:
+        return f"{name} is already applied (version {_short(reply.get('sha256'))}): nothing changed"
+    text = f"applied {name} ({functions} replaced)"
+    old = reply.get("replaced")
+    if isinstance(old, dict):
+        text = (f"applied {name} version {_short(reply.get('sha256'))} ({functions}), replacing "
+                f"version {_short(old.get('sha256'))} in one step; ")
+        if old.get("unloaded"):
+            text += "the old version was unloaded"
+        else:
+            text += (f"the old version stays loaded ({old.get('why') or 'busy'}); "
+                     f"run unload {name} later to free it")
+    return text
+
+
+def _patch_name(spelled: object) -> str:
+    """The patch's name however it was spelled: fix, fix.so or /path/to/fix.so."""
+    name = os.path.basename(str(spelled))
+    return name[:-3] if name.endswith(".so") and len(name) > 3 else name
 
 
 def format_revert(reply: Reply) -> str:
-    return f"reverted {reply['name']}"
+    return f"reverted {_patch_name(reply['name'])}"
 
 
 def format_unload(reply: Reply) -> str:
-    return f"unloaded {reply['name']}"
+    return f"unloaded {_patch_name(reply['name'])}"
 
 
 def _format_function(func: dict[str, Any], patch_active: bool) -> str:
@@ -215,11 +246,20 @@ def _format_function(func: dict[str, Any], patch_active: bool) -> str:
     return f"    {func['name']}{where}: {effect}"
 
 
+def _when(t: object) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(str(t)))) if t else "?"
+
+
+_STATES = {"active": "active", "reverted": "reverted (still loaded)",
+           "replaced": "replaced by a newer version (still loaded)"}
+
+
 def _format_patch(patch: dict[str, Any]) -> list[str]:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(patch["applied_at"])))
     active = patch["state"] == "active"
-    state = patch["state"] if active else f"{patch['state']} (still loaded)"
-    lines = [f"{patch['name']}  {state}  applied {when}  {patch['path']}"]
+    state = _STATES.get(str(patch["state"]), str(patch["state"]))
+    lines = [f"{patch['name']}  {state}  version {_short(patch.get('sha256'))}  built "
+             f"{_when(patch.get('built_at'))}  applied {_when(patch.get('applied_at'))}  "
+             f"{patch['path']}"]
     lines += [_format_function(f, active) for f in patch.get("functions", [])]
     return lines
 

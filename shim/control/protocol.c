@@ -107,9 +107,14 @@ static void list_patch(const struct fentry_patch_info *p, void *arg)
 	PUT(l->out, "{\"name\":");
 	fentry_buf_json_string(l->out, p->name);
 	put_string_member(l->out, "path", p->path);
-	put_string_member(l->out, "state", p->state == FENTRY_ACTIVE ? "active" : "reverted");
+	put_string_member(l->out, "state", p->state == FENTRY_ACTIVE     ? "active"
+					   : p->state == FENTRY_REVERTED ? "reverted"
+									 : "replaced");
 	put_string_member(l->out, "sha256", p->sha256[0] ? p->sha256 : NULL);
 	fentry_buf_printf(l->out, ",\"built_at\":%.6f", isfinite(p->built_at) ? p->built_at : 0.0);
+	fentry_buf_printf(l->out, ",\"apply_seconds\":%.6f,\"copy_bytes\":%llu,\"mapped_bytes\":%llu",
+			  isfinite(p->apply_seconds) ? p->apply_seconds : 0.0,
+			  (unsigned long long)p->copy_bytes, (unsigned long long)p->mapped_bytes);
 	fentry_buf_printf(l->out, ",\"applied_at\":%.6f,\"functions\":[", at);
 	for (i = 0; p->funcs && i < p->nfuncs; i++) {
 		if (i)
@@ -237,7 +242,16 @@ static void op_load(const struct request *q, const struct fentry_peer *peer,
 	PUT(out, "{\"ok\":true");
 	put_string_member(out, "name", report.name);
 	put_string_member(out, "sha256", report.sha256[0] ? report.sha256 : NULL);
-	fentry_buf_printf(out, ",\"functions\":%u}\n", (unsigned)report.functions);
+	fentry_buf_printf(out, ",\"functions\":%u,\"changed\":%s", (unsigned)report.functions,
+			  report.changed ? "true" : "false");
+	if (report.replaced_sha256[0]) { /* a new version of the patch replaced this one */
+		PUT(out, ",\"replaced\":{\"sha256\":");
+		fentry_buf_json_string(out, report.replaced_sha256);
+		fentry_buf_printf(out, ",\"unloaded\":%s", report.replaced_unloaded ? "true" : "false");
+		put_string_member(out, "why", report.replaced_unloaded ? NULL : report.replaced_why);
+		PUT(out, "}");
+	}
+	PUT(out, "}\n");
 }
 
 /* revert and unload: one patch, by name. */

@@ -1,15 +1,21 @@
 /*
- * loader.c - checks, dlopens, validates and activates or reverts patches.
+ * loader.c - validates, activates, reverts and unloads patches, and keeps their versions.
  *
- * Every way a patch arrives (FENTRY_PATCHES at start, the control socket later) goes
- * through fentry_apply_path(): check the file, load exactly the file checked, validate
- * everything against the running process, and only then change the patch table in
- * one publish.  A patch that fails any step changes nothing.
+ * Every way a patch arrives (FENTRY_PATCHES at start, the control socket, fentry_apply())
+ * goes through fentry_apply_path(): the file's sealed private copy (patchfile.c), loaded,
+ * validated against the running process, and only then the patch table changed in one
+ * publish.  A patch that fails any step changes nothing.
  *
  * Patches of one function form a stack: the most recently activated patch is in
  * effect; reverting it uncovers the one below, or the original.  A reverted patch's
  * .so stays mapped (a thread may still be running its code or be about to return
- * into it); applying the same file again re-activates it.
+ * into it) until `unload` proves no thread can.
+ *
+ * Versions.  A patch is named by its file name; applying a file whose contents (SHA-256)
+ * differ from the loaded patch of that name is a new version: it replaces the old one in
+ * the same publish (no moment where neither is in effect), and the old one is unloaded
+ * at once if no thread can be running it, else kept ("replaced") for a later unload.
+ * Applying the version that is already active changes nothing and succeeds.
  */
 #include <dlfcn.h>
 #include <elf.h>
@@ -49,6 +55,7 @@ struct loaded_patch {
 	char *in_effect;                 /* per function, for list                     */
 	int stuck;                       /* a callback overran its time limit and may still
 	                                    run the patch's code: never dlclose() it      */
+	double apply_seconds;            /* how long the apply that activated it last took */
 };
 
 /* Serialises every change and every reader of the records below. */
@@ -103,12 +110,48 @@ static double now(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* The current version of patch `name` (active or reverted; not one it replaced), or NULL. */
 static struct loaded_patch *find(const char *name)
 {
 	for (size_t i = 0; i < npatches; i++)
-		if (strcmp(patches[i]->name, name) == 0)
+		if (patches[i]->state != FENTRY_REPLACED && strcmp(patches[i]->name, name) == 0)
 			return patches[i];
 	return NULL;
+}
+
+static const char *state_name(enum fentry_patch_state s)
+{
+	return s == FENTRY_ACTIVE ? "active" : s == FENTRY_REVERTED ? "reverted" : "replaced";
+}
+
+/* "loaded: a (active), b (reverted)" - what an unknown name is answered with. */
+static void describe_loaded(char *buf, size_t size)
+{
+	size_t len = 0;
+
+	if (npatches == 0) {
+		snprintf(buf, size, "no patch is loaded");
+		return;
+	}
+	len = (size_t)snprintf(buf, size, "loaded:");
+	for (size_t i = 0; i < npatches && len < size; i++) {
+		int n = snprintf(buf + len, size - len, "%s %s (%s)", i ? "," : "", patches[i]->name,
+				 state_name(patches[i]->state));
+
+		if (n < 0 || (size_t)n >= size - len) {
+			snprintf(buf + (size > 4 ? size - 4 : 0), size > 4 ? 4 : size, "...");
+			break;
+		}
+		len += (size_t)n;
+	}
 }
 
 /* A patch's name is its file name without ".so". */
@@ -130,6 +173,30 @@ static int name_of(const char *path, char *name, char *err)
 }
 
 /*
+ * The patch a revert or unload names, spelled as its name ("fix"), its file name
+ * ("fix.so") or the path it was applied from: its name, or -FENTRY_E_NO_SUCH_PATCH with
+ * what is loaded in err.  Callers hold the lock.
+ */
+static int resolve(const char *spelled, char *name, char *err)
+{
+	char loaded[FENTRY_ERR_MAX / 2];
+	int by_path = strchr(spelled, '/') != NULL;
+
+	if (name_of(spelled, name, err) < 0)
+		name[0] = '\0'; /* no patch can have it */
+	for (size_t i = 0; name[0] && i < npatches; i++)
+		if (strcmp(patches[i]->name, name) == 0 &&
+		    (!by_path || strcmp(patches[i]->path, spelled) == 0))
+			return 0;
+	describe_loaded(loaded, sizeof(loaded));
+	if (by_path)
+		return fail_as(err, FENTRY_E_NO_SUCH_PATCH, "no patch was applied from %s; %s",
+			       spelled, loaded);
+	return fail_as(err, FENTRY_E_NO_SUCH_PATCH, "no patch named %s is loaded; %s", spelled,
+		       loaded);
+}
+
+/*
  * Does the function's entry differ from what the generator saw?  In jump mode the site
  * itself holds our NOP or jump: compare the bytes gcc emitted (kept by sites.c) and
  * check that the site still holds exactly what the shim wrote there.
@@ -147,8 +214,55 @@ static int entry_differs(const struct fentry_func *f, uintptr_t addr)
 	       !fentry_poke_site_is_ours(s);
 }
 
+/*
+ * A set of site addresses (site_end values, never 0): open addressing with linear
+ * probing, at most half full, so checking K functions costs O(K) - never all pairs.
+ */
+struct site_set {
+	uintptr_t *slot;
+	size_t mask;
+};
+
+static int site_set_init(struct site_set *set, size_t n)
+{
+	size_t cap = 16;
+
+	while (cap < 2 * n)
+		cap *= 2;
+	set->slot = calloc(cap, sizeof(*set->slot));
+	set->mask = cap - 1;
+	return set->slot ? 0 : -1;
+}
+
+/* Add key; 1 if it was in the set already. */
+static int site_set_add(struct site_set *set, uintptr_t key)
+{
+	size_t i = (size_t)((key * 0x9E3779B97F4A7C15ull) >> 24) & set->mask;
+
+	for (; set->slot[i] != 0; i = (i + 1) & set->mask)
+		if (set->slot[i] == key)
+			return 1;
+	set->slot[i] = key;
+	return 0;
+}
+
+/* The patch's own executable segments: where replacements normally are. */
+struct own_code {
+	uintptr_t range[8][2];
+	size_t n;
+};
+
+static int in_own_code(const struct own_code *c, uintptr_t a)
+{
+	for (size_t i = 0; i < c->n && i < 8; i++)
+		if (a >= c->range[i][0] && a < c->range[i][1])
+			return 1;
+	return 0;
+}
+
 static int validate_func(const struct fentry_func *f, const struct fentry_module *mod,
-			 const char *pname, struct fentry_redirect *r, char *err)
+			 const struct own_code *own, const char *pname, struct fentry_redirect *r,
+			 char *err)
 {
 	uintptr_t addr = mod->base + (uintptr_t)f->addr;
 	Dl_info info;
@@ -167,7 +281,7 @@ static int validate_func(const struct fentry_func *f, const struct fentry_module
 		return fail_as(err, FENTRY_E_ENTRY_CHANGED, "patch %s: %s: the bytes at its entry "
 			       "differ from the build the patch was made for (a breakpoint or "
 			       "another tool changed them?)", pname, f->name);
-	if (dladdr(*f->replacement, &info) == 0)
+	if (!in_own_code(own, (uintptr_t)*f->replacement) && dladdr(*f->replacement, &info) == 0)
 		return fail_as(err, FENTRY_E_BAD_PATCH, "patch %s: %s: replacement is not inside "
 			       "any loaded object", pname, f->name);
 	r->site_end = addr + f->site_offset + f->site_len;
@@ -181,7 +295,9 @@ static int validate(struct loaded_patch *p, char *err)
 	const struct fentry_patch *d = p->desc;
 	struct fentry_module mod, main_mod;
 	char want[2 * FENTRY_BUILD_ID_MAX + 1], have[2 * FENTRY_BUILD_ID_MAX + 1];
-	int rc;
+	struct own_code own;
+	struct site_set seen;
+	int rc = 0;
 
 	if (d->abi_version != FENTRY_ABI_VERSION)
 		return fail_as(err, FENTRY_E_BAD_PATCH, "patch %s: descriptor ABI version %u, this "
@@ -219,26 +335,40 @@ static int validate(struct loaded_patch *p, char *err)
 				       mod.path);
 	}
 	p->base = mod.base;
+	own.n = fentry_patchfile_code(&p->file, own.range, 8);
+	if (site_set_init(&seen, d->nfuncs) < 0)
+		return fail(err, "patch %s: out of memory", p->name);
 	for (uint32_t i = 0; i < d->nfuncs; i++) {
-		rc = validate_func(&d->funcs[i], &mod, p->name, &p->redirects[i], err);
+		rc = validate_func(&d->funcs[i], &mod, &own, p->name, &p->redirects[i], err);
+		if (rc == 0 && site_set_add(&seen, p->redirects[i].site_end))
+			rc = fail_as(err, FENTRY_E_BAD_PATCH, "patch %s replaces %s twice", p->name,
+				     d->funcs[i].name);
 		if (rc < 0)
-			return rc;
-		for (uint32_t j = 0; j < i; j++)
-			if (p->redirects[j].site_end == p->redirects[i].site_end)
-				return fail_as(err, FENTRY_E_BAD_PATCH, "patch %s replaces %s twice",
-					       p->name, d->funcs[i].name);
+			break;
 	}
-	return 0;
+	free(seen.slot);
+	return rc;
+}
+
+static int by_order(const void *a, const void *b)
+{
+	const struct loaded_patch *x = *(struct loaded_patch *const *)a;
+	const struct loaded_patch *y = *(struct loaded_patch *const *)b;
+
+	return x->order < y->order ? -1 : x->order > y->order;
 }
 
 /*
  * Collect the redirects of every active patch, newest last, plus `extra` (being
- * activated, the newest of all), and publish them.  Also recompute in_effect.
+ * activated, the newest of all), and make them the set in effect; then recompute which
+ * function of which patch is in effect.  Linear in the number of redirects: a site's
+ * newest patch is found with a set, never by comparing patches pairwise.
  */
 static int publish(struct loaded_patch *extra, char *err)
 {
 	struct loaded_patch **order = calloc(npatches + 1, sizeof(*order));
 	struct fentry_redirect *all;
+	struct site_set covered;
 	size_t n = 0, nr = 0;
 	int rc;
 
@@ -247,42 +377,33 @@ static int publish(struct loaded_patch *extra, char *err)
 	for (size_t i = 0; i < npatches; i++)
 		if (patches[i]->state == FENTRY_ACTIVE && patches[i] != extra)
 			order[n++] = patches[i];
-	/* Insertion sort by activation order: the lists are short. */
-	for (size_t i = 1; i < n; i++)
-		for (size_t j = i; j > 0 && order[j - 1]->order > order[j]->order; j--) {
-			struct loaded_patch *t = order[j];
-			order[j] = order[j - 1];
-			order[j - 1] = t;
-		}
+	qsort(order, n, sizeof(*order), by_order);
 	if (extra)
 		order[n++] = extra;
 	for (size_t i = 0; i < n; i++)
 		nr += order[i]->desc->nfuncs;
 	all = calloc(nr ? nr : 1, sizeof(*all));
-	if (!all) {
+	if (!all || site_set_init(&covered, nr) < 0) {
+		free(all);
 		free(order);
 		return fail(err, "out of memory");
 	}
 	nr = 0;
-	for (size_t i = 0; i < n; i++)
-		for (uint32_t k = 0; k < order[i]->desc->nfuncs; k++)
-			all[nr++] = order[i]->redirects[k]; /* later entries win in the table */
+	for (size_t i = 0; i < n; i++) {
+		memcpy(all + nr, order[i]->redirects, order[i]->desc->nfuncs * sizeof(*all));
+		nr += order[i]->desc->nfuncs; /* later entries win in the table */
+	}
 	rc = fentry_activate(all, nr, err);
 	if (rc == 0) {
 		/* A function's patch is in effect if no newer active patch covers its site. */
 		for (size_t i = 0; i < npatches; i++)
 			memset(patches[i]->in_effect, 0, patches[i]->desc->nfuncs);
-		for (size_t i = 0; i < n; i++)
-			for (uint32_t k = 0; k < order[i]->desc->nfuncs; k++) {
-				int covered = 0;
-				for (size_t j = i + 1; j < n && !covered; j++)
-					for (uint32_t m = 0; m < order[j]->desc->nfuncs; m++)
-						if (order[j]->redirects[m].site_end ==
-						    order[i]->redirects[k].site_end)
-							covered = 1;
-				order[i]->in_effect[k] = !covered;
-			}
+		for (size_t i = n; i-- > 0;)
+			for (uint32_t k = 0; k < order[i]->desc->nfuncs; k++)
+				order[i]->in_effect[k] =
+					!site_set_add(&covered, order[i]->redirects[k].site_end);
 	}
+	free(covered.slot);
 	free(all);
 	free(order);
 	return rc;
@@ -421,12 +542,13 @@ static int same_target(const struct loaded_patch *a, const struct loaded_patch *
 }
 
 /*
- * Activate p (new, or reverted before): its pre-patch callback may veto; a cumulative
- * patch (FENTRY_PATCH_REPLACE_ALL) reverts every other active patch of the same module
- * in the same publish; then the post callbacks run.  Callbacks run under the loader's
- * lock, so they must not apply or revert patches themselves.
+ * Activate p (new, or reverted before) in one publish that also drops `old` (the version
+ * p replaces, when it is active) and, for a cumulative patch (FENTRY_PATCH_REPLACE_ALL),
+ * every other active patch of the same module.  p's pre-patch callback may veto; then the
+ * post callbacks run.  Callbacks run under the loader's lock, so they must not apply or
+ * revert patches themselves.
  */
-static int activate(struct loaded_patch *p, char *err)
+static int activate(struct loaded_patch *p, struct loaded_patch *old, char *err)
 {
 	struct loaded_patch **replaced = NULL;
 	size_t nreplaced = 0;
@@ -443,18 +565,17 @@ static int activate(struct loaded_patch *p, char *err)
 				       "callback %s%s; nothing applied", p->name,
 				       rc > 0 ? "refused: " : "", why);
 	}
-	if (p->desc->flags & FENTRY_PATCH_REPLACE_ALL) {
-		replaced = calloc(npatches + 1, sizeof(*replaced));
-		if (!replaced)
-			return fail(err, "out of memory");
-		for (size_t i = 0; i < npatches; i++)
-			if (patches[i] != p && patches[i]->state == FENTRY_ACTIVE &&
-			    same_target(patches[i], p))
-				replaced[nreplaced++] = patches[i];
-		for (size_t i = 0; i < nreplaced; i++) {
-			run_callback(replaced[i], replaced[i]->desc->pre_unpatch, "pre-unpatch");
-			replaced[i]->state = FENTRY_REVERTED;
-		}
+	replaced = calloc(npatches + 1, sizeof(*replaced));
+	if (!replaced)
+		return fail(err, "out of memory");
+	for (size_t i = 0; i < npatches; i++)
+		if (patches[i] != p && patches[i]->state == FENTRY_ACTIVE &&
+		    (patches[i] == old ||
+		     ((p->desc->flags & FENTRY_PATCH_REPLACE_ALL) && same_target(patches[i], p))))
+			replaced[nreplaced++] = patches[i];
+	for (size_t i = 0; i < nreplaced; i++) {
+		run_callback(replaced[i], replaced[i]->desc->pre_unpatch, "pre-unpatch");
+		replaced[i]->state = FENTRY_REVERTED;
 	}
 	p->order = next_order++;
 	rc = publish(p, err);
@@ -473,18 +594,6 @@ static int activate(struct loaded_patch *p, char *err)
 	return 0;
 }
 
-static int reactivate(struct loaded_patch *p, const struct fentry_patchfile *pf, char *err)
-{
-	if (p->state == FENTRY_ACTIVE)
-		return fail_as(err, FENTRY_E_WRONG_STATE, "patch %s is already applied; revert it "
-			       "first, or give the new patch another file name", p->name);
-	if (memcmp(p->file.sha256, pf->sha256, sizeof(pf->sha256)) != 0)
-		return fail_as(err, FENTRY_E_WRONG_STATE, "a different file named %s.so was "
-			       "applied before and stays loaded; give the new patch another file "
-			       "name", p->name);
-	return activate(p, err);
-}
-
 static void discard(struct loaded_patch *p)
 {
 	if (p->stuck) /* deliberately leaked: a callback thread may still run its code */
@@ -495,8 +604,48 @@ static void discard(struct loaded_patch *p)
 	free(p);
 }
 
-/* Load, validate and activate a patch not seen before; takes over the copy in pf. */
-static int load_new(const char *path, struct fentry_patchfile *pf, const char *name, char *err)
+static void forget(struct loaded_patch *p)
+{
+	size_t i = 0;
+
+	while (i < npatches && patches[i] != p)
+		i++;
+	if (i < npatches) {
+		memmove(&patches[i], &patches[i + 1], (npatches - i - 1) * sizeof(*patches));
+		npatches--;
+	}
+	discard(p);
+}
+
+/*
+ * Unload p (not active) if no thread can be running its code: 0, or -code with why it
+ * stays loaded.  Callers hold the lock.
+ */
+static int try_unload(struct loaded_patch *p, char *err)
+{
+	uintptr_t ranges[16][2];
+	size_t n;
+
+	if (p->stuck)
+		return fail_as(err, FENTRY_E_WRONG_STATE, "patch %s: a callback of it overran its "
+			       "time limit and may still be running; it stays loaded", p->name);
+	n = fentry_patchfile_code(&p->file, ranges, 16);
+	if (n == 0 || n > 16)
+		return fail(err, "patch %s: its code segments were not found; it stays loaded",
+			    p->name);
+	/* Every failure of the check leaves the patch loaded: "busy, retry". */
+	if (fentry_threads_clear_of((const uintptr_t (*)[2])ranges, n, p->name, err) < 0)
+		return -FENTRY_E_BUSY;
+	forget(p); /* dlclose() and close the copy */
+	return 0;
+}
+
+/*
+ * Load, validate and activate a patch not loaded before, replacing `old` (the current
+ * version of the same name, or NULL); takes over the copy in pf.
+ */
+static int load_new(const char *path, struct fentry_patchfile *pf, const char *name,
+		    struct loaded_patch *old, char *err)
 {
 	struct loaded_patch *p = calloc(1, sizeof(*p)), **grown;
 	int rc;
@@ -528,7 +677,7 @@ static int load_new(const char *path, struct fentry_patchfile *pf, const char *n
 	}
 	patches = grown;
 	bind_references(p);
-	rc = activate(p, err);
+	rc = activate(p, old, err);
 	if (rc < 0)
 		goto bad;
 	patches[npatches++] = p;
@@ -538,12 +687,56 @@ bad:
 	return rc;
 }
 
+/* An older version of `name` with these contents that is still loaded, or NULL. */
+static struct loaded_patch *loaded_version(const char *name, const uint8_t *sha256)
+{
+	for (size_t i = 0; i < npatches; i++)
+		if (strcmp(patches[i]->name, name) == 0 &&
+		    memcmp(patches[i]->file.sha256, sha256, FENTRY_SHA256_BYTES) == 0)
+			return patches[i];
+	return NULL;
+}
+
+/* Under the lock: apply the copy pf of `path`; fills report (changed, replaced...). */
+static int apply_locked(const char *path, struct fentry_patchfile *pf,
+			struct fentry_load_report *report, char *err)
+{
+	struct loaded_patch *cur = find(report->name), *same;
+	int rc;
+
+	same = loaded_version(report->name, pf->sha256);
+	if (same) {
+		/* These very bytes are loaded already: never load them twice. */
+		fentry_patchfile_close(pf);
+		if (same == cur && same->state == FENTRY_ACTIVE)
+			return 0; /* already applied: nothing to do, report->changed stays 0 */
+		rc = activate(same, cur == same ? NULL : cur, err);
+		if (rc < 0)
+			return rc;
+		snprintf(same->path, sizeof(same->path), "%s", path);
+		same->state = FENTRY_ACTIVE;
+	} else {
+		rc = load_new(path, pf, report->name, cur, err); /* takes pf */
+		if (rc < 0)
+			return rc;
+	}
+	report->changed = 1;
+	if (!cur || cur == same)
+		return 0;
+	/* A new version replaced cur: it stays loaded as "replaced" unless it can go now. */
+	cur->state = FENTRY_REPLACED;
+	memcpy(report->replaced_sha256, cur->file.sha256_hex, sizeof(report->replaced_sha256));
+	report->replaced_unloaded = try_unload(cur, report->replaced_why) == 0;
+	return 0;
+}
+
 FENTRY_HIDDEN int fentry_apply_path(const char *path, struct fentry_load_report *report,
 				    char *err)
 {
 	struct fentry_load_report unused;
 	struct fentry_patchfile pf;
-	struct loaded_patch *old;
+	struct loaded_patch *p;
+	uint64_t start = mono_ns();
 	int rc;
 
 	if (!report)
@@ -561,93 +754,81 @@ FENTRY_HIDDEN int fentry_apply_path(const char *path, struct fentry_load_report 
 		return rc;
 	memcpy(report->sha256, pf.sha256_hex, sizeof(report->sha256));
 	pthread_mutex_lock(&loader_lock);
-	old = find(report->name);
-	if (old) {
-		rc = reactivate(old, &pf, err);
-		fentry_patchfile_close(&pf);
-	} else {
-		rc = load_new(path, &pf, report->name, err); /* takes pf */
+	rc = apply_locked(path, &pf, report, err);
+	p = find(report->name);
+	if (rc == 0 && p) {
+		report->functions = p->desc->nfuncs;
+		if (report->changed)
+			p->apply_seconds = (double)(mono_ns() - start) / 1e9;
 	}
-	if (rc == 0 && (old = find(report->name)) != NULL)
-		report->functions = old->desc->nfuncs;
 	pthread_mutex_unlock(&loader_lock);
 	return rc;
 }
 
-FENTRY_HIDDEN int fentry_revert_name(const char *name, char *err)
+FENTRY_HIDDEN int fentry_revert_name(const char *spelled, char *err)
 {
+	char name[FENTRY_NAME_MAX];
 	struct loaded_patch *p;
-	int rc = 0;
+	int rc;
 
 	pthread_mutex_lock(&loader_lock);
-	p = find(name);
-	if (!p)
-		rc = fail_as(err, FENTRY_E_NO_SUCH_PATCH, "no patch named %s is loaded", name);
-	else if (p->state != FENTRY_ACTIVE)
+	rc = resolve(spelled, name, err);
+	p = rc == 0 ? find(name) : NULL;
+	if (rc < 0) {
+		/* err says what is loaded */
+	} else if (!p || p->state != FENTRY_ACTIVE) {
 		rc = fail_as(err, FENTRY_E_WRONG_STATE, "patch %s is not applied (already "
 			     "reverted)", name);
-	else {
+	} else {
 		run_callback(p, p->desc->pre_unpatch, "pre-unpatch");
 		p->state = FENTRY_REVERTED;
 		rc = publish(NULL, err);
-		if (rc < 0) {
+		if (rc < 0)
 			p->state = FENTRY_ACTIVE;
-		} else {
+		else
 			run_callback(p, p->desc->post_unpatch, "post-unpatch");
-		}
 	}
 	pthread_mutex_unlock(&loader_lock);
 	return rc;
 }
 
-static void forget(struct loaded_patch *p)
+/*
+ * Unload every loaded version of the patch that is not active: a reverted one, and
+ * older versions a newer one replaced.  One that may still be running stays ("busy").
+ */
+FENTRY_HIDDEN int fentry_unload_name(const char *spelled, char *err)
 {
-	size_t i = 0;
-
-	while (i < npatches && patches[i] != p)
-		i++;
-	if (i < npatches) {
-		memmove(&patches[i], &patches[i + 1], (npatches - i - 1) * sizeof(*patches));
-		npatches--;
-	}
-	discard(p);
-}
-
-FENTRY_HIDDEN int fentry_unload_name(const char *name, char *err)
-{
-	uintptr_t ranges[16][2];
-	struct loaded_patch *p;
-	size_t n;
-	int rc = -1;
+	char name[FENTRY_NAME_MAX], why[FENTRY_ERR_MAX];
+	struct loaded_patch *cur;
+	int rc, first = 0, unloaded = 0;
 
 	pthread_mutex_lock(&loader_lock);
-	p = find(name);
-	if (!p) {
-		rc = fail_as(err, FENTRY_E_NO_SUCH_PATCH, "no patch named %s is loaded", name);
+	rc = resolve(spelled, name, err);
+	if (rc < 0)
 		goto out;
+	cur = find(name);
+	for (size_t i = 0; i < npatches;) {
+		struct loaded_patch *p = patches[i];
+
+		if (strcmp(p->name, name) != 0 || p->state == FENTRY_ACTIVE) {
+			i++;
+			continue;
+		}
+		rc = try_unload(p, why);
+		if (rc == 0) {
+			unloaded++; /* patches[i] is the next one now */
+			continue;
+		}
+		if (!first) { /* the first reason is the answer; the version stays loaded */
+			first = rc;
+			memcpy(err, why, FENTRY_ERR_MAX);
+		}
+		i++;
 	}
-	if (p->state == FENTRY_ACTIVE) {
+	rc = first;
+	if (!first && !unloaded && cur && cur->state == FENTRY_ACTIVE)
 		rc = fail_as(err, FENTRY_E_WRONG_STATE, "patch %s is applied; revert it before "
 			     "unloading it", name);
-		goto out;
-	}
-	if (p->stuck) {
-		rc = fail_as(err, FENTRY_E_WRONG_STATE, "patch %s: a callback of it overran its "
-			     "time limit and may still be running; it stays loaded", name);
-		goto out;
-	}
-	n = fentry_patchfile_code(&p->file, ranges, 16);
-	if (n == 0 || n > 16) {
-		fail(err, "patch %s: its code segments were not found; it stays loaded", name);
-		goto out;
-	}
-	/* Every failure of the check leaves the patch loaded: "busy, retry". */
-	if (fentry_threads_clear_of((const uintptr_t (*)[2])ranges, n, name, err) < 0) {
-		rc = -FENTRY_E_BUSY;
-		goto out;
-	}
-	forget(p); /* dlclose() and close the copy */
-	rc = 0;
 out:
 	pthread_mutex_unlock(&loader_lock);
 	return rc;
@@ -668,6 +849,9 @@ FENTRY_HIDDEN void fentry_foreach_patch(void (*fn)(const struct fentry_patch_inf
 		memcpy(info->path, p->path, sizeof(info->path));
 		info->state = p->state;
 		info->applied_at = p->applied_at;
+		info->apply_seconds = p->apply_seconds;
+		info->copy_bytes = p->file.size;
+		info->mapped_bytes = fentry_patchfile_mapped_bytes(&p->file);
 		memcpy(info->sha256, p->file.sha256_hex, sizeof(info->sha256));
 		info->built_at = (double)p->file.mtime.tv_sec + (double)p->file.mtime.tv_nsec / 1e9;
 		info->nfuncs = p->desc->nfuncs;

@@ -1,4 +1,4 @@
-/* loader.h - checking, loading, validating, activating and reverting patches (loader.c). */
+/* loader.h - validating, activating, reverting and unloading patches, and their versions (loader.c). */
 #ifndef FENTRY_LOADER_H
 #define FENTRY_LOADER_H
 
@@ -9,7 +9,8 @@
 #include "core/util.h"
 #include "fentry.h"
 
-enum fentry_patch_state { FENTRY_ACTIVE = 1, FENTRY_REVERTED = 2 };
+/* A patch's state; a replaced patch is an older version a newer one of its name replaced. */
+enum fentry_patch_state { FENTRY_ACTIVE = 1, FENTRY_REVERTED = 2, FENTRY_REPLACED = 3 };
 
 #define FENTRY_NAME_MAX 256
 
@@ -21,6 +22,9 @@ struct fentry_patch_info {
 	double applied_at;       /* unix time of the last activation              */
 	char sha256[FENTRY_SHA256_HEX + 1]; /* of the file's contents as loaded         */
 	double built_at;         /* unix time: the file's mtime when it was loaded   */
+	double apply_seconds;    /* how long the apply that last activated it took   */
+	uint64_t copy_bytes;     /* its private copy (memory the process holds)      */
+	uint64_t mapped_bytes;   /* address space its segments map                   */
 	uint32_t nfuncs;
 	const struct fentry_func *funcs; /* valid while the patch stays loaded (always) */
 	const char *func_state;  /* per function: 1 if this patch's replacement is the one in
@@ -36,6 +40,11 @@ struct fentry_load_report {
 	char sha256[FENTRY_SHA256_HEX + 1]; /* of the file's contents as loaded; "" when
 	                                       they were not read                         */
 	uint32_t functions;                 /* on success: the functions it replaces      */
+	int changed;                        /* 0: this very version was active already    */
+	char replaced_sha256[FENTRY_SHA256_HEX + 1]; /* the version of the same name this
+	                                       one replaced, or ""                        */
+	int replaced_unloaded;              /* 1: that version was unloaded at once       */
+	char replaced_why[FENTRY_ERR_MAX];  /* else why it stays loaded ("busy: ...")     */
 };
 
 /*
@@ -44,15 +53,25 @@ struct fentry_load_report {
  *
  * Check the file at `path`, copy it into a sealed private copy, dlopen that, validate
  * its descriptor against the running process, and activate all its functions in one
- * publish.  On failure nothing changes.  `report` may be NULL.
+ * publish.  On failure nothing changes.  `report` may be NULL.  Contents that differ
+ * from the loaded patch of the same name are its new version: it replaces that one in
+ * the same publish (which is then unloaded if it can be).  The version active already:
+ * 0, report->changed = 0, nothing done.
  */
 FENTRY_HIDDEN int fentry_apply_path(const char *path, struct fentry_load_report *report,
 				    char *err);
-/* Deactivate the patch `name`; its functions fall back to the patch below or the original. */
+/*
+ * Revert and unload name a patch by its name ("fix"), its file name ("fix.so") or the
+ * path it was applied from; an unknown one: -FENTRY_E_NO_SUCH_PATCH, err lists what is
+ * loaded.
+ *
+ * Deactivate the patch; its functions fall back to the patch below or the original.
+ */
 FENTRY_HIDDEN int fentry_revert_name(const char *name, char *err);
 /*
- * Unload the reverted patch `name` (dlclose) once no thread can be running its code;
- * otherwise -FENTRY_E_BUSY with "busy: ..." and the patch stays loaded.
+ * Unload (dlclose) every loaded version of the patch that is not active - reverted, or
+ * replaced by a newer one - once no thread can be running its code; otherwise
+ * -FENTRY_E_BUSY with "busy: ..." and that version stays loaded.
  */
 FENTRY_HIDDEN int fentry_unload_name(const char *name, char *err);
 /* Call `fn` for each loaded patch, oldest first, under the loader's lock. */
