@@ -245,7 +245,8 @@ def test_load_list_revert(host: Host, tmp_path: Path) -> None:
         b'{"op":"revert","name":"fix"}',
         b'{"op":"list"}',
     )
-    assert load == {"ok": True, "name": "fix", "sha256": STUB_SHA256, "functions": 2}
+    assert load == {"ok": True, "name": "fix", "sha256": STUB_SHA256, "functions": 2,
+                      "changed": True}
     (p,) = listed["patches"]
     assert (p["name"], p["path"], p["state"], p["sha256"]) == ("fix", str(patch), "active",
                                                                STUB_SHA256)
@@ -969,13 +970,14 @@ def test_client_round_trip_and_formatting(host: Host, tmp_path: Path,
     (tmp_path / "fix.so").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     applied = control.apply(host.pid, Path("fix.so"))  # relative: resolved by the client
-    assert applied == {"ok": True, "name": "fix", "sha256": STUB_SHA256, "functions": 2}
+    assert applied == {"ok": True, "name": "fix", "sha256": STUB_SHA256, "functions": 2,
+                      "changed": True}
     assert control.format_apply(applied) == "applied fix (2 functions replaced)"
 
     listed = control.list_patches(host.pid)
     assert listed["patches"][0]["path"] == str(tmp_path / "fix.so")
     text = control.format_list(listed)
-    assert text.splitlines()[0].startswith("fix  active  applied ")
+    assert text.splitlines()[0].startswith("fix  active  version 5b5b5b5b5b5b  built ")
     assert "    parse (parser.c): in effect" in text
 
     status = control.status(host.pid)

@@ -81,6 +81,7 @@ int fentry_apply_path(const char *path, struct fentry_load_report *report, char 
 		p->nfuncs = 2;
 		p->funcs = stub_funcs;
 		report->functions = 2;
+		report->changed = 1;
 		rc = 0;
 	}
 	pthread_mutex_unlock(&lock);
