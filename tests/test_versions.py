@@ -185,7 +185,7 @@ def test_an_old_version_a_thread_still_runs_stays_loaded_as_replaced_until_unloa
     release = tmp_path / "release"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
     env.update({"FENTRY_MODE": mode, "FENTRY_RUNTIME_DIR": str(tmp_path / "run"),
-                "PARK_RELEASE": str(release)})
+                "PARK_RELEASE": str(release), "PARK_ANNOUNCE": "1"})
     proc = subprocess.Popen([str(prog)], stdout=subprocess.PIPE, text=True, env=env)
     path = tmp_path / "parked_patch.so"
     run_env = {"FENTRY_RUNTIME_DIR": str(tmp_path / "run")}
@@ -195,7 +195,9 @@ def test_an_old_version_a_thread_still_runs_stays_loaded_as_replaced_until_unloa
         assert proc.stdout.readline() == "park returned 1\n"
         pid = str(proc.pid)
         assert cli("apply", "--pid", pid, str(deploy(v1, path)), env_extra=run_env).returncode == 0
-        time.sleep(1.5)  # the parker thread calls park() again and waits inside version 1
+        # The parker thread calls park() again (once a second) and waits inside version 1.
+        while (line := proc.stdout.readline()) != "inside version 1\n":
+            assert line == "park returned 1\n", line
         out = cli("apply", "--pid", pid, str(deploy(v2, path)), "--json", env_extra=run_env)
         assert out.returncode == 0, out.stderr
         replaced = json.loads(out.stdout)["replaced"]
@@ -212,6 +214,7 @@ def test_an_old_version_a_thread_still_runs_stays_loaded_as_replaced_until_unloa
 
         release.touch()  # the thread leaves version 1; its next call runs version 2
         assert proc.stdout.readline() == "park returned 101\n"
+        assert proc.stdout.readline() == "inside version 2\n"
         assert proc.stdout.readline() == "park returned 201\n"
         deadline = time.monotonic() + 30
         while True:
@@ -223,6 +226,7 @@ def test_an_old_version_a_thread_still_runs_stays_loaded_as_replaced_until_unloa
         states = json.loads(cli("list", "--pid", pid, "--json", env_extra=run_env).stdout)
         assert [(p["state"], p["sha256"]) for p in states["patches"]] == [("active", sha256(v2))]
         assert "/memfd:fentry:parked_patch.so" in Path(f"/proc/{pid}/maps").read_text()
+        assert proc.stdout.readline() == "inside version 2\n"
         assert proc.stdout.readline() == "park returned 201\n"
     finally:
         proc.kill()
