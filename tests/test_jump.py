@@ -1,4 +1,8 @@
-"""Jump mode: sites are NOPs until patched, patched sites jump; both modes survive stress."""
+"""Jump mode: sites are a `test` until patched, patched sites jump; both modes survive stress.
+
+The forms (shim/arch/x86_64/sites.h) differ in one byte, the opcode; the byte after it is
+the spin's rel8 (fd for 6-byte sites, fe for 5-byte ones) in all of them.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ import pytest
 
 from support.builds import PROGRAMS, build_patch, build_program, run
 
-NOP5 = "0f 1f 44 00 00"
-NOP6 = "67 0f 1f 44 00 00"
+UNPATCHED5 = "a9 fe"     # test $imm32,%eax
+UNPATCHED6 = "67 a9 fd"  # addr32 test $imm32,%eax
+PATCHED5 = "e9 fe"       # jmp rel32 (to a trampoline at the residue that keeps fe)
+PATCHED6 = "67 e9 fd"    # addr32 jmp rel32
 
 
 def execute(prog: Path, *args: str, env: dict[str, str] | None = None,
@@ -40,39 +46,42 @@ def parse(out: str) -> dict[str, tuple[str, int]]:
     return rows
 
 
-def test_jump_mode_turns_sites_into_nops_and_patches_into_jumps(
+def test_jump_mode_turns_sites_into_tests_and_patches_into_jumps(
         sitebytes: tuple[Path, Path]) -> None:
     prog, patch = sitebytes
     out = execute(prog, str(patch))
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.splitlines()[0] == "mode jump"
     rows = parse(out.stdout)
-    # PIE with the shim linked: the site was `67 e8 <rel32>` (6 bytes): now a 6-byte NOP.
-    assert rows["start"][0].startswith(NOP6) and rows["start"][1] == 2
+    # PIE with the shim linked: the site was `67 e8 <rel32>` (6 bytes): now the 6-byte test
+    # that keeps the call's last three bytes.
+    assert rows["start"][0].startswith(UNPATCHED6) and rows["start"][1] == 2
     # A 6-byte site keeps gcc's addr32 prefix (uprobes restore the file's first byte).
-    assert rows["applied"][0].startswith("67 e9 "), "a patched 6-byte site is addr32 jmp rel32"
+    assert rows["applied"][0].startswith(PATCHED6), "a patched 6-byte site is addr32 jmp rel32"
     assert rows["applied"][1] == 101, "the replacement ran and called the original"
-    assert rows["reverted"] == rows["start"]
+    # Reverting flips the opcode back alone: the tail keeps the jump's (dead) bytes.
+    assert rows["reverted"][0].startswith(UNPATCHED6) and rows["reverted"][1] == 2
+    assert rows["reverted"][0][9:] == rows["applied"][0][9:]
 
 
-def test_non_pie_five_byte_sites_become_five_byte_nops(tmp_path: Path) -> None:
+def test_non_pie_five_byte_sites_become_five_byte_tests(tmp_path: Path) -> None:
     prog = build_program([PROGRAMS / "sitebytes.c"], tmp_path / "sitebytes",
                          cflags=["-fno-pie"], ldflags=["-no-pie"])
     patch = build_patch(prog, PROGRAMS / "sitebytes_patch.c", tmp_path / "sitebytes_patch.so")
     rows = parse(execute(prog, str(patch)).stdout)
-    assert rows["start"][0].startswith(NOP5)
+    assert rows["start"][0].startswith(UNPATCHED5) and rows["start"][1] == 2
     # A 5-byte site has room only for jmp rel32 to the trampoline.
-    assert rows["applied"][0].startswith("e9 ") and rows["applied"][1] == 101
-    assert rows["reverted"] == rows["start"]
+    assert rows["applied"][0].startswith(PATCHED5) and rows["applied"][1] == 101
+    assert rows["reverted"][0].startswith(UNPATCHED5) and rows["reverted"][1] == 2
 
 
-def test_cf_protection_keeps_endbr64_before_the_nop(tmp_path: Path) -> None:
+def test_cf_protection_keeps_endbr64_before_the_site(tmp_path: Path) -> None:
     prog = build_program([PROGRAMS / "sitebytes.c"], tmp_path / "sitebytes",
                          cflags=["-fcf-protection"])
     patch = build_patch(prog, PROGRAMS / "sitebytes_patch.c", tmp_path / "sitebytes_patch.so")
     rows = parse(execute(prog, str(patch)).stdout)
-    assert rows["start"][0].startswith("f3 0f 1e fa " + NOP6)
-    assert rows["applied"][0].startswith("f3 0f 1e fa 67 e9 ") and rows["applied"][1] == 101
+    assert rows["start"][0].startswith("f3 0f 1e fa " + UNPATCHED6)
+    assert rows["applied"][0].startswith("f3 0f 1e fa " + PATCHED6) and rows["applied"][1] == 101
 
 
 def test_dispatch_mode_never_writes_code(sitebytes: tuple[Path, Path]) -> None:

@@ -2,8 +2,9 @@
  * activate.c - jump mode or dispatch mode, and activating a set of redirections in either.
  *
  * Jump mode (the default where code can be written): at start every fentry site of the
- * program becomes a NOP, so unpatched functions cost nothing measurable; a patched
- * function's site becomes a jump to its replacement.  Dispatch mode never writes code:
+ * program becomes its unpatched form (a `test`, as cheap as a NOP: arch/x86_64/sites.h),
+ * so unpatched functions cost nothing measurable; a patched function's site becomes a
+ * jump to its replacement.  Dispatch mode never writes code:
  * sites keep calling __fentry__, which looks them up in the patch table (table.c).
  * Sites jump mode does not know (none of the program's, e.g. a shared library's) are
  * served by the table in either mode; the table holds jump sites' redirects as well.
@@ -45,29 +46,11 @@ static void use_dispatch(const char *why)
 	snprintf(reason, sizeof(reason), "%s", why);
 }
 
-static int nop_all_live(void)
-{
-	size_t n;
-	struct fentry_site *s = fentry_sites(&n);
-	struct fentry_site **batch = calloc(n, sizeof(*batch));
-	uintptr_t *none = calloc(n, sizeof(*none));
-	char err[FENTRY_ERR_MAX];
-	int rc = -1;
-
-	if (batch && none) {
-		for (size_t i = 0; i < n; i++)
-			batch[i] = &s[i];
-		rc = fentry_poke_batch(batch, none, n, err);
-	}
-	free(batch);
-	free(none);
-	return rc;
-}
-
 FENTRY_HIDDEN void fentry_mode_init(void)
 {
 	const char *want = secure_getenv("FENTRY_MODE");
 	char why[FENTRY_ERR_MAX];
+	int live;
 
 	if (want && strcmp(want, "dispatch") == 0) {
 		use_dispatch("FENTRY_MODE=dispatch");
@@ -76,12 +59,17 @@ FENTRY_HIDDEN void fentry_mode_init(void)
 	if (want && *want && strcmp(want, "jump") != 0)
 		fprintf(stderr, "fentry: FENTRY_MODE=%s is not jump or dispatch; using jump mode "
 			"where possible\n", want);
-	if (fentry_sites_load(why) < 0 || fentry_poke_init(why) < 0) {
+	/*
+	 * Normally no other thread exists yet and every site is written at once.  Otherwise
+	 * sites change in two harmless one-byte steps, which `ff 15` sites do not allow:
+	 * those stay calls, served by the table.
+	 */
+	live = thread_count() != 1;
+	if (fentry_sites_load(live, why) < 0 || fentry_poke_init(why) < 0) {
 		use_dispatch(why);
 		return;
 	}
-	/* Normally no other thread exists yet and the sites are written in runs. */
-	if ((thread_count() == 1 ? fentry_poke_nop_all_single_threaded() : nop_all_live()) < 0) {
+	if (fentry_poke_prepare_all(live) < 0) {
 		use_dispatch("the program's code could not be rewritten through /proc/self/mem");
 		return;
 	}
@@ -102,17 +90,6 @@ FENTRY_HIDDEN const char *fentry_mode_reason(void)
 FENTRY_HIDDEN int fentry_jump_mode(void)
 {
 	return jump;
-}
-
-/* The jump-mode site whose call ends at site_end, or NULL. */
-static struct fentry_site *site_ending_at(uintptr_t site_end)
-{
-	struct fentry_site *s = fentry_site_at(site_end - 6);
-
-	if (s && s->len == 6)
-		return s;
-	s = fentry_site_at(site_end - 5);
-	return s && s->len == 5 ? s : NULL;
 }
 
 static int publish_table(const struct fentry_redirect *r, size_t n, char *err)
@@ -162,7 +139,8 @@ FENTRY_HIDDEN int fentry_activate(const struct fentry_redirect *r, size_t n, cha
 	}
 	epoch++;
 	for (size_t i = 0; i < n; i++) {
-		struct fentry_site *s = site_ending_at(r[i].site_end);
+		int oom;
+		struct fentry_site *s = fentry_site_ending_at(r[i].site_end, &oom);
 
 		/*
 		 * Every redirect goes to the table too: jump sites never call __fentry__, but a
@@ -170,6 +148,10 @@ FENTRY_HIDDEN int fentry_activate(const struct fentry_redirect *r, size_t n, cha
 		 * still sends it to the replacement (poke.c).
 		 */
 		table[ntable++] = r[i];
+		if (oom) {
+			fentry_fail(err, "out of memory");
+			goto out;
+		}
 		if (!s)
 			continue;
 		if (s->mark != epoch)

@@ -7,7 +7,7 @@
 #include "core/table.h"
 #include "core/util.h"
 
-/* Choose jump or dispatch mode (FENTRY_MODE); in jump mode, NOP every site. */
+/* Choose jump or dispatch mode (FENTRY_MODE); in jump mode, every site becomes unpatched. */
 FENTRY_HIDDEN void fentry_mode_init(void);
 /* "jump" or "dispatch". */
 FENTRY_HIDDEN const char *fentry_mode(void);

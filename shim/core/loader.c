@@ -198,8 +198,8 @@ static int resolve(const char *spelled, char *name, char *err)
 
 /*
  * Does the function's entry differ from what the generator saw?  In jump mode the site
- * itself holds our NOP or jump: compare the bytes gcc emitted (kept by sites.c) and
- * check that the site still holds exactly what the shim wrote there.
+ * itself holds one of the shim's forms: check that it is the site the generator saw
+ * (sites.c) and that it still holds exactly what the shim wrote there.
  */
 static int entry_differs(const struct fentry_func *f, uintptr_t addr)
 {
@@ -210,7 +210,7 @@ static int entry_differs(const struct fentry_func *f, uintptr_t addr)
 		return memcmp((const void *)addr, f->entry, f->entry_len) != 0;
 	return s->len != f->site_len ||
 	       memcmp((const void *)addr, f->entry, f->site_offset) != 0 ||
-	       memcmp(s->orig, f->entry + f->site_offset, s->len) != 0 ||
+	       !fentry_site_matches(s, f->entry + f->site_offset, s->len) ||
 	       !fentry_poke_site_is_ours(s);
 }
 

@@ -1,87 +1,66 @@
 /*
- * poke.c - rewriting fentry sites in live code: NOPs, jumps, and the protocol that
- * keeps other threads safe while they run the bytes being changed.
+ * poke.c - rewriting fentry sites in live code, with no signal involved: the spin
+ * protocol, trampolines, and writing many sites at once.
  *
  * Writes go through /proc/self/mem, which writes read-only text without mprotect():
  * the code is never writable and executable at once (no W^X window, works under MDWE).
  *
- * A site is 5 or 6 bytes.  Its forms (bytes before -> after):
+ * The site forms are drawn in sites.h: unpatched (test), spin (a jump to itself) and
+ * patched (jmp rel32) differ only in the opcode byte, and the operand byte after it is
+ * the spin's rel8 in all three.  Changing the opcode is a one-byte write, which another
+ * core sees whole (old or new byte); every form is a complete, harmless instruction
+ * whatever the bytes after the operand hold, except `jmp rel32` - so those bytes are
+ * only ever changed while the site spins (or tests), and a core sync separates that
+ * from the opcode flip.
  *
- *   call    e8 <rel32>                 |  67 e8 <rel32>
- *   nop     0f 1f 44 00 00             |  67 0f 1f 44 00 00      (unpatched)
- *   jump    e9 <rel32 to trampoline>   |  67 e9 <rel32 to tramp> (patched)
+ * A batch (any mix of unpatched -> patched, patched -> unpatched, patched(A) ->
+ * patched(B)) takes three steps:
  *
- * The 6-byte forms keep gcc's first byte (the addr32 prefix 67, which the linker put
- * there and which changes nothing for these instructions).  That is for uprobes: a
- * uprobe on a function's entry saves the *file's* first byte and writes it back when it
- * is removed, over whatever the process has there.  With 67 first, what it writes back
- * is what we wrote; and while it is there it runs the file's `67 e8` out of line, which
- * reaches __fentry__, and the dispatch table (which holds jump-mode redirects too, see
- * core/activate.c) sends the call on to the replacement.  A 5-byte site's first byte is e8, which
- * no NOP starts with: in a non-PIE program, use dispatch mode where entry uprobes are
- * placed (docs/security.md).
- *
- * A trampoline (in a page mapped within +-2 GiB of the program) reaches the
- * replacement wherever the patch .so was loaded - usually more than 2 GiB away:
- *
- *   ff 25 00 00 00 00 <target:8>  cc cc     jmp *0(%rip); the 8 bytes ("slot") are
- *                                           the target
- *
- * (A 6-byte `jmp *slot(%rip)` through the trampoline's slot would save one branch -
- * 1.8x -> 1.6x a direct call in benchmarks/ - but its first byte is ff, which a removed
- * uprobe would overwrite with 67, turning the jump into `and $imm32,%eax`.)
- *
- * Trampolines are written once and never changed, one per target, so a thread that
- * has just jumped to one can never find it half-rewritten.
- *
- * Changing live sites (the protocol of text_poke_bp in Linux, for user space):
- *
- *   1. write int3 (cc) over the first byte of every site of the batch; sync cores
- *   2. write the rest of each site's new bytes;                         sync cores
- *   3. write each site's new first byte;                                sync cores
+ *   1. flip every site's opcode to the spin (eb);  sync cores
+ *   2. write each site's new tail (rel32's upper three bytes);  sync cores
+ *   3. flip every site's opcode to its final value (e9 or a9);  sync cores
  *
  * "sync cores" is membarrier(PRIVATE_EXPEDITED_SYNC_CORE): every thread of the process
- * executes a serialising instruction before it runs user code again, so none still
- * runs bytes it fetched before the write.  A thread that reaches a site between 1 and
- * 3 executes int3; the SIGTRAP handler sees that the trap address is a known site and
- * rewinds the thread to the site's first byte, so it runs the site again - int3 again
- * until step 3, then the new instruction whole.  The handler never decodes or
- * emulates the bytes (a delayed handler could meet a half-updated copy); it only
- * rewinds, which is right whatever the site holds by then.
+ * executes a serialising instruction before it runs user code again, so none still runs
+ * bytes it fetched before a write.  A thread that reaches a site of the batch between 1
+ * and 3 spins there until the site's step 3, then runs the new instruction.  So once one
+ * site of the batch runs its new code, every other site of the batch runs new code or
+ * spins: no thread runs new f and then old g, and a patched function never runs neither
+ * version (A -> B goes through the spin, never through the original).  No signal is
+ * sent, so threads that block every signal, or run a handler, are as safe as any.
+ *
+ * One site alone needs less: unpatched -> patched writes the tail while the test ignores
+ * it (2 and 3 only); patched -> unpatched is the opcode flip alone (3).
+ *
+ * The writing thread must not meet a spinning site itself: it blocks every signal for
+ * the batch (a handler could call a patched function), and calls nothing instrumented
+ * (no malloc between step 1 and step 3: a program may bring its own malloc).
+ *
+ * Trampolines.  A patched site's rel32 must keep the operand byte as its low byte, so
+ * its target must lie at site_end + 0x..fd (6-byte sites) or 0x..fe (5-byte): a
+ * trampoline placed at that address modulo 256, in pages mapped within +-2 GiB of the
+ * program.  It is `e9 <rel32>` (5 bytes) when the replacement is within reach of it,
+ * else `ff 25 00 00 00 00 <target:8>` (14 bytes: jmp *0(%rip), then the address).
+ * Trampolines are immutable once written, one per (target, residue), reused, and
+ * reclaimed only after an unload proved no thread can run them.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/membarrier.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
-#include <ucontext.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "arch/x86_64/poke.h"
 
-#define OP_INT3 0xcc
-#define OP_JMP_REL32 0xe9
-#define TRAMPOLINE_SIZE 16
-static const uint8_t NOP5[5] = { 0x0f, 0x1f, 0x44, 0x00, 0x00 };       /* nopl 0(%rax,%rax) */
-static const uint8_t NOP6[6] = { 0x67, 0x0f, 0x1f, 0x44, 0x00, 0x00 }; /* addr32 nopl 0(%eax,%eax) */
-#define OP_ADDR32 0x67
-static const uint8_t JMP_RIP_INDIRECT[6] = { 0xff, 0x25, 0x00, 0x00, 0x00, 0x00 };
-
-static int mem_fd = -1;                /* /proc/self/mem of this process            */
-static struct sigaction previous_trap; /* the program's SIGTRAP action, chained to  */
-
-/* Trampoline pages: bump-allocated slots, and a small cache from target to slot. */
-struct trampoline {
-	uintptr_t target, slot;
-};
-static uintptr_t tramp_page, tramp_next;
-static int tramp_written; /* a trampoline was written since the last core sync */
-static struct trampoline *tramps;
-static size_t ntramps, captramps;
+static int mem_fd = -1; /* /proc/self/mem of this process */
+static struct fentry_poke_stats stats;
 
 static int sync_cores(void)
 {
@@ -93,25 +72,12 @@ static int write_code(uintptr_t addr, const void *bytes, size_t len)
 	return pwrite(mem_fd, bytes, len, (off_t)addr) == (ssize_t)len ? 0 : -1;
 }
 
-static void on_sigtrap(int sig, siginfo_t *info, void *ctx)
+static uint64_t now_ns(void)
 {
-	ucontext_t *uc = ctx;
-	uintptr_t ip = (uintptr_t)uc->uc_mcontext.gregs[REG_RIP];
+	struct timespec ts;
 
-	/* int3 leaves ip after itself: one of our sites being rewritten?  Run it again. */
-	if (fentry_site_at(ip - 1) != NULL) {
-		uc->uc_mcontext.gregs[REG_RIP] = (greg_t)(ip - 1);
-		return;
-	}
-	/* Not ours: behave as the program asked. */
-	if (previous_trap.sa_flags & SA_SIGINFO) {
-		previous_trap.sa_sigaction(sig, info, ctx);
-	} else if (previous_trap.sa_handler != SIG_IGN && previous_trap.sa_handler != SIG_DFL) {
-		previous_trap.sa_handler(sig);
-	} else if (previous_trap.sa_handler == SIG_DFL) {
-		signal(SIGTRAP, SIG_DFL); /* re-raised when this handler returns: dump core */
-		raise(SIGTRAP);
-	}
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 static int open_mem(void)
@@ -124,7 +90,6 @@ static int open_mem(void)
 
 FENTRY_HIDDEN int fentry_poke_init(char *err)
 {
-	struct sigaction sa;
 	long cmds = syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
 
 	if (cmds < 0 || !(cmds & MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE))
@@ -135,12 +100,6 @@ FENTRY_HIDDEN int fentry_poke_init(char *err)
 	if (open_mem() < 0)
 		return fentry_fail(err, "/proc/self/mem cannot be opened for writing: %s",
 				   strerror(errno));
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_sigaction = on_sigtrap;
-	sa.sa_flags = SA_SIGINFO | SA_RESTART;
-	sigemptyset(&sa.sa_mask);
-	if (sigaction(SIGTRAP, &sa, &previous_trap) < 0)
-		return fentry_fail(err, "the SIGTRAP handler could not be installed");
 	return 0;
 }
 
@@ -155,216 +114,717 @@ FENTRY_HIDDEN void fentry_poke_after_fork_child(void)
 			"in this process will fail\n", (int)getpid());
 }
 
-static const uint8_t *nop_for(unsigned len)
+/* ---- writing many sites: one pwrite per run of nearby sites ---------------------------- */
+
+/* One site in a batch: what memory holds, what this step writes, what it ends as. */
+struct site_op {
+	uintptr_t addr;
+	struct fentry_site *s;       /* its record (NULL at start-up)                       */
+	uintptr_t target;            /* what it jumps to in the end; 0: unpatched           */
+	uint8_t len;
+	uint8_t first;               /* the first byte we may write: a 6-byte site's 67 is
+	                                never written by a batch (see holds())               */
+	uint8_t lost;                /* it held bytes we did not write: never touched again   */
+	uint8_t now[SITE_MAX_LEN];   /* what the site holds (what we wrote last)              */
+	uint8_t next[SITE_MAX_LEN];  /* this step's bytes                                    */
+	uint8_t to[SITE_MAX_LEN];    /* the bytes it should end with                         */
+};
+
+enum {
+	RUN_MAX = 64 * 1024, /* bytes one pwrite covers at most                            */
+	RUN_GAP = 2048,      /* unchanged bytes worth rewriting to save a system call       */
+	FEW_SITES = 4,       /* up to this many sites changed in a step: one pwrite each,
+	                        touching only their changed bytes                          */
+};
+
+/* a[first..len) == b[first..len) */
+static int same(const struct site_op *o, const uint8_t *a, const uint8_t *b)
 {
-	return len == 5 ? NOP5 : NOP6;
+	return memcmp(a + o->first, b + o->first, o->len - o->first) == 0;
 }
 
-/* The bytes a site should hold: its NOP, or a jump to the trampoline at `to`. */
-static int site_bytes(const struct fentry_site *s, uintptr_t to, uint8_t out[6])
+static int changed(const struct site_op *o)
 {
-	int64_t rel;
-	int32_t rel32;
-	unsigned op = s->len == 6 ? 1 : 0; /* 6 bytes: the addr32 prefix first */
-
-	if (to == 0) {
-		memcpy(out, nop_for(s->len), s->len);
-		return 0;
-	}
-	rel = (int64_t)to - (int64_t)(s->addr + s->len);
-	if (rel < INT32_MIN || rel > INT32_MAX)
-		return -1;
-	rel32 = (int32_t)rel;
-	if (op)
-		out[0] = OP_ADDR32;
-	out[op] = OP_JMP_REL32;
-	memcpy(out + op + 1, &rel32, 4);
-	return 0;
+	return !o->lost && !same(o, o->now, o->next);
 }
 
 /*
- * At start, before the program's threads exist: every site becomes its NOP.  Sites are
- * written in runs (one pwrite per run of nearby sites) because nothing else executes
- * them yet; with other threads alive, the batch protocol below is used instead.
+ * Does the site (its bytes at p) hold what we last wrote?  Strictly: every byte.  When
+ * putting sites back after a failure, a 6-byte site's first byte is left out: it is 67 in
+ * every form a batch writes, and a uprobe or breakpoint put there meanwhile (an int3)
+ * runs the instruction from elsewhere and writes 67 back later - so the bytes after it
+ * must not be left spinning.
  */
-FENTRY_HIDDEN int fentry_poke_nop_all_single_threaded(void)
+static int holds(const struct site_op *o, const uint8_t *p, int strict)
 {
-	size_t n, i = 0;
-	struct fentry_site *s = fentry_sites(&n);
-	enum { RUN_MAX = 64 * 1024 };
-	uint8_t *buf = malloc(RUN_MAX);
-
-	if (!buf)
-		return -1;
-	while (i < n) {
-		uintptr_t start = s[i].addr;
-		size_t j = i;
-
-		while (j < n && s[j].addr + s[j].len - start <= RUN_MAX)
-			j++;
-		memcpy(buf, (const void *)start, s[j - 1].addr + s[j - 1].len - start);
-		for (size_t k = i; k < j; k++)
-			memcpy(buf + (s[k].addr - start), nop_for(s[k].len), s[k].len);
-		if (write_code(start, buf, s[j - 1].addr + s[j - 1].len - start) < 0) {
-			free(buf);
-			return -1;
-		}
-		i = j;
-	}
-	free(buf);
-	return sync_cores();
+	return same(o, p, o->now) && (!strict || memcmp(p, o->now, o->first) == 0);
 }
 
-/* Map a page for trampolines within reach of a rel32 jump from every site. */
-static int trampoline_page(void)
+/* A site's own changed bytes, [*from, *to). */
+static void changed_span(const struct site_op *o, unsigned *from, unsigned *to)
 {
-	size_t n;
-	struct fentry_site *s = fentry_sites(&n);
-	uintptr_t lo = s[0].addr, hi = s[n - 1].addr + 6;
-	long page = sysconf(_SC_PAGESIZE);
-	const uintptr_t step = 1u << 20, reach = (uintptr_t)1 << 30;
+	unsigned a = o->first, b = o->len;
 
+	while (a < b && o->now[a] == o->next[a])
+		a++;
+	while (b > a && o->now[b - 1] == o->next[b - 1])
+		b--;
+	*from = a;
+	*to = b;
+}
+
+static void take_next(struct site_op *o)
+{
+	memcpy(o->now + o->first, o->next + o->first, o->len - o->first);
+}
+
+/*
+ * After a failed or short write the sites hold what we wrote, or part of it (only we
+ * write there: sites that held anything else were left alone); the rollback starts from
+ * what memory holds.
+ */
+static void written_anyway(struct site_op *ops, size_t n)
+{
+	int saved = errno;
+
+	for (size_t k = 0; k < n; k++)
+		if (changed(&ops[k]))
+			memcpy(ops[k].now + ops[k].first, (const uint8_t *)ops[k].addr + ops[k].first,
+			       ops[k].len - ops[k].first);
+	errno = saved;
+}
+
+/*
+ * Write every op's `next` where it differs from `now`.  Immediately before writing, each
+ * site's bytes are compared with `now`: a site that holds anything else (someone wrote
+ * there since we did) is left alone - `strict`: the step stops with *mismatch set;
+ * otherwise it is marked lost and the others go on.  ops are sorted by address.  `buf`
+ * holds RUN_MAX bytes (NULL if the step has at most FEW_SITES changes).  Returns -1 on an
+ * I/O error or a strict mismatch; `now` follows what was written.
+ */
+static int write_step(struct site_op *ops, size_t n, uint8_t *buf, int strict, int *mismatch)
+{
+	size_t nchanged = 0, i = 0;
+
+	*mismatch = 0;
+	for (size_t k = 0; k < n; k++)
+		nchanged += (size_t)changed(&ops[k]);
+	if (nchanged == 0)
+		return 0;
+	if (nchanged <= FEW_SITES || buf == NULL) {
+		for (size_t k = 0; k < n; k++) {
+			struct site_op *o = &ops[k];
+			unsigned a, b;
+
+			if (!changed(o))
+				continue;
+			if (!holds(o, (const uint8_t *)o->addr, strict)) {
+				if (strict)
+					return *mismatch = 1, -1;
+				o->lost = 1;
+				continue;
+			}
+			changed_span(o, &a, &b);
+			if (write_code(o->addr + a, o->next + a, b - a) < 0) {
+				written_anyway(o, 1);
+				return -1;
+			}
+			take_next(o);
+		}
+		return 0;
+	}
+	while (i < n) {
+		uintptr_t start, end;
+		size_t j;
+
+		if (!changed(&ops[i])) {
+			i++;
+			continue;
+		}
+		start = ops[i].addr;
+		end = start + ops[i].len;
+		for (j = i + 1; j < n; j++) {
+			if (ops[j].addr + ops[j].len - start > RUN_MAX)
+				break;
+			if (!changed(&ops[j]))
+				continue;
+			if (ops[j].addr > end + RUN_GAP)
+				break;
+			end = ops[j].addr + ops[j].len;
+		}
+		/* [start, end) covers ops i..j-1; unchanged bytes are written with their value. */
+		memcpy(buf, (const void *)start, end - start);
+		for (size_t k = i; k < j; k++) {
+			struct site_op *o = &ops[k];
+			uint8_t *at = buf + (o->addr - start);
+
+			if (!changed(o))
+				continue;
+			if (!holds(o, at, strict)) {
+				if (strict)
+					return *mismatch = 1, -1;
+				o->lost = 1;
+				continue;
+			}
+			memcpy(at + o->first, o->next + o->first, o->len - o->first);
+		}
+		if (write_code(start, buf, end - start) < 0) {
+			written_anyway(&ops[i], j - i);
+			return -1;
+		}
+		for (size_t k = i; k < j; k++)
+			if (changed(&ops[k]))
+				take_next(&ops[k]);
+		i = j;
+	}
+	return 0;
+}
+
+/* For each op still to change: next = now with `f` applied; the others: next = now. */
+static size_t plan(struct site_op *ops, size_t n, void (*f)(struct site_op *))
+{
+	size_t active = 0;
+
+	for (size_t k = 0; k < n; k++) {
+		struct site_op *o = &ops[k];
+
+		memcpy(o->next, o->now, o->len);
+		if (!o->lost && !same(o, o->now, o->to)) {
+			f(o);
+			active++;
+		}
+	}
+	return active;
+}
+
+static void to_spin(struct site_op *o)
+{
+	o->next[site_op_at(o->len)] = SITE_OP_SPIN;
+}
+
+static void to_tail(struct site_op *o)
+{
+	memcpy(o->next + site_tail_at(o->len), o->to + site_tail_at(o->len), SITE_TAIL_LEN);
+}
+
+static int tails_change(const struct site_op *ops, size_t n)
+{
+	for (size_t k = 0; k < n; k++)
+		if (!ops[k].lost && memcmp(ops[k].now + site_tail_at(ops[k].len),
+					   ops[k].to + site_tail_at(ops[k].len), SITE_TAIL_LEN) != 0)
+			return 1;
+	return 0;
+}
+
+static void to_final(struct site_op *o)
+{
+	memcpy(o->next, o->to, o->len);
+}
+
+/*
+ * Take every op from `now` to `to` with the three steps (or the one-site shortcuts).
+ * `strict`: stop at the first site found holding someone else's bytes.  -1 on failure
+ * with *what naming the failing call; the ops' `now` say where each site stands.
+ */
+static int run_protocol(struct site_op *ops, size_t n, uint8_t *buf, int strict,
+			int *mismatch, const char **what)
+{
+	size_t active = plan(ops, n, to_final);
+	struct site_op *one = NULL;
+
+	*mismatch = 0;
+	if (active == 0)
+		return 0;
+	if (active == 1) {
+		for (size_t k = 0; k < n && !one; k++)
+			if (!ops[k].lost && !same(&ops[k], ops[k].now, ops[k].to))
+				one = &ops[k];
+	}
+	/*
+	 * One site from unpatched: its tail is dead while the opcode is the test, so write
+	 * it, sync, flip.    67 a9 fd t1 t2 t3  ->  67 a9 fd r1 r2 r3  ->  67 e9 fd r1 r2 r3
+	 */
+	if (one && one->now[site_op_at(one->len)] == SITE_OP_TEST) {
+		plan(ops, n, to_tail);
+		if (write_step(ops, n, buf, strict, mismatch) < 0)
+			return *what = "pwrite", -1;
+		if (sync_cores() < 0)
+			return *what = "membarrier", -1;
+	}
+	/*
+	 * One site to unpatched (its tail stays): the opcode flip alone.
+	 *   67 e9 fd r1 r2 r3  ->  67 a9 fd r1 r2 r3
+	 * Otherwise, every site first spins:  67 e9 fd r1 r2 r3  ->  67 eb fd r1 r2 r3
+	 * then gets its new tail:             67 eb fd r1 r2 r3  ->  67 eb fd s1 s2 s3
+	 */
+	if (!one || (one->now[site_op_at(one->len)] != SITE_OP_TEST &&
+		     memcmp(one->now + site_tail_at(one->len), one->to + site_tail_at(one->len),
+			    SITE_TAIL_LEN) != 0)) {
+		plan(ops, n, to_spin);
+		if (write_step(ops, n, buf, strict, mismatch) < 0)
+			return *what = "pwrite", -1;
+		if (sync_cores() < 0)
+			return *what = "membarrier", -1;
+		if (tails_change(ops, n)) {
+			plan(ops, n, to_tail);
+			if (write_step(ops, n, buf, strict, mismatch) < 0)
+				return *what = "pwrite", -1;
+			if (sync_cores() < 0)
+				return *what = "membarrier", -1;
+		}
+	}
+	/* Last, the opcodes:  67 eb fd s1 s2 s3  ->  67 e9 fd s1 s2 s3  (or 67 a9 ...). */
+	plan(ops, n, to_final);
+	if (write_step(ops, n, buf, strict, mismatch) < 0)
+		return *what = "pwrite", -1;
+	if (sync_cores() < 0)
+		return *what = "membarrier", -1;
+	return 0;
+}
+
+/* ---- trampolines ---------------------------------------------------------------------- */
+
+#define TRAMP_AREA (16 * 1024) /* mapped at once near the program           */
+#define TRAMP_ROW 256          /* addresses repeat their residue every row   */
+#define TRAMP_ROWS (TRAMP_AREA / TRAMP_ROW)
+#define TRAMP_DIRECT_LEN 5     /* e9 <rel32>                                 */
+#define TRAMP_INDIRECT_LEN 14  /* ff 25 00000000 <target:8>                  */
+#define OP_JMP_REL32 0xe9
+static const uint8_t JMP_RIP_INDIRECT[6] = { 0xff, 0x25, 0x00, 0x00, 0x00, 0x00 };
+
+struct tramp_area {
+	struct tramp_area *next;
+	uintptr_t base;
+	uint8_t hint[TRAMP_ROW];             /* per residue: rows below are taken there */
+	uint64_t used[TRAMP_AREA / 64];      /* one bit per byte                         */
+};
+
+struct tramp {
+	uintptr_t target; /* 0: empty slot */
+	uintptr_t addr;   /* the trampoline; its residue is addr % TRAMP_ROW */
+	uint8_t len;
+};
+
+static struct tramp_area *areas;
+static size_t nareas;
+static struct tramp *tmap; /* (target, residue) -> trampoline; open addressing */
+static size_t tmap_cap, tmap_n;
+
+static size_t tramp_slot(uintptr_t target, unsigned residue, size_t cap)
+{
+	unsigned bits = (unsigned)__builtin_ctzl(cap);
+
+	return (size_t)(((uint64_t)(target ^ ((uintptr_t)residue << 48)) * 0x9E3779B97F4A7C15ull) >>
+			(64 - bits));
+}
+
+static struct tramp *tmap_find(uintptr_t target, unsigned residue)
+{
+	size_t i = tramp_slot(target, residue, tmap_cap);
+
+	while (tmap[i].target && !(tmap[i].target == target && tmap[i].addr % TRAMP_ROW == residue))
+		i = (i + 1) & (tmap_cap - 1);
+	return &tmap[i];
+}
+
+/* Rebuild at `cap` slots, dropping the entries whose target lies in [drop_lo, drop_hi). */
+static int tmap_rebuild(size_t cap, uintptr_t drop_lo, uintptr_t drop_hi)
+{
+	struct tramp *old = tmap, *fresh = calloc(cap, sizeof(*fresh));
+	size_t old_cap = tmap_cap;
+
+	if (!fresh)
+		return -1;
+	tmap = fresh;
+	tmap_cap = cap;
+	tmap_n = 0;
+	for (size_t i = 0; i < old_cap; i++)
+		if (old[i].target && !(old[i].target >= drop_lo && old[i].target < drop_hi)) {
+			*tmap_find(old[i].target, (unsigned)(old[i].addr % TRAMP_ROW)) = old[i];
+			tmap_n++;
+		}
+	free(old);
+	return 0;
+}
+
+static int bits_free(const struct tramp_area *a, size_t off, size_t len)
+{
+	for (size_t b = off; b < off + len; b++)
+		if (a->used[b / 64] & (1ull << (b % 64)))
+			return 0;
+	return 1;
+}
+
+static void bits_set(struct tramp_area *a, size_t off, size_t len, int on)
+{
+	for (size_t b = off; b < off + len; b++) {
+		if (on)
+			a->used[b / 64] |= 1ull << (b % 64);
+		else
+			a->used[b / 64] &= ~(1ull << (b % 64));
+	}
+}
+
+/* Map a new area within reach of a rel32 jump from every site. */
+static struct tramp_area *new_area(void)
+{
+	size_t n = fentry_sites_count();
+	unsigned len;
+	uintptr_t lo = fentry_sites_addr(0, &len), hi = fentry_sites_addr(n - 1, &len) + len;
+	const uintptr_t step = 1u << 20, reach = (uintptr_t)1 << 30;
+	struct tramp_area *a = calloc(1, sizeof(*a));
+
+	if (!a)
+		return NULL;
 	/* Try 1 MiB steps above the code, then below it, up to 1 GiB away. */
 	for (int dir = 0; dir < 2; dir++)
 		for (uintptr_t d = step; d < reach; d += step) {
-			uintptr_t hint = dir == 0 ? ((hi + d) & ~(uintptr_t)(page - 1))
-						  : ((lo - d) & ~(uintptr_t)(page - 1));
+			uintptr_t hint = dir == 0 ? ((hi + d) & ~(uintptr_t)(TRAMP_AREA - 1))
+						  : ((lo - d) & ~(uintptr_t)(TRAMP_AREA - 1));
 			void *p;
 
 			if (dir == 1 && lo < d)
 				break;
-			p = mmap((void *)hint, (size_t)page, PROT_READ | PROT_EXEC,
+			p = mmap((void *)hint, TRAMP_AREA, PROT_READ | PROT_EXEC,
 				 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
 			if (p == MAP_FAILED)
 				continue;
-			tramp_page = (uintptr_t)p;
-			tramp_next = tramp_page;
-			return 0;
+			a->base = (uintptr_t)p;
+			a->next = areas;
+			areas = a;
+			nareas++;
+			return a;
 		}
-	return -1;
+	free(a);
+	return NULL;
 }
 
-/* The trampoline already written for `target`, or 0; never writes one. */
-static uintptr_t trampoline_written_for(uintptr_t target)
+/* Room for len bytes at an address = residue (mod 256), or 0. */
+static uintptr_t tramp_alloc(unsigned residue, size_t len)
 {
-	for (size_t i = 0; i < ntramps; i++)
-		if (tramps[i].target == target)
-			return tramps[i].slot;
+	for (int fresh = 0; fresh < 2; fresh++) {
+		for (struct tramp_area *a = areas; a; a = a->next)
+			for (size_t row = a->hint[residue]; row < TRAMP_ROWS; row++) {
+				size_t off = row * TRAMP_ROW + residue;
+
+				if (off + len > TRAMP_AREA)
+					break;
+				if (!bits_free(a, off, 1)) {
+					if (row == a->hint[residue])
+						a->hint[residue] = (uint8_t)(row + 1 < TRAMP_ROWS ? row + 1 : row);
+					continue;
+				}
+				if (!bits_free(a, off, len))
+					continue;
+				bits_set(a, off, len, 1);
+				return a->base + off;
+			}
+		if (fresh || new_area() == NULL)
+			break;
+	}
 	return 0;
 }
 
-/* The trampoline jumping to `target`: reused if it exists, written once otherwise. */
-static uintptr_t trampoline_for(uintptr_t target)
+/* Give the bytes back; each freed byte may again start a trampoline of its residue. */
+static void tramp_free(uintptr_t at, size_t len)
 {
-	uint8_t code[TRAMPOLINE_SIZE];
-	long page = sysconf(_SC_PAGESIZE);
+	for (struct tramp_area *a = areas; a; a = a->next)
+		if (at >= a->base && at < a->base + TRAMP_AREA) {
+			size_t off = at - a->base;
 
-	uintptr_t slot = trampoline_written_for(target);
-
-	if (slot != 0)
-		return slot;
-	if (ntramps == captramps) {
-		size_t cap = captramps ? 2 * captramps : 64;
-		struct trampoline *t = realloc(tramps, cap * sizeof(*t));
-
-		if (!t)
-			return 0;
-		tramps = t;
-		captramps = cap;
-	}
-	if (tramp_page == 0 || tramp_next + TRAMPOLINE_SIZE > tramp_page + (uintptr_t)page)
-		if (trampoline_page() < 0)
-			return 0;
-	memcpy(code, JMP_RIP_INDIRECT, sizeof(JMP_RIP_INDIRECT));
-	memcpy(code + 6, &target, 8);
-	code[14] = code[15] = OP_INT3;
-	if (write_code(tramp_next, code, sizeof(code)) < 0)
-		return 0;
-	tramp_written = 1;
-	tramps[ntramps].target = target;
-	tramps[ntramps].slot = tramp_next;
-	ntramps++;
-	tramp_next += TRAMPOLINE_SIZE;
-	return tramp_next - TRAMPOLINE_SIZE;
+			bits_set(a, off, len, 0);
+			for (size_t b = off; b < off + len; b++)
+				if (a->hint[b % TRAMP_ROW] > b / TRAMP_ROW)
+					a->hint[b % TRAMP_ROW] = (uint8_t)(b / TRAMP_ROW);
+		}
 }
 
 /*
- * What the site is expected to hold now: its NOP, or our jump to its current target.
- * A pure check: a site with a target jumps through the trampoline written when it was
- * pointed there (trampolines are never freed), so none is ever made here.
+ * The trampoline to `target` at `residue` (mod 256): reused if it exists, written once
+ * otherwise.  0 if none can be made.  Written bytes reach other cores before any site
+ * jumps there: the batch syncs cores between writing a tail and flipping its opcode.
  */
+static uintptr_t trampoline_for(uintptr_t target, unsigned residue)
+{
+	uint8_t code[TRAMP_INDIRECT_LEN];
+	struct tramp *t;
+	uintptr_t at = 0;
+	size_t len;
+	int64_t rel;
+
+	if ((2 * (tmap_n + 1) > tmap_cap) && tmap_rebuild(tmap_cap ? 2 * tmap_cap : 64, 0, 0) < 0)
+		return 0;
+	t = tmap_find(target, residue);
+	if (t->target)
+		return t->addr;
+	/*
+	 * Direct when the replacement is near (areas lie within 1 GiB of the program, and
+	 * so does it then); a patch .so is usually much farther: through the 8-byte slot.
+	 */
+	len = TRAMP_INDIRECT_LEN;
+	if (areas && target - areas->base + ((uintptr_t)1 << 30) < ((uintptr_t)1 << 31)) {
+		at = tramp_alloc(residue, TRAMP_DIRECT_LEN);
+		if (at == 0)
+			return 0;
+		rel = (int64_t)target - (int64_t)(at + TRAMP_DIRECT_LEN);
+		if (rel >= INT32_MIN && rel <= INT32_MAX) {
+			int32_t r = (int32_t)rel;
+
+			len = TRAMP_DIRECT_LEN;
+			code[0] = OP_JMP_REL32;
+			memcpy(code + 1, &r, 4);
+		} else {
+			tramp_free(at, TRAMP_DIRECT_LEN);
+		}
+	}
+	if (len == TRAMP_INDIRECT_LEN) {
+		at = tramp_alloc(residue, len);
+		if (at == 0)
+			return 0;
+		memcpy(code, JMP_RIP_INDIRECT, sizeof(JMP_RIP_INDIRECT));
+		memcpy(code + sizeof(JMP_RIP_INDIRECT), &target, 8);
+	}
+	if (write_code(at, code, len) < 0)
+		return 0;
+	t->target = target;
+	t->addr = at;
+	t->len = (uint8_t)len;
+	tmap_n++;
+	stats.trampolines++;
+	return at;
+}
+
+FENTRY_HIDDEN size_t fentry_poke_trampolines_into(uintptr_t lo, uintptr_t hi,
+						  uintptr_t (*out)[2], size_t max)
+{
+	size_t n = 0;
+
+	for (size_t i = 0; i < tmap_cap; i++)
+		if (tmap[i].target >= lo && tmap[i].target < hi && tmap[i].target) {
+			if (n < max) {
+				out[n][0] = tmap[i].addr;
+				out[n][1] = tmap[i].addr + tmap[i].len;
+			}
+			n++;
+		}
+	return n;
+}
+
+FENTRY_HIDDEN void fentry_poke_trampolines_release(uintptr_t lo, uintptr_t hi)
+{
+	size_t freed = 0;
+
+	for (size_t i = 0; i < tmap_cap; i++) {
+		struct tramp *t = &tmap[i];
+
+		if (!t->target || t->target < lo || t->target >= hi)
+			continue;
+		tramp_free(t->addr, t->len);
+		freed++;
+	}
+	if (freed && tmap_rebuild(tmap_cap, lo, hi) == 0)
+		stats.trampolines -= freed;
+}
+
+/* ---- sites ------------------------------------------------------------------------------ */
+
+/* The bytes a site has when it jumps to the trampoline at `to` (its tail: rel32's top). */
+static int jump_bytes(const struct fentry_site *s, uintptr_t to, uint8_t *out)
+{
+	int64_t rel = (int64_t)to - (int64_t)(s->addr + s->len);
+	int32_t rel32;
+	unsigned op = site_op_at(s->len);
+
+	if (rel < INT32_MIN || rel > INT32_MAX)
+		return -1;
+	rel32 = (int32_t)rel;
+	memcpy(out, s->bytes, s->len);
+	out[op] = SITE_OP_JMP;
+	memcpy(out + op + 1, &rel32, 4);
+	return out[op + 1] == site_rel8(s->len) ? 0 : -1; /* the invariant: never fails */
+}
+
 FENTRY_HIDDEN int fentry_poke_site_is_ours(const struct fentry_site *s)
 {
-	uint8_t want[6];
-	uintptr_t to = s->target ? trampoline_written_for(s->target) : 0;
-
-	if ((s->target && to == 0) || site_bytes(s, to, want) < 0)
-		return 0;
-	return memcmp((const void *)s->addr, want, s->len) == 0;
+	return memcmp((const void *)s->addr, s->bytes, s->len) == 0;
 }
 
-/*
- * Point every site of `batch` at its `next` target (0 = the NOP) with the three-step
- * protocol above.  Validation happened before: a failure here is an I/O error of
- * /proc/self/mem, after which the sites are put back as they were.
- */
+static int by_addr(const void *a, const void *b)
+{
+	uintptr_t x = ((const struct site_op *)a)->addr, y = ((const struct site_op *)b)->addr;
+
+	return x < y ? -1 : x > y;
+}
+
 FENTRY_HIDDEN int fentry_poke_batch(struct fentry_site **batch, const uintptr_t *next, size_t n,
 				    char *err)
 {
-	uint8_t (*want)[6] = calloc(n ? n : 1, sizeof(*want));
-	static const uint8_t int3 = OP_INT3;
-	size_t i;
+	struct site_op *ops;
+	uint8_t *buf = NULL;
+	sigset_t all, saved;
+	const char *what = NULL;
+	int mismatch = 0, rc = 0, saved_errno;
+	uint64_t t0 = now_ns();
 
-	if (!want)
+	if (n == 0)
+		return 0;
+	ops = calloc(n, sizeof(*ops));
+	if (!ops || (n > FEW_SITES && (buf = malloc(RUN_MAX)) == NULL)) {
+		free(ops);
 		return fentry_fail(err, "out of memory");
-	for (i = 0; i < n; i++) {
-		uintptr_t to = next[i] ? trampoline_for(next[i]) : 0;
+	}
+	for (size_t i = 0; i < n; i++) {
+		struct fentry_site *s = batch[i];
+		struct site_op *o = &ops[i];
 
-		if ((next[i] && to == 0) || site_bytes(batch[i], to, want[i]) < 0) {
-			free(want);
-			return fentry_fail(err, "no trampoline within reach of %s's "
-					"site (jump mode); use FENTRY_MODE=dispatch", "a function");
+		o->addr = s->addr;
+		o->s = s;
+		o->len = s->len;
+		o->first = (uint8_t)(s->len - 5u);
+		o->target = next[i];
+		memcpy(o->now, s->bytes, s->len);
+		memcpy(o->to, s->bytes, s->len);
+		if (next[i] == 0) {
+			/* Unpatched: the test, keeping the tail (dead bytes). */
+			o->to[site_op_at(s->len)] = SITE_OP_TEST;
+		} else {
+			unsigned residue = (unsigned)((s->addr + s->len + site_rel8(s->len)) % TRAMP_ROW);
+			uintptr_t to = trampoline_for(next[i], residue);
+
+			if (to == 0 || jump_bytes(s, to, o->to) < 0) {
+				free(ops);
+				free(buf);
+				return fentry_fail(err, "no trampoline within reach of the site at %p "
+						   "(jump mode); use FENTRY_MODE=dispatch", (void *)s->addr);
+			}
 		}
 	}
-	/* New trampolines are visible to every core before any site jumps there. */
-	if (tramp_written && sync_cores() < 0)
-		goto io_error;
-	tramp_written = 0;
-	for (i = 0; i < n; i++)
-		if (write_code(batch[i]->addr, &int3, 1) < 0)
-			goto undo;
-	if (sync_cores() < 0)
-		goto undo;
-	for (i = 0; i < n; i++)
-		if (write_code(batch[i]->addr + 1, want[i] + 1, batch[i]->len - 1u) < 0)
-			goto undo;
-	if (sync_cores() < 0)
-		goto undo;
-	for (i = 0; i < n; i++)
-		if (write_code(batch[i]->addr, want[i], 1) < 0)
-			goto undo;
-	sync_cores();
-	for (i = 0; i < n; i++)
-		batch[i]->target = next[i];
-	free(want);
-	return 0;
-undo:
-	/* Put every site of the batch back to its old bytes with the same protocol. */
-	for (i = 0; i < n; i++) {
-		uintptr_t to = batch[i]->target ? trampoline_for(batch[i]->target) : 0;
+	qsort(ops, n, sizeof(*ops), by_addr);
 
-		site_bytes(batch[i], to, want[i]);
-		write_code(batch[i]->addr, &int3, 1);
+	/* Nothing below may call instrumented code or take a signal (see the top). */
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &saved);
+	if (run_protocol(ops, n, buf, 1, &mismatch, &what) < 0) {
+		int again;
+		const char *ignored;
+
+		saved_errno = errno;
+		/* Put every site we changed back as it was, with the same protocol. */
+		for (size_t i = 0; i < n; i++)
+			memcpy(ops[i].to, ops[i].s->bytes, ops[i].len);
+		if (run_protocol(ops, n, buf, 0, &again, &ignored) < 0)
+			fprintf(stderr, "fentry: could not restore every site after a failed rewrite: "
+				"%s\n", strerror(errno));
+		rc = -1;
 	}
-	sync_cores();
-	for (i = 0; i < n; i++)
-		write_code(batch[i]->addr + 1, want[i] + 1, batch[i]->len - 1u);
-	sync_cores();
-	for (i = 0; i < n; i++)
-		write_code(batch[i]->addr, want[i], 1);
-	sync_cores();
-io_error:
-	free(want);
-	return fentry_fail(err, "cannot rewrite code through /proc/self/mem: %s",
-			strerror(errno));
+	pthread_sigmask(SIG_SETMASK, &saved, NULL);
+
+	if (rc == 0) {
+		for (size_t i = 0; i < n; i++) {
+			struct site_op *o = &ops[i];
+
+			memcpy(o->s->bytes, o->to, o->len);
+			o->s->target = o->target;
+		}
+		stats.sites_written += n;
+		stats.batches++;
+		stats.last_batch_ns = now_ns() - t0;
+	} else if (mismatch) {
+		fentry_fail(err, "an fentry site changed while it was being rewritten (a debugger or "
+			    "uprobe wrote there?); nothing changed, retry");
+	} else {
+		fentry_fail(err, "cannot rewrite code: %s failed: %s; nothing changed",
+			    what ? what : "pwrite", strerror(saved_errno));
+	}
+	free(ops);
+	free(buf);
+	return rc;
+}
+
+/* ---- start-up --------------------------------------------------------------------------- */
+
+static void to_test_opcode(struct site_op *o)
+{
+	o->next[site_op_at(o->len)] = SITE_OP_TEST;
+}
+
+static void to_rel8(struct site_op *o)
+{
+	o->next[site_op_at(o->len) + 1] = site_rel8(o->len);
+}
+
+static void back_operand(struct site_op *o)
+{
+	o->next[site_op_at(o->len) + 1] = o->to[site_op_at(o->len) + 1];
+}
+
+/*
+ * Take every site from `now` to `to` the way start-up may: at once when no other thread
+ * runs them; otherwise opcode first, then operand, each a whole instruction alone:
+ *   67 e8 r0 r1 r2 r3  ->  67 a9 r0 r1 r2 r3  (a test)  ->  67 a9 fd r1 r2 r3
+ * and back in the reverse order (operand while the opcode is the test, then opcode).
+ */
+static int convert(struct site_op *ops, size_t n, uint8_t *buf, int live, int forward)
+{
+	int mismatch;
+
+	if (!live) {
+		plan(ops, n, to_final);
+		return write_step(ops, n, buf, 1, &mismatch);
+	}
+	plan(ops, n, forward ? to_test_opcode : back_operand);
+	if (write_step(ops, n, buf, 1, &mismatch) < 0 || sync_cores() < 0)
+		return -1;
+	plan(ops, n, forward ? to_rel8 : to_final);
+	return write_step(ops, n, buf, 1, &mismatch);
+}
+
+FENTRY_HIDDEN int fentry_poke_prepare_all(int live)
+{
+	size_t n = fentry_sites_count();
+	struct site_op *ops = calloc(n ? n : 1, sizeof(*ops));
+	uint8_t (*orig)[SITE_MAX_LEN] = calloc(n ? n : 1, sizeof(*orig));
+	uint8_t *buf = malloc(RUN_MAX);
+	uint64_t t0 = now_ns();
+	int rc = -1;
+
+	if (!ops || !orig || !buf)
+		goto out;
+	for (size_t i = 0; i < n; i++) {
+		unsigned len;
+
+		ops[i].addr = fentry_sites_addr(i, &len);
+		ops[i].len = (uint8_t)len;
+		memcpy(ops[i].now, (const void *)ops[i].addr, len);
+		memcpy(orig[i], ops[i].now, len);
+		fentry_site_unpatched_form(ops[i].now, len, ops[i].to);
+	}
+	if (convert(ops, n, buf, live, 1) < 0 || sync_cores() < 0) {
+		/*
+		 * The process goes on in dispatch mode, where every site must call __fentry__:
+		 * put back the calls already changed.
+		 */
+		for (size_t i = 0; i < n; i++)
+			memcpy(ops[i].to, orig[i], ops[i].len);
+		if (convert(ops, n, buf, live, 0) < 0 || sync_cores() < 0)
+			fprintf(stderr, "fentry: some functions' entries could not be restored after a "
+				"failed start-up rewrite; they cannot be patched\n");
+		goto out;
+	}
+	stats.startup_sites = n;
+	rc = 0;
+out:
+	stats.startup_ns = now_ns() - t0;
+	free(ops);
+	free(orig);
+	free(buf);
+	return rc;
+}
+
+FENTRY_HIDDEN void fentry_poke_stats(struct fentry_poke_stats *out)
+{
+	*out = stats;
+	out->trampoline_bytes = (uint64_t)nareas * TRAMP_AREA;
+	out->heap_bytes = (uint64_t)(nareas * sizeof(struct tramp_area) + tmap_cap * sizeof(*tmap) +
+				     fentry_sites_memory());
 }
