@@ -44,8 +44,8 @@ static size_t capacity; /* slots per table, a power of two */
 
 static size_t slot_offset(uintptr_t key, uint64_t mask)
 {
-	/* Must equal the hash in arch/x86_64/entry.S. */
-	return (size_t)(((key >> 7) ^ key) & mask);
+	/* The hash of table_layout.h, as arch/x86_64/entry.S computes it. */
+	return (size_t)((((uint64_t)key * (uint64_t)TABLE_HASH_MUL) >> TABLE_HASH_SHIFT) & mask);
 }
 
 static struct fentry_table *table_new(size_t cap)
@@ -63,8 +63,12 @@ static int ensure_capacity(size_t n)
 	size_t cap = capacity ? capacity : 16;
 	struct fentry_table *a, *b;
 
-	while (cap < 2 * n)
+	while (cap < 2 * n && cap <= TABLE_MAX_SLOTS)
 		cap *= 2;
+	if (cap > TABLE_MAX_SLOTS) {
+		errno = ENOMEM; /* 8 million redirections: far beyond any patch set */
+		return -1;
+	}
 	if (cap == capacity)
 		return 0;
 	a = table_new(cap);

@@ -13,11 +13,23 @@
  * the caller left them, and the replacement returns straight to the caller.
  *
  * The patch table (table.c) is an open-addressing hash table of 16-byte slots
- * {site_end, target}; a key of 0 marks an empty slot.  Readers take no lock: they
- * check the table's sequence number before and after the lookup and start again when
- * it changed (the writer rewrites only tables that are no longer published; a reader
- * that loaded such a table before the switch is the only one who can see the change).
- * The partner of these loads is the writer's store order in fentry_table_publish().
+ * {site_end, target}; a key of 0 marks an empty slot; the hash is table_layout.h's.
+ * Readers take no lock: they check the table's sequence number before and after the
+ * lookup and start again when it changed (the writer rewrites only tables that are no
+ * longer published; a reader that loaded such a table before the switch is the only one
+ * who can see the change).  The partner of these loads is the writer's store order in
+ * fentry_table_publish().
+ *
+ * Three paths, cheapest first:
+ *   no table        nothing patched: one compare, ret (touches only flags)
+ *   quick miss      the key's home slot is empty: not patched (the usual answer while
+ *                   patches are active: the load factor is at most one half); one
+ *                   scratch register (rax) besides r11
+ *   full lookup     a hit, a collision, or a table being rewritten: three scratch
+ *                   registers, linear probing, retried on any change
+ * Only rax, rcx, rdx (saved and restored) and r11 (free at a call: not an argument
+ * register, clobbered by the call itself) and flags (dead at a function's entry) change.
+ * No call is made from here, so stack alignment does not matter.
  */
 
 #include "table_layout.h"
@@ -27,25 +39,57 @@
 	.type	__fentry__, @function
 	.p2align 4
 __fentry__:
+	.cfi_startproc
 #if defined(__CET__) && (__CET__ & 1)
 	endbr64				/* a target of `call *GOT(%rip)` under IBT */
 #endif
-	/* Fast path, no patch applied: one load, one test, ret.  Touches only r11 and
-	 * flags, so no argument register (rdi rsi rdx rcx r8 r9, rax for varargs, r10
-	 * for the static chain, xmm0-7) needs saving. */
+	/* No table: nothing is patched.  Only r11 and flags change; no argument register
+	 * (rdi rsi rdx rcx r8 r9, rax for varargs, r10 for the static chain, xmm0-7). */
 	movq	fentry_active_table(%rip), %r11
 	testq	%r11, %r11
-	jnz	.Llookup
+	jnz	.Lactive
 	ret
 
-.Llookup:
-	/* Slow path: we need three scratch registers.  rax, rcx and rdx can all carry
-	 * arguments, so they are saved on the stack and restored before either `ret`.
-	 * No call is made from here, so stack alignment does not matter. */
+.Lactive:
+	/*
+	 * Quick miss, with rax as the one scratch register.  __fentry__ calls nothing, so
+	 * the 128 bytes below its stack pointer are its own (the ABI's red zone: signal
+	 * frames skip them): rax is kept at -8(%rsp), the seq seen at -16(%rsp).
+	 */
+	movq	%rax, -8(%rsp)
+	.cfi_rel_offset rax, -8
+	movq	TABLE_SEQ(%r11), %rax
+	movq	%rax, -16(%rsp)
+	testb	$1, %al
+	jnz	.Lquick_out			/* odd: being rewritten */
+	movabsq	$TABLE_HASH_MUL, %rax
+	imulq	(%rsp), %rax			/* the key: site_end */
+	shrq	$TABLE_HASH_SHIFT, %rax
+	andq	TABLE_MASK(%r11), %rax		/* rax = the home slot's offset */
+	cmpq	$0, TABLE_SLOTS+SLOT_KEY(%r11,%rax)
+	jne	.Lquick_out			/* occupied: a hit or a collision */
+	movq	-16(%rsp), %rax
+	cmpq	TABLE_SEQ(%r11), %rax		/* the empty slot was read from a stable table */
+	jne	.Lquick_out
+	movq	-8(%rsp), %rax
+	.cfi_restore rax
+	ret
+
+.Lquick_out:
+	.cfi_rel_offset rax, -8
+	movq	-8(%rsp), %rax
+	.cfi_restore rax
+
+	/* Full lookup: three scratch registers, saved; stack: rdx rcx rax site_end. */
 	pushq	%rax
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset rax, 0
 	pushq	%rcx
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset rcx, 0
 	pushq	%rdx
-	movq	24(%rsp), %rax			/* rax = site_end, the key */
+	.cfi_adjust_cfa_offset 8
+	.cfi_rel_offset rdx, 0
 
 .Lretry:
 	movq	fentry_active_table(%rip), %r11	/* the table published now */
@@ -54,13 +98,11 @@ __fentry__:
 	movq	TABLE_SEQ(%r11), %rcx		/* rcx = seq seen before the lookup */
 	testb	$1, %cl
 	jnz	.Lretry				/* odd: being rewritten, read again */
-
-	/* slot offset = ((key >> 7) ^ key) & mask; mask = (capacity - 1) * 16 keeps
-	 * the offset a multiple of 16 (same hash as fentry_slot_offset() in table.c). */
-	movq	%rax, %rdx
-	shrq	$7, %rdx
-	xorq	%rax, %rdx
-	andq	TABLE_MASK(%r11), %rdx
+	movabsq	$TABLE_HASH_MUL, %rdx
+	imulq	24(%rsp), %rdx			/* the key: site_end */
+	shrq	$TABLE_HASH_SHIFT, %rdx
+	andq	TABLE_MASK(%r11), %rdx		/* rdx = the home slot's offset */
+	movq	24(%rsp), %rax			/* rax = the key */
 
 .Lprobe:
 	cmpq	TABLE_SLOTS+SLOT_KEY(%r11,%rdx), %rax
@@ -86,9 +128,16 @@ __fentry__:
 
 .Ldone:
 	popq	%rdx
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore rdx
 	popq	%rcx
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore rcx
 	popq	%rax
+	.cfi_adjust_cfa_offset -8
+	.cfi_restore rax
 	ret
+	.cfi_endproc
 	.size	__fentry__, .-__fentry__
 
 	/*
