@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """run.py - the fentry_build benchmark suite, in one command.
 
-    python benchmarks/run.py            # the full run (about 5 minutes), writes RESULTS.md
+    python benchmarks/run.py            # the full run, writes RESULTS.md
     python benchmarks/run.py --quick    # every variant once, tiny counts: correctness only
+    python benchmarks/run.py --scaling-only [--rows KEY,...]   # the scaling section alone,
+                                        # put into RESULTS.md in place of the old one
 
-Three benchmarks, each over its variants side by side in one run:
+Four benchmarks, each over its variants side by side in one run:
 
 - micro: a tiny function (tiny.c) called 10^8 times from another translation unit, ns per
   call: uninstrumented, instrumented in dispatch and jump mode, unpatched / patched /
@@ -13,7 +15,9 @@ Three benchmarks, each over its variants side by side in one run:
 - apply: fentry_apply() + fentry_revert() in-process, 1000 cycles, per mode, with the
   program idle and with a thread calling the patched function meanwhile;
 - macro: the example server (examples/server) under load from a client on 127.0.0.1,
-  requests/s: plain build, instrumented in jump and dispatch mode, and patched.
+  requests/s: plain build, instrumented in jump and dispatch mode, and patched;
+- scaling: generated programs of N functions and patches of K (benchmarks/scaling/): rows
+  of "now vs target", each defined in a benchmarks/scaling/rows_*.py module.
 
 Method (a 2-core VM shared with other work): the variants of a benchmark run round-robin,
 one process per measurement, R rounds, each round starting one variant further on; the
@@ -42,11 +46,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import build  # noqa: E402  (benchmarks/build.py; it also makes fentry_build importable)
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scaling"))
+import harness  # noqa: E402  (benchmarks/scaling/harness.py)
+from programs import Programs  # noqa: E402  (benchmarks/scaling/programs.py)
 
 from fentry_build import paths  # noqa: E402
 from fentry_build.client import control  # noqa: E402
 from fentry_build.errors import FentryError  # noqa: E402
+
+import build  # noqa: E402  (benchmarks/build.py; it also makes fentry_build importable)
 
 HERE = Path(__file__).resolve().parent
 MICRO = HERE / "micro"
@@ -390,6 +398,17 @@ def run_macro(variants: list[MacroVariant], loadgen: Path, s: Settings, runtime:
             " ".join(f"{k}={v:.0f}/s" for k, v in got.items()))
 
 
+# ---- scaling --------------------------------------------------------------------------
+
+
+def run_scaling(b: build.Builder, scale: harness.Scale, runtime: Path,
+                args: argparse.Namespace) -> list[harness.Row]:
+    ctx = harness.Context(scale, Programs(b), runtime, args.quick, log=log)
+    keys = [k for k in args.rows.split(",") if k] if args.rows else None
+    log(f"scaling: N = {scale.n:,}, K up to {max(scale.ks):,}, {scale.rounds} rounds")
+    return harness.run_rows(ctx, keys)
+
+
 # ---- the machine ---------------------------------------------------------------------
 
 
@@ -600,7 +619,8 @@ def shim_changes(micro: dict[str, MicroVariant], apply: dict[str, ApplyVariant],
 def write_results(path: Path, command: str, mach: dict[str, str], s: Settings, quick: bool,
                   micro: list[MicroVariant], apply: list[ApplyVariant],
                   macro: list[MacroVariant] | None, macro_note: str, xray_note: str,
-                  started: str, seconds: float, load: tuple[str, str]) -> None:
+                  started: str, seconds: float, load: tuple[str, str],
+                  scaling: list[str]) -> None:
     m = {v.key: v for v in micro}
     a = {v.key: v for v in apply}
     mhz_m = re.search(r"\(([\d.]+) MHz\)", mach["CPU"])
@@ -735,7 +755,7 @@ def write_results(path: Path, command: str, mach: dict[str, str], s: Settings, q
     L += why if why else ["Every target is met."]
     L += ["", "## Where the apply time goes", ""] + apply_breakdown(a, s)
     L += ["", "## What would make the shim faster", ""] + shim_changes(m, a, s)
-    L += [""]
+    L += [""] + scaling + [""]
     path.write_text("\n".join(L))
 
 
@@ -754,6 +774,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="build and run in this folder and keep it (default: a temporary one)")
     ap.add_argument("--rounds", type=int, default=None, help="override the micro rounds")
     ap.add_argument("--no-xray", action="store_true", help="skip the LLVM XRay rows")
+    ap.add_argument("--scaling-only", action="store_true",
+                    help="only the scaling section; it replaces the one in the report")
+    ap.add_argument("--no-scaling", action="store_true", help="skip the scaling section")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated keys of the scaling rows to run (default: all)")
     args = ap.parse_args(argv)
     s = QUICK if args.quick else FULL
     if args.rounds:
@@ -769,9 +794,20 @@ def main(argv: list[str] | None = None) -> int:
     runtime = work / "run"
     runtime.mkdir(parents=True, exist_ok=True)
     runtime.chmod(0o700)
+    scale = harness.QUICK if args.quick else harness.FULL
+    scaling: list[str] = []
     try:
         log(f"building in {work}")
         b = build.Builder(work / "build")
+        if args.scaling_only:
+            rows = run_scaling(b, scale, runtime, args)
+            section = harness.section(rows, scale, command, args.quick)
+            log(f"every scaling row ran and checked its result "
+                f"({time.monotonic() - t0:.0f} s)")
+            if results:
+                harness.splice(results, section)
+                log(f"wrote the scaling section of {results}")
+            return 0
         with_clang = build.clang() is not None and not args.no_xray
         xray_note = ""
         if args.no_xray:
@@ -803,7 +839,10 @@ def main(argv: list[str] | None = None) -> int:
         if macro:
             log(f"macro: {len(macro)} variants x {s.macro_rounds} rounds")
             run_macro(macro, loadgen, s, runtime)
-    except (BenchError, build.BuildError, FentryError) as e:
+        if not args.no_scaling:
+            scaling = harness.section(run_scaling(b, scale, runtime, args), scale, command,
+                                      args.quick)
+    except (BenchError, harness.BenchError, build.BuildError, FentryError) as e:
         log(f"FAILED: {e}")
         return 1
     finally:
@@ -823,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"every variant ran and checked its result ({elapsed:.0f} s)")
     if results:
         write_results(results, command, machine(), s, args.quick, micro, apply, macro,
-                      macro_note, xray_note, started, elapsed, (load0, loadavg()))
+                      macro_note, xray_note, started, elapsed, (load0, loadavg()), scaling)
         log(f"wrote {results}")
     return 0
 

@@ -1,9 +1,10 @@
 """The benchmark suite's smoke run: every variant builds, runs and checks its result.
 
 `python benchmarks/run.py --quick` runs each variant of the micro, apply and macro
-benchmarks once with tiny counts; each program checks which code ran (the patched
-variants that they ran the replacement, the modes that the shim is in the mode asked
-for).  No timing is asserted here: the numbers of a smoke run mean nothing.
+benchmarks, and each row of the scaling section, once with tiny counts; each program
+checks which code ran (the patched variants that they ran the replacement, the modes that
+the shim is in the mode asked for).  No timing is asserted here: the numbers of a smoke
+run mean nothing (the timeout only bounds a hang on a loaded machine).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def test_quick_benchmark_runs_every_variant_and_checks_it(tmp_path: Path) -> Non
     report = tmp_path / "RESULTS.md"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
     proc = subprocess.run([sys.executable, str(RUN), "--quick", "--results", str(report)],
-                          capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "every variant ran and checked its result" in proc.stderr
 
@@ -42,8 +43,30 @@ def test_quick_benchmark_runs_every_variant_and_checks_it(tmp_path: Path) -> Non
         for row in ("instrumented, jump mode", "instrumented, dispatch mode",
                     "jump mode, fix_parse applied", "dispatch mode, fix_parse applied"):
             assert f"| {row}" in text, row
+    # The scaling section: every row of benchmarks/scaling/rows_*.py, between its markers.
+    assert "## Scaling: programs of N functions, patches of K" in text
+    for key in ("startup_jump", "memory_idle_jump", "apply_jump_one", "apply_jump_100",
+                "apply_jump_10k", "dispatch_miss", "jump_unpatched_calls"):
+        assert f"| `{key}` |" in text, key
     # XRay rows exactly when clang is there, and the report says why they are missing.
     if "clang is not installed" in text:
         assert "| LLVM XRay" not in text
     else:
         assert "| LLVM XRay, unpatched" in text and "| LLVM XRay, patched" in text
+
+
+def test_a_scaling_only_run_replaces_its_section_and_keeps_the_rest(tmp_path: Path) -> None:
+    """`--scaling-only --rows KEY` runs one row and splices its section into the report."""
+    report = tmp_path / "RESULTS.md"
+    begin = "<!-- scaling section: written by benchmarks/run.py; do not edit by hand -->"
+    end = "<!-- end of the scaling section -->"
+    report.write_text(f"# earlier results\n\n{begin}\nold rows\n{end}\n\nafter\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
+    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--scaling-only", "--rows",
+                           "apply_jump_one", "--results", str(report)],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = report.read_text()
+    assert text.startswith("# earlier results\n\n" + begin) and text.endswith(end + "\n\nafter\n")
+    assert "old rows" not in text and "| `apply_jump_one` |" in text
+    assert "| `dispatch_miss` |" not in text  # only the row asked for ran

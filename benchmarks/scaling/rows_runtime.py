@@ -1,0 +1,167 @@
+"""rows_runtime.py - what the shim costs at scale: start-up, memory, live apply, dispatch.
+
+Targets from the issues "Performance at scale" (16) and "Big programs, big patches, many
+processes" (18).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from harness import BenchError, Context, Result, row
+
+
+def start_cost(ctx: Context, prog: Path, mode: str | None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of `prog start`: fork, exec, the shim's start-up, exit."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(prog), "start"], env=ctx.env(mode), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read() if proc.stderr else b""
+    if proc.returncode != 0 or err:
+        raise BenchError(f"{prog} start exited {proc.returncode}: {err!r}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+@row("startup_jump", "start-up of an instrumented program of N functions, jump mode "
+     "(fork to exit; the shim readies every site)", "≤ plain + 5 ms (wall)")
+def startup_jump(ctx: Context) -> Result:
+    plain = ctx.programs.program(ctx.n, "plain")
+    inst = ctx.programs.program(ctx.n, "fentry")
+    ctx.run([inst, "calls", "1"], mode="jump")  # it does run in jump mode
+    rounds = ctx.interleave({
+        "plain": lambda: start_cost(ctx, plain, None)[0],
+        "jump": lambda: start_cost(ctx, inst, "jump")[0],
+        "plain_cpu": lambda: start_cost(ctx, plain, None)[1],
+        "jump_cpu": lambda: start_cost(ctx, inst, "jump")[1],
+    })
+    d = ctx.median_of(rounds, lambda r: r["jump"] - r["plain"])
+    dc = ctx.median_of(rounds, lambda r: r["jump_cpu"] - r["plain_cpu"])
+    base = ctx.median_of(rounds, lambda r: r["plain"])
+    return Result(f"plain + {d * 1e3:.1f} ms (plain {base * 1e3:.1f} ms; CPU +{dc * 1e3:.1f} ms)",
+                  d <= 0.005,
+                  f"N = {ctx.n:,}: `scale start` timed from fork to exit, plain build and "
+                  "instrumented build in jump mode, interleaved; CPU time from wait4().")
+
+
+def private_dirty_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1])
+    raise BenchError(f"no Private_Dirty in /proc/{pid}/smaps_rollup")
+
+
+def idle_private_dirty(ctx: Context, prog: Path, mode: str | None) -> float:
+    proc = subprocess.Popen([str(prog), "idle"], env=ctx.env(mode), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "ready=1" not in line or (mode and f"mode={mode}" not in line):
+            raise BenchError(f"{prog} idle: {line!r}")
+        return float(private_dirty_kib(proc.pid))
+    finally:
+        proc.communicate(timeout=30)
+
+
+@row("memory_idle_jump", "private dirty memory of an idle instrumented process of N "
+     "functions, jump mode, nothing patched (/proc/PID/smaps_rollup)", "≤ 1.10× plain")
+def memory_idle_jump(ctx: Context) -> Result:
+    plain = ctx.programs.program(ctx.n, "plain")
+    inst = ctx.programs.program(ctx.n, "fentry")
+    rounds = ctx.interleave({"plain": lambda: idle_private_dirty(ctx, plain, None),
+                             "jump": lambda: idle_private_dirty(ctx, inst, "jump")})
+    ratio = ctx.median_of(rounds, lambda r: r["jump"] / r["plain"])
+    kib = ctx.median_of(rounds, lambda r: r["jump"])
+    base = ctx.median_of(rounds, lambda r: r["plain"])
+    return Result(f"{ratio:.2f}× ({kib / 1024:.1f} MiB vs {base / 1024:.1f} MiB)", ratio <= 1.10,
+                  f"N = {ctx.n:,}; each process started, read once it printed `ready`, "
+                  "then stopped.")
+
+
+def apply_row(ctx: Context, k: int, limit_us: float) -> Result:
+    prog = ctx.programs.program(ctx.n, "fentry")
+    patch = ctx.programs.patch(prog, ctx.n, k, "adjacent")
+    rounds = ctx.interleave({
+        "jump": lambda: float(ctx.run([prog, "apply", patch, ctx.scale.apply_cycles],
+                                      mode="jump")["apply_us_med"]),
+        "jump_revert": lambda: float(ctx.run([prog, "apply", patch, ctx.scale.apply_cycles],
+                                             mode="jump")["revert_us_med"]),
+        "dispatch": lambda: float(ctx.run([prog, "apply", patch, ctx.scale.apply_cycles],
+                                          mode="dispatch")["apply_us_med"]),
+    })
+    a = ctx.median_of(rounds, lambda r: r["jump"])
+    rv = ctx.median_of(rounds, lambda r: r["jump_revert"])
+    d = ctx.median_of(rounds, lambda r: r["dispatch"])
+    return Result(f"K = {k:,}: {a:,.1f} µs (revert {rv:,.1f} µs; dispatch mode {d:,.1f} µs)",
+                  a <= limit_us,
+                  f"`fentry_apply()` of a reverted K-function patch (adjacent functions) in an "
+                  f"idle program of N = {ctx.n:,}, median of {ctx.scale.apply_cycles} "
+                  "apply/revert cycles per process: the activation (validation and sites), "
+                  "not the first dlopen.")
+
+
+@row("apply_jump_one", "live apply, jump mode, one function", "≤ 20 µs")
+def apply_jump_one(ctx: Context) -> Result:
+    return apply_row(ctx, ctx.scale.ks[0], 20)
+
+
+@row("apply_jump_100", "live apply, jump mode, K = 100 functions (batched)", "≤ 150 µs")
+def apply_jump_100(ctx: Context) -> Result:
+    return apply_row(ctx, ctx.scale.ks[1] if ctx.quick else 100, 150)
+
+
+@row("apply_jump_10k", "live apply, jump mode, K = 10,000 functions (batched)", "≤ 10 ms")
+def apply_jump_10k(ctx: Context) -> Result:
+    return apply_row(ctx, ctx.scale.ks[-1], 10_000)
+
+
+def calls_ns(ctx: Context, prog: Path, mode: str | None, patches: list[Path],
+             expect_patched: int) -> float:
+    out = ctx.run([prog, "calls", ctx.scale.calls_rounds, *patches], mode=mode)
+    if out.get("wrong") != "0" or int(out.get("patched_seen", -1)) != expect_patched:
+        raise BenchError(f"{prog} calls: {out} (expected {expect_patched} patched)")
+    return float(out["ns_per_call"])
+
+
+@row("dispatch_miss", "dispatch mode, a program calling all N functions while K are patched "
+     "(adjacent, and spread for the largest K)", "≤ 2.0× plain for every K")
+def dispatch_miss(ctx: Context) -> Result:
+    plain = ctx.programs.program(ctx.n, "plain")
+    inst = ctx.programs.program(ctx.n, "fentry")
+    ks = [k for k in ctx.scale.ks if k <= ctx.n]
+    variants = {"plain": lambda: calls_ns(ctx, plain, None, [], 0),
+                "K=0": lambda: calls_ns(ctx, inst, "dispatch", [], 0)}
+    for k in ks:
+        p = ctx.programs.patch(inst, ctx.n, k, "adjacent")
+        variants[f"K={k:,}"] = lambda p=p, k=k: calls_ns(ctx, inst, "dispatch", [p], k)
+    big = ks[-1]
+    sp = ctx.programs.patch(inst, ctx.n, big, "spread")
+    variants[f"K={big:,} spread"] = lambda: calls_ns(ctx, inst, "dispatch", [sp], big)
+    rounds = ctx.interleave(variants)
+    ratios = {k: ctx.median_of(rounds, lambda r, k=k: r[k] / r["plain"])
+              for k in variants if k != "plain"}
+    return Result(", ".join(f"{k}: {v:.2f}×" for k, v in ratios.items()),
+                  max(ratios.values()) <= 2.0,
+                  f"`scale calls`: every one of N = {ctx.n:,} functions called "
+                  f"{ctx.scale.calls_rounds} times through a table, ns per call (fastest of "
+                  "10 chunks, thread CPU time), against the plain build in the same round; "
+                  "K=0: instrumented, nothing patched.")
+
+
+@row("jump_unpatched_calls", "jump mode, a program calling all N functions, nothing patched",
+     "≤ 1.05× plain")
+def jump_unpatched_calls(ctx: Context) -> Result:
+    plain = ctx.programs.program(ctx.n, "plain")
+    inst = ctx.programs.program(ctx.n, "fentry")
+    rounds = ctx.interleave({"plain": lambda: calls_ns(ctx, plain, None, [], 0),
+                             "jump": lambda: calls_ns(ctx, inst, "jump", [], 0)})
+    ratio = ctx.median_of(rounds, lambda r: r["jump"] / r["plain"])
+    return Result(f"{ratio:.2f}×", ratio <= 1.05,
+                  "Every site is its unpatched form (`67 a9 fd …`, a `test`); the functions "
+                  "are `lea; ret`, so the extra instruction is a large share of each call.")
