@@ -170,6 +170,17 @@ class Client:
             self.errors.append(repr(e))
 
 
+def wait_for_answers(clients: list[Client], *, after: bool, count: int = 3,
+                     timeout: float = 30.0) -> None:
+    """Until every client has `count` answers from before (or after) the apply returned.  A
+    bound on a hang, not a speed: a loaded machine may take seconds where an idle one takes
+    milliseconds."""
+    deadline = time.monotonic() + timeout
+    while not all(sum(a == after for a, _ in list(c.answers)) >= count or c.errors for c in clients):
+        assert time.monotonic() < deadline, [len(c.answers) for c in clients]
+        time.sleep(0.02)
+
+
 def test_fix_is_applied_live_while_clients_keep_asking(server: Server, project: Path) -> None:
     clients = [Client(server.port, BUG_REQUEST), Client(server.port, BUG_REQUEST),
                Client(server.port, BUG_REQUEST, reconnect=True),
@@ -177,11 +188,11 @@ def test_fix_is_applied_live_while_clients_keep_asking(server: Server, project: 
     threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    wait_for_answers(clients, after=False)
     reply = control.apply(server.pid, patch(project))
     for c in clients:
         c.applied.set()
-    time.sleep(0.3)
+    wait_for_answers(clients, after=True)
     for c in clients:
         c.done.set()
     for t in threads:
