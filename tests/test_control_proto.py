@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from fentry_build import paths
-from fentry_build.client import control
+from fentry_build.client import channel, control
 from fentry_build.errors import FentryError
 
 from support.builds import SHIM_CFLAGS, run, shim_includes
@@ -771,11 +771,18 @@ def test_child_that_execs_leaves_a_socket_the_next_start_sweeps(
 
 
 def _refusal(h: Host) -> str:
+    """The one line the host printed on stderr; the client reports the same reason."""
+    with pytest.raises(channel.NoChannel) as no_channel:
+        control.status(h.pid)
     code, err = h.finish()
     assert code == 0
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("fentry: control channel off: "), err
+    # The reason travels in a memfd's name (at most 249 bytes): maybe cut short.
+    reason = lines[0].removeprefix("fentry: control channel off: ")
+    assert reason.startswith(no_channel.value.reason), (reason, no_channel.value.reason)
+    assert len(no_channel.value.reason) >= min(len(reason), 200)
     return lines[0]
 
 
@@ -1050,6 +1057,14 @@ def test_client_request_not_taken_by_its_deadline_expires(rundir: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_client_refuses_a_thread_id_naming_its_process(host: Host) -> None:
+    assert wait_for(lambda: "fentry-ctl" in _tasks(host.pid).values())
+    (tid,) = [t for t, name in _tasks(host.pid).items() if name == "fentry-ctl"]
+    with pytest.raises(FentryError, match=f"^{tid} is a thread of process {host.pid}; give "
+                                          f"--pid {host.pid}$"):
+        control.status(tid)
 
 
 def test_client_history_and_its_formatting(host: Host, tmp_path: Path) -> None:

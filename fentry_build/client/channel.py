@@ -63,6 +63,8 @@ class Target:
     @classmethod
     def of(cls, pid: int) -> Target:
         st = procfs.read_status(pid)
+        if st.tgid and st.tgid != pid:
+            raise FentryError(f"{pid} is a thread of process {st.tgid}; give --pid {st.tgid}")
         if len(st.uids) < 2:
             raise FentryError(f"cannot read the uid of process {pid} from /proc/{pid}/status")
         return cls(pid, st.own_pid or pid, st.uids[1], st.state, st.name)

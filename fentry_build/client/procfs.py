@@ -43,6 +43,7 @@ class ProcStatus:
     gids: tuple[int, ...]
     seccomp: int
     nspids: tuple[int, ...] = ()  # its pid in each pid namespace, ours first, its own last
+    tgid: int = 0                 # the process a thread id belongs to (= pid for a process)
 
     @property
     def own_pid(self) -> int:
@@ -76,6 +77,7 @@ def read_status(pid: int) -> ProcStatus:
         gids=tuple(int(x) for x in fields.get("Gid", "").split()),
         seccomp=int(fields.get("Seccomp", "0")),
         nspids=tuple(int(x) for x in fields.get("NSpid", "").split()),
+        tgid=int(fields.get("Tgid", "0")),
     )
 
 
