@@ -15,7 +15,7 @@ import pytest
 from fentry_build.build import meson_init
 from fentry_build.errors import FentryError
 
-from support.builds import copy_example, meson, setup_and_compile
+from support.builds import copy_example, meson, meson_cmd, setup_and_compile
 
 CLI = [sys.executable, "-m", "fentry_build"]
 
@@ -169,3 +169,30 @@ def test_init_scaffolds_a_project_that_builds_and_patches(tmp_path: Path) -> Non
     assert patched.stdout.splitlines()[1] == "hello, patched"
     again = subprocess.run([*CLI, "init", str(project)], capture_output=True, text=True)
     assert again.returncode != 0 and "already has a meson.build" in again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("buildtype", ["debugoptimized", "release"])
+def test_server_example_builds_every_patch_at_the_buildtypes_users_use(
+        tmp_path: Path, buildtype: str) -> None:
+    # At -O2 GCC clones answer() (answer.constprop.0) unless the example keeps it whole;
+    # release has no -g of its own: dependency('fentry') adds it, so nothing is unchecked.
+    from fentry_build.client import control
+    from support.servers import ask, start
+
+    project = copy_example("server", tmp_path / "server")
+    env = {**os.environ, "FENTRY_STRICT": "1"}  # a generator warning fails the build
+    meson("setup", "build", f"-Dbuildtype={buildtype}", cwd=project)
+    built = subprocess.run([*meson_cmd(), "compile", "-C", "build", "patches"], cwd=project,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert "warning" not in (built.stdout + built.stderr).lower()
+    server = start(project / "build" / "server")
+    try:
+        assert ask(server.port, "BAD").startswith("ERR unknown command")
+        assert ask(server.port, "STATS") == "OK requests=1 errors=0"  # the counting bug
+        control.apply(server.pid, project / "build" / "fix_stats.so")
+        assert ask(server.port, "BAD").startswith("ERR unknown command")
+        assert ask(server.port, "STATS").startswith("OK requests=2 errors=1 last_error=")
+    finally:
+        server.stop()

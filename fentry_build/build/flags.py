@@ -9,8 +9,11 @@ from __future__ import annotations
 # What dependency('fentry') gives a program: the instrumentation on compile lines only
 # (never at link: -pg there would link gcrt1.o and write gmon.out).  -mrecord-mcount
 # lists the sites for jump mode; -flive-patching=inline-clone keeps GCC from making copies
-# a patch cannot reach (docs/how-it-works.md, "IPA clones").
-LINKED_INSTRUMENT_ARGS = ["-pg", "-mfentry", "-mrecord-mcount", "-flive-patching=inline-clone"]
+# a patch cannot reach (docs/how-it-works.md, "IPA clones"); -g whatever the build type:
+# the generator reads prototypes, inlined copies and variables from DWARF, and -g never
+# changes the code GCC emits.
+LINKED_INSTRUMENT_ARGS = ["-pg", "-mfentry", "-mrecord-mcount", "-flive-patching=inline-clone",
+                          "-g"]
 
 # On the program's link line: the build-id the generator and the loader match on, and the
 # exports patches (the shadow-variable API) and instrumented libraries (__fentry__) need.

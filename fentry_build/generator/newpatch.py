@@ -503,7 +503,7 @@ def _render_skeleton(program: Program, f: FunctionInfo, patch_name: str,
     if dwarf is None:
         raise FentryError(
             f"new-patch reads {f.name}'s prototype from the DWARF of {name}, which has "
-            "none: build it with -g (Meson's default buildtypes debug and debugoptimized do)")
+            "none: build it with -g (dependency('fentry') and the SCons tool add it)")
     try:
         die = dwarf.subprogram_at(f.addr)
         if die is None:

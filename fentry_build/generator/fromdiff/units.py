@@ -25,7 +25,7 @@ def unit_sources(binary: Program) -> list[Path]:
         dwarf = binary.dwarf
         if dwarf is None:
             raise FentryError(f"{binary.name} has no DWARF: the generator finds its sources "
-                              "through it; build it with -g (Meson's debug and debugoptimized do)")
+                              "through it; build it with -g (dependency('fentry') and the SCons tool add it)")
         for cu in dwarf.units():
             name = unit_name(cu)
             if not name or name.startswith("<"):
