@@ -81,7 +81,7 @@ def meson_command() -> list[str]:
         return [str(beside)]
     if importlib.util.find_spec("mesonbuild") is not None:
         return [sys.executable, "-m", "mesonbuild.mesonmain"]
-    raise FentryError(f"Meson is not installed for {sys.executable}; pip install meson ninja")
+    raise FentryError(f"Meson is not installed for {sys.executable}; {sys.executable} -m pip install meson ninja")
 
 
 def _tool_env() -> dict[str, str]:

@@ -25,6 +25,7 @@ need=()
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v gdb >/dev/null || need+=(gdb)
+python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)  # Debian splits venv off
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need[@]}"
 fi
