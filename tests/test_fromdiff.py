@@ -26,7 +26,7 @@ import pytest
 from fentry_build import paths
 from fentry_build.build import flags
 from fentry_build.errors import FentryError
-from fentry_build.generator.fromdiff import patchlist
+from fentry_build.build import patchlist
 from fentry_build.generator.fromdiff.command import patch_from_diff
 from fentry_build.generator.fromdiff.refusals import Refusal
 
@@ -438,7 +438,7 @@ def test_sconstruct_patches_dict_gets_the_entry(tmp_path: Path) -> None:
     before = sconstruct.read_text()
     assert "patches={'my_patch': 'patches/my_patch.c'}" in before
     assert patchlist.names(tmp_path) == ["my_patch"]
-    registration = patchlist.register(tmp_path, "fix_cve")
+    registration = patchlist.register(tmp_path, "fix_cve", tmp_path / "hello")
     assert registration.updated and registration.build_file == sconstruct
     assert sconstruct.read_text() == before.replace(
         "patches={'my_patch': 'patches/my_patch.c'}",

@@ -638,7 +638,7 @@ def test_new_patch_adds_to_the_snippet_dict(protos: Path, tmp_path: Path) -> Non
     snippet = meson_init.meson_snippet("protos", ["authoring_protos.c"], {"fix": "patches/fix.c"})
     project = fresh_project(tmp_path, snippet)
     result = newpatch.new_patch("fix_plain", "plain", protos, project)
-    assert result.meson_updated
+    assert result.registration.updated
     text = (project / "meson.build").read_text()
     assert "  'fix': 'patches/fix.c',\n  'fix_plain': 'patches/fix_plain.c',\n}" in text
     assert text.replace("  'fix_plain': 'patches/fix_plain.c',\n", "") == snippet
@@ -657,8 +657,40 @@ def test_new_patch_prints_the_line_when_it_finds_no_dict(protos: Path, tmp_path:
     odd = "project('x', 'c')\npatches = get_option('patches')\n"
     project = fresh_project(tmp_path, odd)
     result = newpatch.new_patch("fix", "plain", protos, project)
-    assert not result.meson_updated and (project / "meson.build").read_text() == odd
+    assert not result.registration.updated and (project / "meson.build").read_text() == odd
     assert "  'fix': 'patches/fix.c'," in newpatch.format_result(result)
+
+
+def test_new_patch_in_an_scons_project_adds_to_the_sconstruct_and_says_scons(
+        protos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "sconsproj"
+    project.mkdir()
+    sconstruct = project / "SConstruct"
+    sconstruct.write_text((paths.examples_dir() / "hello" / "SConstruct").read_text())
+    binary = project / "protos"
+    shutil.copy(protos, binary)  # SCons builds the program in the project's folder
+    monkeypatch.chdir(project)
+    result = newpatch.new_patch("fix_plain", "plain", binary, project)
+    assert result.registration.system == "scons" and result.registration.updated
+    assert "'fix_plain': 'patches/fix_plain.c'}" in sconstruct.read_text()
+    out = newpatch.format_result(result)
+    assert "scons patches" in out and "fentry-build apply --pid PID fix_plain.so" in out
+    assert "meson" not in out
+
+
+def test_new_patch_in_a_meson_build_folder_names_that_folder(
+        protos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = fresh_project(tmp_path, meson_init.meson_snippet("p", ["p.c"], {}))
+    (project / "SConstruct").write_text("# both build files: the binary's folder decides\n")
+    build = project / "out-rel"
+    (build / "meson-info").mkdir(parents=True)
+    shutil.copy(protos, build / "protos")
+    monkeypatch.chdir(project)
+    result = newpatch.new_patch("fix_plain", "plain", build / "protos", project)
+    assert result.registration.system == "meson"
+    out = newpatch.format_result(result)
+    assert "  meson compile -C out-rel patches" in out
+    assert "  fentry-build apply --pid PID out-rel/fix_plain.so" in out
 
 
 def test_new_patch_refuses_to_overwrite_and_checks_names(protos: Path, tmp_path: Path) -> None:

@@ -196,3 +196,25 @@ def test_server_example_builds_every_patch_at_the_buildtypes_users_use(
         assert ask(server.port, "STATS").startswith("OK requests=2 errors=1 last_error=")
     finally:
         server.stop()
+
+
+def test_meson_init_prints_the_snippet_with_the_projects_own_names(tmp_path: Path) -> None:
+    # A configured build folder: Meson's introspection files name the project's programs.
+    project = copy_example("server", tmp_path / "server")
+    meson("setup", "build", cwd=project)
+    out = subprocess.run([*CLI, "meson-init", str(project)], capture_output=True, text=True,
+                         env=os.environ)
+    assert out.returncode == 0, out.stderr
+    assert "project('server', 'c'" in out.stdout
+    assert "server = executable('server', 'server.c', 'parser.c', dependencies: fentry)" in out.stdout
+    assert "input: [server, src]" in out.stdout
+    assert "executable('prog'" not in out.stdout
+    # Without a build folder there is nothing to read the names from: the generic one, said so.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "meson.build").write_text("project('bare', 'c')\nexecutable('tool', 'tool.c')\n")
+    out = subprocess.run([*CLI, "meson-init", str(bare)], capture_output=True, text=True,
+                         env=os.environ)
+    assert out.returncode == 0, out.stderr
+    assert "a generic one: no configured Meson build folder" in out.stdout
+    assert "executable('prog', 'prog.c'" in out.stdout

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import filecmp
+import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,15 @@ class MesonInitResult:
     project_dir: Path
     written: list[Path] = field(default_factory=list)    # files created or changed
     unchanged: list[Path] = field(default_factory=list)  # files already up to date
+
+
+@dataclass(frozen=True)
+class ProjectPrograms:
+    """What Meson's introspection of a configured build folder says the project builds."""
+
+    build_dir: Path
+    project: str                                  # project()'s name
+    executables: list[tuple[str, list[str]]]      # (name, sources relative to the project)
 
 
 def _shim_files() -> list[Path]:
@@ -85,10 +96,44 @@ def meson_init(project_dir: Path) -> MesonInitResult:
     return result
 
 
-def meson_snippet(name: str, sources: list[str], patches: dict[str, str]) -> str:
+def meson_snippet(name: str, sources: list[str], patches: dict[str, str],
+                  project: str | None = None) -> str:
     """The user's meson.build for a program and its patches (the README snippet)."""
     return jinja.render("project/meson.build.j2",
-                         {"name": name, "sources": sources, "patches": patches})
+                        {"name": name, "sources": sources, "patches": patches,
+                         "project": project or name})
+
+
+def _newest_build_dir(project_dir: Path) -> Path | None:
+    """The project's most recently configured Meson build folder (one level down), if any."""
+    found = [d for d in project_dir.iterdir()
+             if (d / "meson-info" / "intro-targets.json").is_file()] if project_dir.is_dir() else []
+    return max(found, key=lambda d: (d / "meson-info" / "intro-targets.json").stat().st_mtime,
+               default=None)
+
+
+def introspect(project_dir: Path) -> ProjectPrograms | None:
+    """The project's name and executables, from Meson's introspection files of its newest
+    build folder (meson-info/intro-*.json, what `meson introspect` prints); None without one."""
+    build_dir = _newest_build_dir(project_dir)
+    if build_dir is None:
+        return None
+    info = build_dir / "meson-info"
+    try:
+        targets = json.loads((info / "intro-targets.json").read_text())
+        project = json.loads((info / "intro-projectinfo.json").read_text()).get("descriptive_name")
+    except (OSError, ValueError):
+        return None
+    executables = []
+    for target in targets:
+        if target.get("type") != "executable" or target.get("subproject"):
+            continue
+        sources = [os.path.relpath(s, project_dir) for group in target.get("target_sources", [])
+                   for s in group.get("sources", []) if s.endswith(".c")]
+        executables.append((str(target["name"]), sources))
+    if not executables:
+        return None
+    return ProjectPrograms(build_dir, str(project or executables[0][0]), executables)
 
 
 def format_result(result: MesonInitResult) -> str:
@@ -97,5 +142,16 @@ def format_result(result: MesonInitResult) -> str:
         head = f"fentry subproject written to {result.project_dir}/subprojects ({len(rel)} files)"
     else:
         head = f"fentry subproject in {result.project_dir}/subprojects is up to date"
-    snippet = meson_snippet("prog", ["prog.c"], {"fix": "patches/fix.c"})
-    return head + "\n\nYour meson.build needs (README.md, 'The Meson snippet'):\n\n" + snippet
+    programs = introspect(result.project_dir)
+    if programs is None:
+        snippet = meson_snippet("prog", ["prog.c"], {"fix": "patches/fix.c"})
+        return (head + "\n\nYour meson.build needs (README.md, 'The Meson snippet'; a generic "
+                "one: no configured Meson build folder here to read your programs' names "
+                "from):\n\n" + snippet)
+    name, sources = programs.executables[0]
+    snippet = meson_snippet(name, sources, {"fix": "patches/fix.c"}, programs.project)
+    others = [n for n, _ in programs.executables[1:]]
+    tail = (f"\nYour other executables ({', '.join(others)}) take dependency('fentry') the same "
+            "way, each with a patches dict and foreach of its own.\n" if others else "")
+    return (head + f"\n\nYour meson.build needs (README.md, 'The Meson snippet'; with the "
+            f"programs Meson configured in {programs.build_dir.name}/):\n\n" + snippet + tail)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fentry_build.atomic import write_atomically
 from fentry_build.binary.elf import BinaryInfo
 from fentry_build.binary.program import Program
 from fentry_build.errors import FentryError
@@ -103,18 +103,6 @@ def strict_from_environment(environ: dict[str, str] | None = None) -> bool:
     """FENTRY_STRICT=1 (or yes/true/on) turns warnings into errors without editing the command."""
     value = (os.environ if environ is None else environ).get(STRICT_ENV, "")
     return value.strip().lower() in ("1", "yes", "true", "on")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename (always: build tools need the touch)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _parser() -> argparse.ArgumentParser:

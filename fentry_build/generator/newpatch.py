@@ -5,8 +5,8 @@ calls the original through FENTRY_ORIGINAL: built and applied unchanged, it chan
 nothing, and it is the place to write the fix.  F's exact prototype - return type and
 parameters, as C declarators - comes from the program's DWARF (CTypeWriter), and the
 types it names come from the headers that declared them (TypeSources).  The patch is
-written to <project>/patches/NAME.c and added to the `patches = {...}` dict of the
-project's meson.build when that dict has the snippet's form (MesonPatches).
+written to <project>/patches/NAME.c and added to the project's patch list (the
+`patches = {...}` dict of meson.build or of the SConstruct: build/patchlist.py).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from fentry_build import jinja
 from fentry_build.binary.dwarf import DWARF_ERRORS, ProgramDwarf, attribute, die_name, origin_chain
 from fentry_build.binary.elf import FunctionInfo
 from fentry_build.binary.program import Program
+from fentry_build.build import patchlist
 from fentry_build.errors import FentryError
 from fentry_build.generator.inline import CLONE_FIX, CopyFinder, describe
-from fentry_build.generator.main import write_atomically
 from fentry_build.generator.resolve import (
     AmbiguousFunction, FunctionIndex, NoSuchFunction, NotInFile, NotInstrumented,
 )
@@ -393,62 +393,6 @@ def prototype_of(die: DIE, function: str, writer: CTypeWriter) -> Prototype:
     )
 
 
-# ---- meson.build ------------------------------------------------------------------------------
-
-# The snippet's dict (README, templates/project/meson.build.j2): `patches = {` then
-# 'name': 'source' entries, one a line or all on one line, then `}`.
-_PATCHES_DICT = re.compile(r"^(?P<indent>[ \t]*)patches\s*=\s*\{(?P<body>[^{}]*)\}", re.M)
-_ENTRY = re.compile(r"'(?P<name>[^'\\\n]*)'\s*:\s*'(?P<src>[^'\\\n]*)'")
-
-
-class MesonPatches:
-    """The `patches = {...}` dict of a project's meson.build, when it has the snippet's form."""
-
-    def __init__(self, meson_build: Path) -> None:
-        self.path = meson_build
-        self.text = meson_build.read_text(encoding="utf-8") if meson_build.is_file() else None
-        self._match = None
-        self.names: list[str] = []
-        if self.text is None:
-            return
-        matches = list(_PATCHES_DICT.finditer(self.text))
-        if len(matches) != 1:
-            return
-        body = matches[0].group("body")
-        if _ENTRY.sub("", body).replace(",", "").strip():
-            return  # something else in the dict (variables, comments): leave it to the user
-        self._match = matches[0]
-        self.names = [m.group("name") for m in _ENTRY.finditer(body)]
-
-    @property
-    def found(self) -> bool:
-        return self._match is not None
-
-    def with_entry(self, name: str, source: str) -> str:
-        """The meson.build text with `'name': 'source'` added to the dict."""
-        assert self._match is not None and self.text is not None
-        m = self._match
-        body = m.group("body")
-        entry = f"'{name}': '{source}'"
-        if "\n" not in body:  # all on one line: {'a': 'a.c'} or {}
-            items = body.strip().rstrip(",").strip()
-            new_body = f"{items}, {entry}" if items else entry
-        else:
-            entries = list(_ENTRY.finditer(body))
-            indent = m.group("indent") + "  "
-            if entries:  # as the last entry, when it starts its own line
-                line_start = body.rfind("\n", 0, entries[-1].start()) + 1
-                prefix = body[line_start:entries[-1].start()]
-                if line_start > 0 and not prefix.strip():
-                    indent = prefix
-            head = body.rstrip()
-            if entries and not head.endswith(","):
-                head += ","
-            new_body = f"{head}\n{indent}{entry},\n{m.group('indent')}"
-        start, end = m.start("body"), m.end("body")
-        return self.text[:start] + new_body + self.text[end:]
-
-
 # ---- the command ------------------------------------------------------------------------------
 
 
@@ -458,9 +402,7 @@ class NewPatchResult:
     function: str
     file: str | None       # the third argument of FENTRY_REPLACE (static functions)
     replacement: str
-    meson_build: Path
-    meson_updated: bool
-    meson_entry: str       # 'NAME': 'patches/NAME.c'
+    registration: patchlist.Registration  # the patch list it was added to, the commands
     notes: list[str] = field(default_factory=list)
 
 
@@ -547,41 +489,27 @@ def new_patch(name: str, function: str, binary: Path, project_dir: Path = Path("
     if path.exists():
         raise FentryError(f"{path} already exists; new-patch never overwrites a patch: pick another "
                           "name or remove it")
-    meson = MesonPatches(project_dir / "meson.build")
-    if name in meson.names:
-        raise FentryError(f"{meson.path} already has a patch named '{name}' in its patches dict; "
-                          "pick another name")
+    patchlist.check_new_name(project_dir, name)
     with Program.open(binary) as program:
         f = _find_function(FunctionIndex(program.info), function, file, binary.name)
         skeleton, notes = _render_skeleton(program, f, name, path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "x", encoding="utf-8") as out:  # "x": never overwrite, even in a race
         out.write(skeleton)
-    source = f"patches/{name}.c"
-    entry = f"'{name}': '{source}'"
-    updated = False
-    if meson.found:
-        write_atomically(meson.path, meson.with_entry(name, source))
-        updated = True
+    registration = patchlist.register(project_dir, name, binary)
     return NewPatchResult(path, f.name, f.file if f.local else None, f.name + REPLACEMENT_SUFFIX,
-                          meson.path, updated, entry, notes)
+                          registration, notes)
 
 
 def format_result(result: NewPatchResult) -> str:
     where = f" of {result.file}" if result.file else ""
     lines = [f"wrote {result.path}: {result.replacement} replaces {result.function}{where} and "
              "calls the original (edit it to make the fix)"]
-    if result.meson_updated:
-        lines.append(f"added {result.meson_entry} to the patches dict of {result.meson_build}")
-    else:
-        lines.append(f"add this entry to the patches = {{...}} dict of {result.meson_build} "
-                     "(see `fentry-build meson-init`):")
-        lines.append(f"  {result.meson_entry},")
+    lines += result.registration.entry_lines()
     lines += [f"note: {n}" for n in result.notes]
-    lines += ["", "  meson compile -C build patches",
-              f"  fentry-build apply --pid PID build/{result.path.stem}.so"]
+    lines += ["", *(f"  {c}" for c in result.registration.commands)]
     return "\n".join(lines)
 
 
-__all__ = ["CTypeWriter", "MesonPatches", "NewPatchResult", "Prototype", "format_result",
+__all__ = ["CTypeWriter", "NewPatchResult", "Prototype", "format_result",
            "new_patch", "prototype_of"]

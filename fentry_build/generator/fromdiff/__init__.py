@@ -11,6 +11,6 @@ a readable patch source for the running build.  One concern per module:
 - plan: which functions the patch replaces, carries or references
 - refusals: what a function-level live patch cannot do, one line each
 - writer: the patch source (templates/patch_from_diff.c.j2)
-- patchlist: the project's list of patches (Meson's patches dict, SCons' patches=)
+- (the project's list of patches: fentry_build/build/patchlist.py)
 - command: the whole run
 """

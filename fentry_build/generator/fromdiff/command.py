@@ -27,7 +27,8 @@ from fentry_build.errors import FentryError
 from fentry_build.generator.inline import CopyFinder
 from fentry_build.generator.newpatch import PATCH_NAME
 
-from fentry_build.generator.fromdiff import compile_db, patchlist, trees, units
+from fentry_build.build import patchlist
+from fentry_build.generator.fromdiff import compile_db, trees, units
 from fentry_build.generator.fromdiff.compile_db import CompileEntry, CompileLine, PathMover
 from fentry_build.generator.fromdiff.extract import UnitSource
 from fentry_build.generator.fromdiff.objdiff import diff_objects
@@ -41,10 +42,16 @@ class Result:
     replaced: list[str]
     carried: list[str]
     refs: list[str]
-    build_file: Path        # meson.build or SConstruct
-    registered: bool        # the entry was added to it
-    entry: str              # 'NAME': 'patches/NAME.c'
+    registration: patchlist.Registration  # the patch list it was added to, the commands
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def build_file(self) -> Path:  # meson.build or SConstruct
+        return self.registration.build_file
+
+    @property
+    def registered(self) -> bool:  # the entry was added to it
+        return self.registration.updated
 
 
 class UnitCompiler:
@@ -131,9 +138,7 @@ def patch_from_diff(name: str, binary: Path, *, diff: Path | None = None,
         raise FentryError("pass either --diff FILE or --fixed-tree DIR")
     project = project.resolve()
     path = _check_name(name, project)
-    if name in patchlist.names(project):
-        raise FentryError(f"the project's build file already has a patch named '{name}'; pick "
-                          "another name")
+    patchlist.check_new_name(project, name)
     with Program.open(binary) as program:  # read once: symbols, build-id, DWARF
         info = program.info
         build_id = gen.check_build_id(info)
@@ -176,11 +181,10 @@ def patch_from_diff(name: str, binary: Path, *, diff: Path | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "x", encoding="utf-8") as out:
         out.write(text)
-    registration = patchlist.register(project, name)
+    registration = patchlist.register(project, name, binary)
     return Result(path, [f"{e.function.name} ({e.unit.file_name})" for e in plan.replaced()],
                   [e.function.name for e in plan.functions if e.replaces is None],
-                  sorted(plan.refs), registration.build_file, registration.updated,
-                  registration.entry, notes)
+                  sorted(plan.refs), registration, notes)
 
 
 def format_result(result: Result) -> str:
@@ -189,12 +193,7 @@ def format_result(result: Result) -> str:
         lines.append(f"  carries its own {', '.join(result.carried)}")
     if result.refs:
         lines.append(f"  references the program's {', '.join(result.refs)}")
-    if result.registered:
-        lines.append(f"added {result.entry} to the patches dict of {result.build_file}")
-    else:
-        lines.append(f"add this entry to the patches dict of {result.build_file}:")
-        lines.append(f"  {result.entry},")
+    lines += result.registration.entry_lines()
     lines += [f"note: {n}" for n in result.notes]
-    lines += ["", "  meson compile -C build patches",
-              f"  fentry-build apply --pid PID build/{result.path.stem}.so"]
+    lines += ["", *(f"  {c}" for c in result.registration.commands)]
     return "\n".join(lines)
