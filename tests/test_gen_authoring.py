@@ -474,6 +474,18 @@ def test_no_dwarf_is_said_once(tmp_path: Path) -> None:
     assert proc.returncode == 0 and proc.stderr.count("\n") == 1
 
 
+def test_function_inlined_everywhere_without_dwarf_names_inlining_as_the_cause(
+        tmp_path: Path) -> None:
+    prog = build_program(copy_programs(tmp_path, "authoring_inline.c"), tmp_path / "inl",
+                         cflags=["-g0"], with_shim=False)
+    assert "tiny" not in function_names(prog)
+    message = generate_error(prog, replace_patch(tmp_path, "tiny"))
+    assert "no function tiny in inl: no symbol has that name" in message
+    assert "GCC inlined a static tiny into every caller" in message
+    assert "build the program with -g" in message and "noinline" in message
+    assert "fix the first argument of FENTRY_REPLACE(tiny, tiny_new)" in message
+
+
 def test_function_in_a_file_without_dwarf_is_said(tmp_path: Path) -> None:
     main_c = write(tmp_path / "main.c", "int work(int);\nint main(int c, char **v) "
                    "{ (void)v; return work(c); }\n")

@@ -178,6 +178,8 @@ class ReplacementResolver:
                 f"of it, into {_names(holders)}; replace those functions instead (FENTRY_REPLACE "
                 f"each), or {NOINLINE_FIX.format(name=rep.old)}")
         close = self._index.close_names(rep.old)
+        if not self._index.binary.has_dwarf:
+            return self._error(rep, self._missing_without_dwarf(rep, close))
         if close:
             return self._error(
                 rep, f"no function {rep.old} in {self._program}; did you mean {' or '.join(close)}? "
@@ -185,6 +187,16 @@ class ReplacementResolver:
         return self._error(
             rep, f"no function {rep.old} in {self._program}; fix the first argument of "
             f"{rep.spelled()}, or if {rep.old} is in a shared library, build the patch for that library")
+
+    def _missing_without_dwarf(self, rep: Replacement, close: list[str]) -> str:
+        """No symbol, and no DWARF to tell a wrong name from a function GCC inlined everywhere."""
+        guess = f"did you mean {' or '.join(close)}? " if close else ""
+        return (f"no function {rep.old} in {self._program}: no symbol has that name, and "
+                f"{self._program} has no DWARF (-g) to tell whether GCC inlined a static {rep.old} "
+                f"into every caller, the usual cause; if it did, replace its callers instead "
+                f"(build the program with -g and the generator names them), or "
+                f"{NOINLINE_FIX.format(name=rep.old)}; otherwise {guess}fix the first argument of "
+                f"{rep.spelled()}")
 
     def _ambiguous(self, rep: Replacement, candidates: list[FunctionInfo]) -> FentryError:
         found = "; ".join(_where(f) for f in candidates)
