@@ -46,8 +46,19 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     from fentry_build.client import control
+    from fentry_build.client.protocol import ProcessRefused
 
-    reply = control.apply(args.pid, Path(args.patch), timeout=args.timeout or control.APPLY_TIMEOUT)
+    try:
+        reply = control.apply(args.pid, Path(args.patch), timeout=args.timeout or control.APPLY_TIMEOUT)
+    except ProcessRefused as e:
+        if e.code != "wrong_build":
+            raise
+        from fentry_build.client import advice
+
+        command = advice.rebuild_command(args.pid, Path(args.patch))
+        if command is None:
+            raise
+        raise FentryError(f"{e}; to build it for the running one and apply it: {command}") from None
     print(json.dumps(reply, sort_keys=True) if args.json else control.format_apply(reply))
     return 0
 
@@ -128,6 +139,44 @@ def _cmd_patch_from_diff(args: argparse.Namespace) -> int:
         build_dir=Path(args.build_dir) if args.build_dir else None)
     print(command.format_result(result))
     return 0
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    from fentry_build.binary import store
+
+    if args.list == bool(args.programs):
+        raise FentryError("pass the programs to archive, or --list to show the archived ones")
+    explicit = Path(args.store) if args.store else None
+    if args.list:
+        found = store.entries(store.store_dir(explicit))
+        if args.json:
+            _print_json([e.as_json() for e in found])
+        else:
+            print("\n".join(store.format_entry(e) for e in found) if found else "no archived builds")
+        return 0
+    results = []
+    for program in map(Path, args.programs):
+        entry, new = store.archive(program, store.store_dir(explicit, program),
+                                   lambda m: print(f"fentry-build: warning: {m}", file=sys.stderr))
+        results.append({**entry.as_json(), "new": new})
+        if not args.json:
+            what = "archived" if new else "already archived"
+            print(f"{what} {entry.program} (build-id {entry.build_id}): {store.shown(entry.path)}")
+    if args.json:
+        _print_json(results)
+    return 0
+
+
+ARCHIVE_EXAMPLE = """\
+examples:
+  fentry-build archive build/server          # at release: keep the build that ships
+  fentry-build archive /proc/1234/exe        # the build a process runs (even if deleted)
+  fentry-build archive --list
+  meson configure build -Dfentry:target=1f3a9c2e && meson compile -C build patches
+
+The store is --store DIR, else $FENTRY_STORE, else .fentry/builds in the project's top
+folder (of the binary's build, or of the working folder).  See docs/workflow.md.
+"""
 
 
 PATCH_FROM_DIFF_EXAMPLE = """\
@@ -243,6 +292,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--build-dir", help="the folder of compile_commands.json (default: beside the "
                    "binary or above it)")
     s.set_defaults(func=_cmd_patch_from_diff)
+
+    s = sub.add_parser("archive", help="keep released builds by build-id, to build patches for them later",
+                       description="Copy each PROGRAM (with its symbols and DWARF) into the store "
+                       "under its build-id, or list the store.",
+                       epilog=ARCHIVE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("programs", nargs="*", metavar="PROGRAM", help="a built program, or /proc/PID/exe")
+    s.add_argument("--list", action="store_true", help="list the archived builds")
+    s.add_argument("--store", help="the store folder (default: $FENTRY_STORE, else "
+                   "<project>/.fentry/builds)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_cmd_archive)
 
     s = sub.add_parser("demo", help="build the server example, fix its bug live, revert it")
     s.add_argument("--keep", action="store_true", help="keep the temporary build directory")

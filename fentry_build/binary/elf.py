@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import os
 import posixpath
 import struct
 from collections.abc import Iterator
@@ -163,6 +164,11 @@ class BinaryInfo:
     functions: tuple[FunctionInfo, ...]
     variables: tuple[DataSymbol, ...] = ()
     has_dwarf: bool = False  # a .debug_info section is present (built with -g)
+
+    @property
+    def name(self) -> str:
+        """The program's file name, for messages and the descriptor (program_name)."""
+        return program_name(self.path)
 
     @property
     def build_id_hex(self) -> str | None:
@@ -469,12 +475,33 @@ def read_elf(elf: ELFFile, path: Path) -> BinaryInfo:
                       has_debug_info(elf))
 
 
+def program_name(path: Path) -> str:
+    """The file name of the program at `path`; for /proc/PID/exe (what a process runs, read
+    through the kernel even when the file was deleted or replaced since) the name of the file
+    it was started from."""
+    if path.name == "exe" and path.parent.parent == Path("/proc"):
+        try:
+            return Path(os.readlink(path).removesuffix(" (deleted)")).name
+        except OSError:
+            return path.name
+    return path.name
+
+
 def unreadable(path: Path, error: BaseException) -> FentryError:
     """The one-line error for a file read_elf() could not read."""
     if isinstance(error, OSError):
         return FentryError(f"cannot read {path}: {error.strerror or error}; pass the built program")
     return FentryError(
         f"{path} is not a readable ELF file ({error}); pass the built program or shared library")
+
+
+def read_build_id(path: Path) -> bytes | None:
+    """The GNU build-id of the ELF file at `path` (its notes only); FentryError if unreadable."""
+    try:
+        with open(path, "rb") as stream:
+            return BuildIdReader.read(ELFFile(stream))
+    except (OSError, *ELF_ERRORS) as e:
+        raise unreadable(path, e) from None
 
 
 def read_binary(path: Path) -> BinaryInfo:

@@ -53,7 +53,8 @@ class Program:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        """The program's file name (binary.elf.program_name: /proc/PID/exe says the real one)."""
+        return self.info.name
 
     def close(self) -> None:
         self._stream.close()

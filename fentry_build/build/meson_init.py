@@ -87,6 +87,7 @@ def meson_init(project_dir: Path) -> MesonInitResult:
     sub = project_dir / "subprojects" / "fentry"
     ctx = {"version": __version__}
     _put_text(sub / "meson.build", jinja.render("meson/subproject_meson.build.j2", ctx), result)
+    _put_text(sub / "meson.options", jinja.render("meson/meson.options.j2", ctx), result)
     shipped = _shim_files()
     for rel in shipped:
         _put_copy(paths.shim_dir() / rel, sub / "shim" / rel, result)

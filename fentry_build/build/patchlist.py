@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fentry_build.atomic import write_atomically
 from fentry_build.errors import FentryError
+from fentry_build.layout import meson_build_dir, shown
 
 # ---- Meson: meson.build ------------------------------------------------------------------------------
 
@@ -118,23 +119,6 @@ class SConsPatches:
 # ---- which one, and its commands -----------------------------------------------------------------
 
 
-def meson_build_dir(binary: Path) -> Path | None:
-    """The Meson build folder holding `binary` (the nearest folder above it with meson-info/)."""
-    for folder in Path(os.path.abspath(binary)).parents:
-        if (folder / "meson-info").is_dir():
-            return folder
-    return None
-
-
-def shown(path: Path) -> str:
-    """`path` as a user would type it here: relative to the working folder when below it."""
-    absolute = Path(os.path.abspath(path))
-    try:
-        return str(absolute.relative_to(Path.cwd())) or "."
-    except ValueError:
-        return str(absolute)
-
-
 @dataclass(frozen=True)
 class Registration:
     """Where the patch NAME was (or must be) listed, and the commands that build and apply it."""
@@ -208,4 +192,4 @@ def register(project: Path, name: str, binary: Path) -> Registration:
 
 
 __all__ = ["MesonPatches", "Registration", "SConsPatches", "build_system", "check_new_name",
-           "commands", "meson_build_dir", "names", "register", "shown"]
+           "commands", "names", "register"]

@@ -45,6 +45,20 @@ SHIM_CFLAGS = list(flags.SHIM_CFLAGS)
 SHIM_LIBS = list(flags.SHIM_LIBS)
 #: The Alias that builds every patch: ``scons patches``.
 PATCHES_ALIAS = "patches"
+#: The Alias that archives the program by build-id: ``scons archive`` (docs/workflow.md).
+ARCHIVE_ALIAS = "archive"
+#: The command-line argument naming the build patches are for: ``scons patches fentry_target=ID``.
+TARGET_ARGUMENT = "fentry_target"
+
+
+def _command_line_argument(name: str) -> str:
+    """`scons ... NAME=VALUE`'s VALUE ('' when not given, or outside SCons)."""
+    try:
+        from SCons.Script import ARGUMENTS  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    except ImportError:
+        return ""
+    value = ARGUMENTS.get(name, "")
+    return value if isinstance(value, str) else ""
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,8 @@ def generate(env: Any) -> None:
         FENTRY_SHIM_DIR=str(paths.shim_dir()),
         FENTRY_INCLUDE_DIR=str(paths.include_dir()),
         FENTRY_PYTHON=sys.executable,
+        # '' (the program SCons builds), an archived build-id or a file: what patches are for.
+        FENTRY_TARGET=_command_line_argument(TARGET_ARGUMENT),
     )
     env.AddMethod(project, "FentryProject")
 
@@ -131,6 +147,10 @@ def project(env: Any, name: str, sources: Any, patches: Any = None, *, default: 
         result.registrations[patch_name] = reg
         result.patches[patch_name] = so
     env.Alias(PATCHES_ALIAS, list(result.patches.values()))
+    archive = env.Alias(ARCHIVE_ALIAS, program,
+                        [["$FENTRY_PYTHON", "-m", "fentry_build", "archive", "$SOURCE"]],
+                        ENV=_generator_env(env))
+    env.AlwaysBuild(archive)
     return result
 
 
@@ -176,7 +196,7 @@ def _patch(env: Any, program: Any, workdir: Any, name: str, source: Any) -> tupl
     reg = env.Command(
         target=pdir.File(f"{name}_reg.c"),
         source=[program[0], src],  # the program first: a relinked program regenerates it
-        action=[["$FENTRY_PYTHON", "-m", "fentry_build.gen",
+        action=[["$FENTRY_PYTHON", "-m", "fentry_build.gen", "--target=$FENTRY_TARGET",
                  "--binary", "${SOURCES[0]}", "--patch", "${SOURCES[1]}", "-o", "$TARGET"]],
         ENV=_generator_env(env),
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 from fentry_build.atomic import write_atomically
 from fentry_build.binary.elf import BinaryInfo
 from fentry_build.binary.program import Program
+from fentry_build.binary.store import resolve_target
 from fentry_build.errors import FentryError
 from fentry_build.generator.inline import CopyFinder, describe, no_dwarf_note
 from fentry_build.generator.patchsrc import PatchSource, parse_patch
@@ -35,7 +36,7 @@ def code_copy_findings(binary: BinaryInfo, patch: PatchSource,
     """One line per replaced function whose code also runs elsewhere (inlined copies, IPA
     clones), and once a note when the program has no DWARF to look for inlined copies."""
     replaced = {r.function.addr for r in resolved}
-    program = binary.path.name
+    program = binary.name
     lines = []
     for r in resolved:
         message = describe(finder.copies(r.function), replaced, program, binary.has_dwarf)
@@ -109,8 +110,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fentry_build.gen",
         description="Write the registration C source of a live patch for a built program.",
+        epilog="The build the patch is for: --build-id ID (an archived build, fentry-build "
+               "archive), else a non-empty --target (a build-id or a file: what Meson's "
+               "-Dfentry:target= and SCons' fentry_target= pass), else --binary (the build "
+               "folder's program, or /proc/PID/exe: what a process runs). See docs/workflow.md.",
     )
-    p.add_argument("--binary", required=True, type=Path, help="the built program or shared library")
+    p.add_argument("--binary", type=Path, help="the built program or shared library, or /proc/PID/exe")
+    p.add_argument("--target", default="", help="'' (use --binary), a build-id of the store, or a file")
+    p.add_argument("--build-id", help="an archived build (a build-id or a unique prefix of one)")
+    p.add_argument("--store", type=Path, help="the store of archived builds (default: $FENTRY_STORE, "
+                   "else .fentry/builds of the binary's project)")
     p.add_argument("--patch", required=True, type=Path, help="the patch source (.c)")
     p.add_argument("-o", "--output", required=True, type=Path, help="the registration source to write")
     p.add_argument("--strict", action="store_true",
@@ -122,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        text = generate(args.binary, args.patch, strict=args.strict or strict_from_environment())
+        binary = resolve_target(args.binary, args.target, args.build_id, args.store)
+        text = generate(binary, args.patch, strict=args.strict or strict_from_environment())
         write_atomically(args.output, text)
     except FentryError as e:
         print(f"fentry-gen: error: {e}", file=sys.stderr)

@@ -491,7 +491,7 @@ def new_patch(name: str, function: str, binary: Path, project_dir: Path = Path("
                           "name or remove it")
     patchlist.check_new_name(project_dir, name)
     with Program.open(binary) as program:
-        f = _find_function(FunctionIndex(program.info), function, file, binary.name)
+        f = _find_function(FunctionIndex(program.info), function, file, program.name)
         skeleton, notes = _render_skeleton(program, f, name, path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "x", encoding="utf-8") as out:  # "x": never overwrite, even in a race

@@ -56,7 +56,7 @@ def render(binary: BinaryInfo, build_id: bytes, patch: PatchSource,
             "fn": use.name if use else None, "line": use.line if use else None,
         })
     return jinja.environment().get_template(TEMPLATE).render(
-        target=binary.path.name, patch_name=patch.path.name, build_id=build_id,
+        target=binary.name, patch_name=patch.path.name, build_id=build_id,
         build_id_hex=build_id.hex(), funcs=funcs, renamed=renamed,
         refs=[_ref_context(r, patch.path.name) for r in refs], callbacks=callbacks,
         replace_all=patch.replace_all, replace_all_line=patch.replace_all_line,

@@ -138,7 +138,7 @@ class ReplacementResolver:
         self._index = index
         self._patch = patch
         self._finder = finder
-        self._program = index.binary.path.name
+        self._program = index.binary.name
 
     def _error(self, rep: Replacement, message: str) -> FentryError:
         return FentryError(f"{self._patch.path}:{rep.line}: {message}")
@@ -301,7 +301,7 @@ class RefResolver:
         self._patch = patch
         self._dwarf = dwarf
         self._finder = finder
-        self._program = binary.path.name
+        self._program = binary.name
 
     def _error(self, ref: Reference, message: str) -> FentryError:
         return FentryError(f"{self._patch.path}:{ref.line}: {message}")

@@ -3,7 +3,7 @@
 The user writes the fix as an ordinary source change; this package writes patches/NAME.c,
 a readable patch source for the running build.  One concern per module:
 
-- compile_db: compile_commands.json and the compile lines made from one of its entries
+- (compile_commands.json and the compile lines of its entries: generator/compile_db.py)
 - trees: the original and the fixed source trees (a diff applied with git apply)
 - units: the translation units linked into the running binary (its DWARF)
 - objdiff: which functions and variables differ between two objects (pyelftools)

@@ -26,10 +26,10 @@ from fentry_build.binary.program import Program
 from fentry_build.errors import FentryError
 from fentry_build.generator.inline import CopyFinder
 from fentry_build.generator.newpatch import PATCH_NAME
-
 from fentry_build.build import patchlist
-from fentry_build.generator.fromdiff import compile_db, trees, units
-from fentry_build.generator.fromdiff.compile_db import CompileEntry, CompileLine, PathMover
+from fentry_build.generator import compile_db
+from fentry_build.generator.compile_db import CompileEntry, CompileLine, PathMover
+from fentry_build.generator.fromdiff import trees, units
 from fentry_build.generator.fromdiff.extract import UnitSource
 from fentry_build.generator.fromdiff.objdiff import diff_objects
 from fentry_build.generator.fromdiff.plan import Planner, Unit
@@ -173,7 +173,7 @@ def patch_from_diff(name: str, binary: Path, *, diff: Path | None = None,
             planner = Planner(info, CopyFinder(info, program.dwarf), changed_units, sorted(headers))
             plan = planner.run()
             writer = PatchWriter(planner, plan, source_trees, path.parent)
-            text = writer.render(name=name, program=binary.name, build_id=build_id.hex(),
+            text = writer.render(name=name, program=program.name, build_id=build_id.hex(),
                                  how=source_trees.how)
             draft = work / f"{name}.c"
             draft.write_text(text, encoding="utf-8")

@@ -94,7 +94,7 @@ class Planner:
         self.units = list(units)
         self.header_changes = list(header_changes)
         self.plan = PatchPlan(self.units)
-        self._program = binary.path.name
+        self._program = binary.name
         self._pieces: set[tuple[int, int]] = set()
         self._names = {n for u in self.units for n in u.fixed.functions}
         self._local_refs: set[str] = set()

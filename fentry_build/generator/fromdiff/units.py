@@ -15,7 +15,7 @@ from fentry_build.binary.dwarf import DWARF_ERRORS, text, unit_name
 from fentry_build.binary.program import Program
 from fentry_build.errors import FentryError
 
-from fentry_build.generator.fromdiff.compile_db import CompileEntry, normal
+from fentry_build.generator.compile_db import CompileEntry, normal
 
 
 def unit_sources(binary: Program) -> list[Path]:
