@@ -65,7 +65,10 @@ class FunctionIndex:
         return list(self._clones.get(name, []))
 
     def close_names(self, name: str, *, clone_bases: bool = True) -> list[str]:
-        names = set(self._by_name) | (set(self._clones) if clone_bases else set())
+        """Names like `name` that a patch could mean: instrumented functions (not the shim's
+        own, nor libc's), and with `clone_bases` the functions GCC only cloned."""
+        names = {n for n, fs in self._by_name.items() if any(f.site is not None for f in fs)}
+        names |= set(self._clones) if clone_bases else set()
         return difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
 
     def lookup(self, name: str, file: str | None = None, *, any_symbol: bool = False) -> FunctionInfo:
