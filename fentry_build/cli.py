@@ -44,60 +44,71 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selection(args: argparse.Namespace) -> Any:
+    from fentry_build.fleet.targets import Selection
+
+    return Selection(tuple(args.pid or ()), bool(args.all), args.program,
+                     args.build_id.lower() if args.build_id else None)
+
+
+def _timeout(args: argparse.Namespace, default: float = 10.0) -> float:
+    return float(args.timeout or default)
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from fentry_build.client import control
-    from fentry_build.client.protocol import ProcessRefused
+    from fentry_build.fleet import command
 
-    try:
-        reply = control.apply(args.pid, Path(args.patch), timeout=args.timeout or control.APPLY_TIMEOUT)
-    except ProcessRefused as e:
-        if e.code != "wrong_build":
-            raise
-        from fentry_build.client import advice
-
-        command = advice.rebuild_command(args.pid, Path(args.patch))
-        if command is None:
-            raise
-        raise FentryError(f"{e}; to build it for the running one and apply it: {command}") from None
-    print(json.dumps(reply, sort_keys=True) if args.json else control.format_apply(reply))
-    return 0
+    return command.apply(_selection(args), Path(args.patch), as_json=args.json,
+                         dry_run=args.dry_run, timeout=_timeout(args, 60.0))
 
 
 def _cmd_revert(args: argparse.Namespace) -> int:
-    from fentry_build.client import control
+    from fentry_build.fleet import command
 
-    reply = control.revert(args.pid, args.name, timeout=args.timeout or control.DEFAULT_TIMEOUT)
-    print(json.dumps(reply, sort_keys=True) if args.json else control.format_revert(reply))
-    return 0
+    return command.revert(_selection(args), args.name, as_json=args.json, if_applied=args.if_applied,
+                          dry_run=args.dry_run, timeout=_timeout(args))
 
 
 def _cmd_unload(args: argparse.Namespace) -> int:
-    from fentry_build.client import control
+    from fentry_build.fleet import command
 
-    reply = control.unload(args.pid, args.name, timeout=args.timeout or control.DEFAULT_TIMEOUT)
-    print(json.dumps(reply, sort_keys=True) if args.json else control.format_unload(reply))
-    return 0
+    return command.unload(_selection(args), args.name, as_json=args.json, timeout=_timeout(args))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from fentry_build.client import control
+    from fentry_build.fleet import command
 
-    timeout = args.timeout or control.DEFAULT_TIMEOUT
-    if args.history:
-        reply = control.history(args.pid, timeout=timeout)
-        print(json.dumps(reply, sort_keys=True) if args.json else control.format_history(reply))
-        return 0
-    reply = control.list_patches(args.pid, timeout=timeout)
-    print(json.dumps(reply, sort_keys=True) if args.json else control.format_list(reply))
-    return 0
+    return command.list_patches(_selection(args), history=args.history, as_json=args.json,
+                                timeout=_timeout(args))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from fentry_build.client import control
+    from fentry_build.fleet import command
 
-    reply = control.status(args.pid, timeout=args.timeout or control.DEFAULT_TIMEOUT)
-    print(json.dumps(reply, sort_keys=True) if args.json else control.format_status(reply))
-    return 0
+    return command.status(_selection(args), as_json=args.json, timeout=_timeout(args))
+
+
+def _cmd_ps(args: argparse.Namespace) -> int:
+    from fentry_build.fleet import command
+
+    return command.ps(program=args.program, build_id=args.build_id,
+                      missing=Path(args.missing) if args.missing else None, as_json=args.json,
+                      timeout=_timeout(args))
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    from fentry_build.fleet import command
+
+    return command.install(Path(args.patch), apply_now=args.apply, as_json=args.json,
+                           dry_run=args.dry_run, timeout=_timeout(args, 60.0))
+
+
+def _cmd_uninstall(args: argparse.Namespace) -> int:
+    from fentry_build.fleet import command
+
+    return command.uninstall(args.name, build_id=args.build_id, revert_now=args.revert,
+                             if_installed=args.if_installed, as_json=args.json,
+                             dry_run=args.dry_run, timeout=_timeout(args))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -198,6 +209,32 @@ def _timeout_option(s: argparse.ArgumentParser) -> None:
                         "has not come to by then expires and is never carried out")
 
 
+MULTI_EPILOG = """\
+processes: --pid PID, repeated for several, or --all with --program PATH or --build-id ID
+(apply, and revert or unload given the patch file: --all alone means every process
+running the build the patch is for).  With more
+than one process, each is handled on its own and reported on its own line (--json: one
+JSON object per process per line, with "pid" and "ok"); the exit status is 0 when every
+process succeeded, 3 when some did, 1 when none did or no process matched.
+"""
+
+
+def _processes_option(s: argparse.ArgumentParser, *, apply: bool = False) -> None:
+    s.add_argument("--pid", type=int, action="append", metavar="PID",
+                   help="a process (repeat for several)")
+    s.add_argument("--all", action="store_true",
+                   help="every process with the shim running --program or --build-id"
+                   + (" (alone: the build the patch is for)" if apply else ""))
+    s.add_argument("--program", metavar="PATH", help="with --all: the processes running this executable")
+    s.add_argument("--build-id", metavar="ID", help="with --all: the processes running this build "
+                   "(of the executable or of a library they load)")
+
+
+def _dry_run_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--dry-run", action="store_true",
+                   help="say what would change (\"changed\" in --json) and change nothing")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fentry-build",
@@ -220,41 +257,88 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="program name (default: the folder's name)")
     s.set_defaults(func=_cmd_init)
 
-    s = sub.add_parser("apply", help="load a patch .so into a running process")
-    s.add_argument("--pid", type=int, required=True)
+    s = sub.add_parser("apply", help="load a patch .so into running processes",
+                       epilog=MULTI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _processes_option(s, apply=True)
     s.add_argument("patch", help="the patch .so (its name is the file name without .so)")
     s.add_argument("--json", action="store_true")
+    _dry_run_option(s)
     _timeout_option(s)
     s.set_defaults(func=_cmd_apply)
 
-    s = sub.add_parser("revert", help="revert a patch of a running process by name")
-    s.add_argument("--pid", type=int, required=True)
+    s = sub.add_parser("revert", help="revert a patch of running processes by name",
+                       epilog=MULTI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _processes_option(s)
     s.add_argument("name", help="the patch: its name (fix), file name (fix.so) or the path applied")
+    s.add_argument("--if-applied", action="store_true",
+                   help="a patch that is not applied is no error: nothing changes (for automation)")
     s.add_argument("--json", action="store_true")
+    _dry_run_option(s)
     _timeout_option(s)
     s.set_defaults(func=_cmd_revert)
 
     s = sub.add_parser("unload", help="unload a patch's reverted or replaced versions once no "
-                       "thread runs their code")
-    s.add_argument("--pid", type=int, required=True)
+                       "thread runs their code", epilog=MULTI_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _processes_option(s)
     s.add_argument("name", help="the patch: its name (fix), file name (fix.so) or the path applied")
     s.add_argument("--json", action="store_true")
     _timeout_option(s)
     s.set_defaults(func=_cmd_unload)
 
-    s = sub.add_parser("list", help="the patches of a running process")
-    s.add_argument("--pid", type=int, required=True)
+    s = sub.add_parser("list", help="the patches of running processes",
+                       epilog=MULTI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _processes_option(s)
     s.add_argument("--history", action="store_true",
                    help="its audit trail instead: every apply, revert and unload since it started")
     s.add_argument("--json", action="store_true")
     _timeout_option(s)
     s.set_defaults(func=_cmd_list)
 
-    s = sub.add_parser("status", help="pid, program, build-id and mode of a running process")
-    s.add_argument("--pid", type=int, required=True)
+    s = sub.add_parser("status", help="pid, program, build-id and mode of running processes",
+                       epilog=MULTI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _processes_option(s)
     s.add_argument("--json", action="store_true")
     _timeout_option(s)
     s.set_defaults(func=_cmd_status)
+
+    s = sub.add_parser("ps", help="every process with the fentry shim: build, mode, patches")
+    s.add_argument("--program", metavar="PATH", help="only the processes running this executable")
+    s.add_argument("--build-id", metavar="ID", help="only the processes running this build "
+                   "(of the executable or of a library they load)")
+    s.add_argument("--missing", metavar="PATCH.so", help="only the processes of the build this "
+                   "patch is for that do not have this version of it in effect (exit status 1 "
+                   "when there is one)")
+    s.add_argument("--json", action="store_true", help="one JSON object per process per line")
+    _timeout_option(s)
+    s.set_defaults(func=_cmd_ps)
+
+    s = sub.add_parser("install", help="put a patch into the patch directory new processes load "
+                       "at start", description="Check PATCH.so and put it, atomically, into "
+                       "<dir>/<build-id>/NAME.so, where <dir> is $FENTRY_PATCH_DIR, else "
+                       "/var/lib/fentry for root, else $XDG_DATA_HOME/fentry "
+                       "(~/.local/share/fentry).  Processes of that build started from then on "
+                       "load it before main.")
+    s.add_argument("patch", help="the patch .so")
+    s.add_argument("--apply", action="store_true",
+                   help="also apply it to every running process of that build")
+    s.add_argument("--json", action="store_true")
+    _dry_run_option(s)
+    _timeout_option(s)
+    s.set_defaults(func=_cmd_install)
+
+    s = sub.add_parser("uninstall", help="remove a patch from the patch directory")
+    s.add_argument("name", help="the patch's name (fix) or file name (fix.so)")
+    s.add_argument("--build-id", metavar="ID", help="only from this build's folder (default: "
+                   "from every build's)")
+    s.add_argument("--revert", action="store_true",
+                   help="also revert it in every running process of that build")
+    s.add_argument("--if-installed", action="store_true",
+                   help="a patch that is not installed is no error: nothing changes")
+    s.add_argument("--json", action="store_true")
+    _dry_run_option(s)
+    _timeout_option(s)
+    s.set_defaults(func=_cmd_uninstall)
 
     s = sub.add_parser("shim-path", help="build (once) and print the shared shim, for LD_PRELOAD")
     s.add_argument("--rebuild", action="store_true", help="build it again even if cached")

@@ -142,3 +142,38 @@ def test_the_registration_names_the_headers_abi_version() -> None:
     template = (paths.templates_dir() / "registration.c.j2").read_text()
     assert ".abi_version = FENTRY_ABI_VERSION," in template
     assert header_define("FENTRY_ABI_VERSION") >= 1
+
+
+def header_string(name: str) -> str:
+    m = re.search(rf'^#define {name} "([^"]*)"', FENTRY_H.read_text(), re.M)
+    assert m is not None, f'#define {name} "..." not found in {FENTRY_H}'
+    return m.group(1)
+
+
+def test_the_patch_directory_rule_is_the_headers() -> None:
+    from fentry_build.fleet import patchdir
+
+    assert patchdir.ENV == header_string("FENTRY_PATCH_DIR_ENV")
+    assert patchdir.SYSTEM_DIR == header_string("FENTRY_PATCH_DIR_SYSTEM")
+    assert patchdir.USER_DIR_NAME == header_string("FENTRY_PATCH_DIR_NAME")
+
+
+def test_the_descriptor_layout_read_by_patchinfo_is_the_headers(tmp_path: Path) -> None:
+    import subprocess
+
+    from fentry_build.binary import patchinfo
+
+    assert patchinfo.PATCH_SYMBOL == header_string("FENTRY_PATCH_SYMBOL")
+    assert patchinfo.ABI_VERSION == header_define("FENTRY_ABI_VERSION")
+    assert patchinfo.BUILD_ID_MAX == header_define("FENTRY_BUILD_ID_MAX")
+    members = {"abi_version": patchinfo.OFFSET_ABI_VERSION, "nfuncs": patchinfo.OFFSET_NFUNCS,
+               "build_id_len": patchinfo.OFFSET_BUILD_ID_LEN, "build_id": patchinfo.OFFSET_BUILD_ID}
+    src = tmp_path / "offsets.c"
+    src.write_text("#include <stddef.h>\n#include <stdio.h>\n#include <fentry.h>\nint main(void)\n{\n"
+                   + "".join(f'\tprintf("{m} %zu\\n", offsetof(struct fentry_patch, {m}));\n'
+                             for m in members)
+                   + "\treturn 0;\n}\n")
+    exe = tmp_path / "offsets"
+    subprocess.run(["gcc", f"-I{paths.include_dir()}", "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    assert dict(line.split() for line in out.splitlines()) == {m: str(v) for m, v in members.items()}

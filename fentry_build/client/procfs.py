@@ -206,6 +206,29 @@ def same_mount_namespace(pid: int) -> bool:
         return False
 
 
+def pids() -> list[int]:
+    """Every process id in /proc (ours included), in increasing order."""
+    return sorted(int(e) for e in os.listdir("/proc") if e.isdigit())
+
+
+def exe_link(pid: int) -> str:
+    """/proc/PID/exe: opening it opens the very file the process runs, even if replaced."""
+    return f"/proc/{pid}/exe"
+
+
+def read_exe(pid: int) -> str | None:
+    """The path of the executable `pid` runs (" (deleted)" removed), None when we may not see it."""
+    try:
+        return os.readlink(exe_link(pid)).removesuffix(" (deleted)")
+    except OSError:
+        return None
+
+
+def in_root(pid: int, path: str) -> str:
+    """`path` as process `pid` names it, reached through its root (its mount namespace)."""
+    return f"/proc/{pid}/root{path}"
+
+
 def has_capability(cap: int) -> bool:
     """Is capability number `cap` in our effective set (root without /proc: yes)?"""
     try:
@@ -217,6 +240,6 @@ def has_capability(cap: int) -> bool:
     return os.geteuid() == 0
 
 
-__all__ = ["Mapping", "ProcStatus", "UnixListener", "effective_uid", "fd_links", "has_capability",
-           "proc_dir", "read_comm", "read_environ", "read_maps", "read_mem_u64", "read_status",
+__all__ = ["Mapping", "ProcStatus", "UnixListener", "effective_uid", "exe_link", "fd_links",
+           "has_capability", "in_root", "pids", "proc_dir", "read_exe", "read_comm", "read_environ", "read_maps", "read_mem_u64", "read_status",
            "same_mount_namespace", "socket_inodes", "unix_listeners"]

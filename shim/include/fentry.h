@@ -39,6 +39,21 @@ extern "C" {
 #define FENTRY_ENTRY_MAX 16
 
 /*
+ * The patch directory, where `fentry-build install` puts patches for the processes a
+ * program starts later (docs/fleet.md): <dir>/<build-id in lower-case hex>/<name>.so, where
+ * <dir> is $FENTRY_PATCH_DIR (FENTRY_PATCH_DIR_ENV), else FENTRY_PATCH_DIR_SYSTEM for root
+ * (euid 0), else $XDG_DATA_HOME/FENTRY_PATCH_DIR_NAME (without XDG_DATA_HOME:
+ * ~/.local/share/FENTRY_PATCH_DIR_NAME, ~ being $HOME, else the euid's passwd home).
+ * Folders and files pass the checks every patch file passes (owned by the euid or root,
+ * not writable by group or others, no symlinks); a setuid program must read none of these
+ * variables and never a user's folder.  fentry_build.fleet.patchdir states the same rule
+ * (tests/test_facts.py).
+ */
+#define FENTRY_PATCH_DIR_ENV "FENTRY_PATCH_DIR"
+#define FENTRY_PATCH_DIR_SYSTEM "/var/lib/fentry"
+#define FENTRY_PATCH_DIR_NAME "fentry"
+
+/*
  * The forms gcc and the linker give the call to __fentry__ at a function's entry
  * (measured on gcc 12 / binutils 2.40: docs/measurements.md).  An optional endbr64
  * (f3 0f 1e fa, -fcf-protection) may come first; then site_offset is 4.
