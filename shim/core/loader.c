@@ -60,6 +60,9 @@ struct loaded_patch {
 
 /* Serialises every change and every reader of the records below. */
 static pthread_mutex_t loader_lock = PTHREAD_MUTEX_INITIALIZER;
+/* The frame of the verb being run: the calling thread's stack is checked from there up
+ * (its caller may be a program thread; the shim's own frames below hold the ranges). */
+static uintptr_t caller_frame;
 static struct loaded_patch **patches;
 static size_t npatches;
 static uint64_t next_order = 1;
@@ -634,7 +637,7 @@ static int try_unload(struct loaded_patch *p, char *err)
 		return fail(err, "patch %s: its code segments were not found; it stays loaded",
 			    p->name);
 	/* Every failure of the check leaves the patch loaded: "busy, retry". */
-	if (fentry_threads_clear_of((const uintptr_t (*)[2])ranges, n, p->name, err) < 0)
+	if (fentry_threads_clear_of((const uintptr_t (*)[2])ranges, n, caller_frame, p->name, err) < 0)
 		return -FENTRY_E_BUSY;
 	forget(p); /* dlclose() and close the copy */
 	return 0;
@@ -754,6 +757,7 @@ FENTRY_HIDDEN int fentry_apply_path(const char *path, struct fentry_load_report 
 		return rc;
 	memcpy(report->sha256, pf.sha256_hex, sizeof(report->sha256));
 	pthread_mutex_lock(&loader_lock);
+	caller_frame = (uintptr_t)__builtin_frame_address(0);
 	rc = apply_locked(path, &pf, report, err);
 	p = find(report->name);
 	if (rc == 0 && p) {
@@ -803,6 +807,7 @@ FENTRY_HIDDEN int fentry_unload_name(const char *spelled, char *err)
 	int rc, first = 0, unloaded = 0;
 
 	pthread_mutex_lock(&loader_lock);
+	caller_frame = (uintptr_t)__builtin_frame_address(0);
 	rc = resolve(spelled, name, err);
 	if (rc < 0)
 		goto out;

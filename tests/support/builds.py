@@ -45,13 +45,15 @@ def shim_includes() -> list[str]:
     return [f"-I{d}" for d in paths.shim_include_dirs()]
 
 
-def build_shim_objects(out_dir: Path) -> list[Path]:
-    """Compile the shim (never instrumented) into objects in out_dir."""
+def build_shim_objects(out_dir: Path, extra_cflags: list[str] | None = None) -> list[Path]:
+    """Compile the shim (never instrumented) into objects in out_dir; `extra_cflags` as a
+    build that adds flags to every compile line would (e.g. -fsanitize=address)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     objs = []
     for src in shim_sources():
         obj = out_dir / (src.name + ".o")
-        run(["gcc", *SHIM_CFLAGS, *shim_includes(), "-c", str(src), "-o", str(obj)])
+        run(["gcc", *SHIM_CFLAGS, *(extra_cflags or []), *shim_includes(), "-c", str(src),
+             "-o", str(obj)])
         objs.append(obj)
     return objs
 
@@ -63,6 +65,7 @@ def build_program(
     cflags: list[str] | None = None,
     ldflags: list[str] | None = None,
     with_shim: bool = True,
+    shim_cflags: list[str] | None = None,
 ) -> Path:
     """Build an instrumented program: flags on compile lines only, shim linked, no -pg at link."""
     objs: list[Path] = []
@@ -72,7 +75,7 @@ def build_program(
              "-c", str(src), "-o", str(obj)])
         objs.append(obj)
     if with_shim:
-        objs += build_shim_objects(out.parent / (out.name + ".shim"))
+        objs += build_shim_objects(out.parent / (out.name + ".shim"), shim_cflags)
     run(["gcc", *(cflags or []), *(ldflags or []), *flags.PROGRAM_LINK_ARGS,
          "-o", str(out), *map(str, objs),
          "-lpthread", "-ldl"])

@@ -1,4 +1,4 @@
-/* stackscan.h - the signal-based check that no thread runs or returns into a patch (stackscan.c). */
+/* stackscan.h - the check that no thread runs or returns into a patch (stackscan.c). */
 #ifndef FENTRY_STACKSCAN_H
 #define FENTRY_STACKSCAN_H
 
@@ -8,11 +8,15 @@
 #include "core/util.h"
 
 /*
- * Ask every other thread whether its registers or stack hold an address inside one of
- * `ranges` ([lo, hi) pairs).  0 if none does; -1 with "busy: ..." (or why the check
- * could not run) in err.  `what` names the patch in messages.
+ * Does any thread's program counter, registers or stack hold an address inside one of
+ * `ranges` ([lo, hi) pairs: a patch's code and the trampolines into it)?  Blocked
+ * threads are looked at from here, running ones get a signal (stackscan.c).  The calling
+ * thread's own stack is checked from `self_from` up (0: not at all) - the frame where
+ * the program called in, above the shim's own frames.  0 if no thread can be running the
+ * code; -1 with "busy: ..." (or why the check could not run) in err.  `what` names the
+ * patch in messages.
  */
 FENTRY_HIDDEN int fentry_threads_clear_of(const uintptr_t (*ranges)[2], size_t nranges,
-					  const char *what, char *err);
+					  uintptr_t self_from, const char *what, char *err);
 
 #endif /* FENTRY_STACKSCAN_H */
