@@ -11,6 +11,8 @@ never a crash; both modes.
 from __future__ import annotations
 
 import os
+import re
+import select
 import subprocess
 import time
 from collections.abc import Iterator
@@ -221,3 +223,67 @@ def test_under_threadsanitizer_blocked_threads_are_checked_and_running_ones_mean
     answer = hot.ask("unload")
     assert answer.startswith("unload busy: thread ") and "ThreadSanitizer" in answer, answer
     assert hot.proc.poll() is None
+
+
+# ---- a thread stopped on a jump-mode trampoline into the patch --------------------------
+
+
+class Gdb:
+    """gdb attached in non-stop mode (only the thread that hits a breakpoint stops), driven
+    over a pipe; each command's output is what gdb printed within `wait` seconds."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = subprocess.Popen(
+            ["gdb", "-nx", "-q", "-iex", "set debuginfod enabled off", "-iex", "set non-stop on",
+             "-iex", "set pagination off", "-iex", "set confirm off", "-p", str(pid)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def run(self, command: str, until: str, wait: float = 60) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        out, end = "", time.monotonic() + wait
+        while until not in out:
+            left = end - time.monotonic()
+            assert left > 0, f"gdb did not say {until!r} after {command!r}: {out}"
+            if select.select([self.proc.stdout], [], [], left)[0]:
+                chunk = os.read(self.proc.stdout.fileno(), 65536).decode(errors="replace")
+                assert chunk, f"gdb exited: {out}"
+                out += chunk
+        return out
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.mark.needs_gdb
+def test_a_thread_stopped_on_a_trampoline_into_the_patch_counts_as_inside_it(
+        designs: tuple[Path, Path], tmp_path: Path, sessions: list[Session]) -> None:
+    """Jump mode: a patched site jumps to a trampoline, which jumps into the patch.  A
+    thread stopped on the trampoline (here by a debugger's breakpoint) runs the patch
+    next: unload must say busy until it has gone on."""
+    (tmp_path / "release").touch()  # the replacement returns at once
+    s = Session(*designs, ["hot"], "jump", tmp_path)
+    sessions.append(s)
+    assert s.ask("apply") == "apply ok"
+    gdb = Gdb(s.proc.pid)
+    try:
+        gdb.run("echo attached\\n", "attached")
+        site = gdb.run("x/2i park", "<park+")
+        found = re.search(r"<park(?:\+\d+)?>:\s+(?:addr32 )?jmp\s+(0x[0-9a-f]+)", site)
+        assert found, site
+        trampoline = int(found.group(1), 16)
+        gdb.run(f"break *{trampoline:#x}", "Breakpoint 1 at")
+        gdb.run("continue -a &", "hit Breakpoint 1")  # the hot thread stops on it
+        assert s.ask("revert") == "revert ok"
+        answer = s.ask("unload")
+        assert answer.startswith("unload busy: thread ") and "(stopped)" in answer, answer
+        gdb.run("delete", "(gdb)")
+        gdb.run("echo deleted\\n", "deleted")
+        gdb.run("continue -a &", "Continuing")
+        gdb.run("detach", "detached")
+    finally:
+        gdb.close()
+    s.unload_eventually()
+    assert s.ask("apply") == "apply ok"  # alive, and patches as before

@@ -621,25 +621,42 @@ static void forget(struct loaded_patch *p)
 }
 
 /*
- * Unload p (not active) if no thread can be running its code: 0, or -code with why it
- * stays loaded.  Callers hold the lock.
+ * Unload p (not active) if no thread can be running its code - its segments, or a
+ * jump-mode trampoline that jumps into them: 0, or -code with why it stays loaded.
+ * Callers hold the lock.
  */
 static int try_unload(struct loaded_patch *p, char *err)
 {
-	uintptr_t ranges[16][2];
-	size_t n;
+	uintptr_t seg[16][2], (*ranges)[2];
+	size_t nseg, n, total;
+	int rc;
 
 	if (p->stuck)
 		return fail_as(err, FENTRY_E_WRONG_STATE, "patch %s: a callback of it overran its "
 			       "time limit and may still be running; it stays loaded", p->name);
-	n = fentry_patchfile_code(&p->file, ranges, 16);
-	if (n == 0 || n > 16)
+	nseg = fentry_patchfile_code(&p->file, seg, 16);
+	if (nseg == 0 || nseg > 16)
 		return fail(err, "patch %s: its code segments were not found; it stays loaded",
 			    p->name);
+	total = nseg;
+	for (size_t i = 0; i < nseg; i++)
+		total += fentry_poke_trampolines_into(seg[i][0], seg[i][1], NULL, 0);
+	ranges = calloc(total, sizeof(*ranges));
+	if (!ranges)
+		return fail(err, "out of memory");
+	memcpy(ranges, seg, nseg * sizeof(*ranges));
+	n = nseg;
+	for (size_t i = 0; i < nseg; i++)
+		n += fentry_poke_trampolines_into(seg[i][0], seg[i][1], ranges + n, total - n);
 	/* Every failure of the check leaves the patch loaded: "busy, retry". */
-	if (fentry_threads_clear_of((const uintptr_t (*)[2])ranges, n, caller_frame, p->name, err) < 0)
+	rc = fentry_threads_clear_of((const uintptr_t (*)[2])ranges, n, caller_frame, p->name, err);
+	free(ranges);
+	if (rc < 0)
 		return -FENTRY_E_BUSY;
 	forget(p); /* dlclose() and close the copy */
+	/* No site jumps to those trampolines (p is not active) and no thread runs them. */
+	for (size_t i = 0; i < nseg; i++)
+		fentry_poke_trampolines_release(seg[i][0], seg[i][1]);
 	return 0;
 }
 

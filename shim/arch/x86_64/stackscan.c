@@ -805,10 +805,14 @@ FENTRY_HIDDEN int fentry_threads_clear_of(const uintptr_t (*ranges)[2], size_t n
 		nseen = ntids;
 		tids = NULL;
 	}
-	if (v.answer == ANSWER_HIT && v.blocked)
-		fentry_fail(err, "busy: thread %d (blocked in %s %ld) may be running %s's code (its "
-			    "stack holds an address in it); it stays loaded, retry later", (int)v.tid,
-			    v.nr >= 0 ? "system call" : "the kernel, call", v.nr, what);
+	if (v.answer == ANSWER_HIT && v.blocked && v.nr >= 0)
+		fentry_fail(err, "busy: thread %d (blocked in system call %ld) may be running %s's "
+			    "code (its stack holds an address in it); it stays loaded, retry later",
+			    (int)v.tid, v.nr, what);
+	else if (v.answer == ANSWER_HIT && v.blocked)
+		fentry_fail(err, "busy: thread %d (stopped) may be running %s's code (its program "
+			    "counter or stack holds an address in it); it stays loaded, retry later",
+			    (int)v.tid, what);
 	else if (v.answer == ANSWER_HIT)
 		fentry_fail(err, "busy: thread %d may be running %s's code (its registers or stack "
 			    "hold an address in it); it stays loaded, retry later", (int)v.tid, what);
