@@ -58,7 +58,7 @@ def _shim(name: str) -> str:
 def host_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("control") / "control_host"
     sources = [_shim(f"control/{unit}.c") for unit in ("json", "control", "endpoint", "protocol")]
-    run(["gcc", *SHIM_CFLAGS, *shim_includes(), *sources, _shim("core/audit.c"),
+    run(["gcc", *SHIM_CFLAGS, *shim_includes(), *sources, _shim("core/audit.c"), _shim("core/costs.c"),
          str(TESTS / "c" / "loader_stub.c"), str(TESTS / "c" / "control_host.c"),
          "-o", str(out), "-lpthread"])
     return out
@@ -232,6 +232,12 @@ def test_status(host: Host) -> None:
         "build_id": "0102030405060708090a0b0c0d0e0f1011121314", "mode": "dispatch",
         "mode_reason": "stub loader",
         "patches_active": 0, "patches_loaded": 0,
+        "costs": {"startup": {"seconds": 0.0, "sites_written": 0}, "last_apply": None,
+                  "last_revert": None, "last_unload": None, "sites_written": 0, "batches": 0,
+                  "last_batch_seconds": 0.0, "trampolines": 0,
+                  "unload_checks": {"runs": 0, "threads_blocked": 0, "threads_signalled": 0},
+                  "memory": {"tables": 0, "trampolines": 0, "sites": 0, "patch_copies": 0,
+                             "patch_mappings": 0}},
     }
 
 

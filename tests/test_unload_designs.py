@@ -10,6 +10,7 @@ never a crash; both modes.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from support.builds import PROGRAMS, build_patch, build_program
+from support.cli import cli
 from support.servers import MODES
 
 
@@ -287,3 +289,32 @@ def test_a_thread_stopped_on_a_trampoline_into_the_patch_counts_as_inside_it(
         gdb.close()
     s.unload_eventually()
     assert s.ask("apply") == "apply ok"  # alive, and patches as before
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("mode", MODES)
+def test_the_window_left_poll_loops_awake_every_millisecond(
+        designs: tuple[Path, Path], mode: str) -> None:
+    """The figure docs/security.md states: threads that are seen running on every look are
+    signalled, and one that blocks in the instant between the last look and the signal,
+    or that waits that long for a CPU after waking, sees EINTR.  poll() with a 1 ms
+    timeout is the worst case; 20 ms is an ordinary event loop.  The patch's callers
+    always get a right answer and the process lives."""
+    prog, patch = designs
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
+    env.update({"FENTRY_MODE": mode, "FENTRY_RUNTIME_DIR": str(Path(patch).parent / "run")})
+    proc = subprocess.Popen([str(prog), "window", str(patch), "1000"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        f = {k: int(v) for k, v in (kv.split("=") for kv in line.split())}
+        status = cli("status", "--pid", str(proc.pid), "--json",
+                     env_extra={"FENTRY_RUNTIME_DIR": env["FENTRY_RUNTIME_DIR"]})
+        checks = json.loads(status.stdout)["costs"]["unload_checks"]
+        print(f"{mode}: {line.strip()} checks={checks}")
+        assert (f["unloads"], f["hot_wrong"]) == (1000, 0), f
+        assert checks["runs"] >= 1000 and checks["threads_signalled"] >= 1000  # the hot thread
+    finally:
+        _, err = proc.communicate(input="", timeout=60)
+    assert proc.returncode == 0 and err == "", err

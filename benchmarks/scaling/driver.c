@@ -10,6 +10,8 @@
  *                                 whose result was the replacement's: x + i + PATCHED)
  *   apply PATCH.so CYCLES         fentry_apply() + fentry_revert() CYCLES times; prints
  *                                 first_apply_us, apply_us_med, revert_us_med
+ *   stack BASE.so TOP.so CYCLES   apply BASE, then TOP on top of it (first_top_us), then
+ *                                 revert and apply TOP CYCLES times (top_apply_us_med)
  *   idle                          prints "ready", waits until stdin closes
  * Every command prints mode=<jump|dispatch|plain> first on its line of key=value pairs.
  * Built with -DFENTRY_SHIM when the shim is linked (instrumented builds).
@@ -138,6 +140,43 @@ static int cmd_apply(const char *path, long cycles)
 #endif
 }
 
+/* TOP applied on top of BASE (its functions among BASE's): what stacking costs. */
+static int cmd_stack(const char *base_path, const char *top_path, long cycles)
+{
+#ifdef FENTRY_SHIM
+	double *ap = calloc((size_t)cycles, sizeof(double)), t0, first;
+	char err[512], name[256];
+	const char *base = strrchr(top_path, '/') ? strrchr(top_path, '/') + 1 : top_path;
+
+	snprintf(name, sizeof(name), "%.*s", (int)(strlen(base) - 3), base);
+	if (apply(base_path) < 0)
+		return 1;
+	t0 = now_ns(CLOCK_MONOTONIC);
+	if (apply(top_path) < 0)
+		return 1;
+	first = (now_ns(CLOCK_MONOTONIC) - t0) / 1e3;
+	for (long c = 0; c < cycles; c++) {
+		if (fentry_revert(name, err, sizeof(err)) != 0) {
+			fprintf(stderr, "revert: %s\n", err);
+			return 1;
+		}
+		t0 = now_ns(CLOCK_MONOTONIC);
+		if (apply(top_path) < 0)
+			return 1;
+		ap[c] = (now_ns(CLOCK_MONOTONIC) - t0) / 1e3;
+	}
+	qsort(ap, (size_t)cycles, sizeof(double), by_value);
+	printf("mode=%s first_top_us=%.1f top_apply_us_med=%.2f\n", mode(), first, ap[cycles / 2]);
+	return 0;
+#else
+	(void)base_path;
+	(void)top_path;
+	(void)cycles;
+	fprintf(stderr, "stack: the plain build has no shim\n");
+	return 1;
+#endif
+}
+
 int main(int argc, char **argv)
 {
 	char buf[64];
@@ -148,6 +187,8 @@ int main(int argc, char **argv)
 		return cmd_calls(atol(argv[2]), argc - 3, argv + 3);
 	if (argc == 4 && strcmp(argv[1], "apply") == 0)
 		return cmd_apply(argv[2], atol(argv[3]));
+	if (argc == 5 && strcmp(argv[1], "stack") == 0)
+		return cmd_stack(argv[2], argv[3], atol(argv[4]));
 	if (argc == 2 && strcmp(argv[1], "idle") == 0) {
 		printf("mode=%s ready=1\n", mode());
 		fflush(stdout);
@@ -155,6 +196,7 @@ int main(int argc, char **argv)
 			;
 		return 0;
 	}
-	fprintf(stderr, "usage: scale start | calls ROUNDS [PATCH.so...] | apply PATCH.so CYCLES | idle\n");
+	fprintf(stderr, "usage: scale start | calls ROUNDS [PATCH.so...] | apply PATCH.so CYCLES | "
+		"stack BASE.so TOP.so CYCLES | idle\n");
 	return 2;
 }

@@ -307,7 +307,34 @@ def format_status(reply: Reply) -> str:
         ("patches", f"{reply.get('patches_active')} active, {reply.get('patches_loaded')} loaded"),
         ("protocol", reply.get("protocol", 1)),
     ]
+    costs = reply.get("costs")
+    if isinstance(costs, dict):
+        rows += _cost_rows(costs)
     return "\n".join(f"{key + ':':<10} {value}" for key, value in rows)
+
+
+def _kib(n: object) -> str:
+    return f"{int(str(n or 0)) / 1024:,.0f} KiB"
+
+
+def _cost_rows(costs: dict[str, Any]) -> list[tuple[str, object]]:
+    """status's "costs" for people: the start-up, the last operations, the memory held."""
+    start = costs.get("startup") or {}
+    rows: list[tuple[str, object]] = [
+        ("start-up", f"{float(start.get('seconds', 0)) * 1e3:.1f} ms readying sites, "
+                     f"{start.get('sites_written', 0)} written")]
+    for key, label in (("last_apply", "apply"), ("last_revert", "revert"),
+                       ("last_unload", "unload")):
+        op = costs.get(key)
+        if isinstance(op, dict):
+            rows.append((label, f"{float(op.get('seconds', 0)) * 1e3:.1f} ms ({op.get('name')}, "
+                                f"{'done' if op.get('ok') else 'refused'}, {_when(op.get('at'))})"))
+    mem = costs.get("memory") or {}
+    rows.append(("memory", f"tables {_kib(mem.get('tables'))}, trampolines "
+                           f"{_kib(mem.get('trampolines'))}, site records {_kib(mem.get('sites'))}, "
+                           f"patch copies {_kib(mem.get('patch_copies'))} (mapped "
+                           f"{_kib(mem.get('patch_mappings'))})"))
+    return rows
 
 
 __all__ = [

@@ -26,6 +26,7 @@
 #include "control/protocol.h"
 #include "core/activate.h"
 #include "core/codes.h"
+#include "core/costs.h"
 #include "core/loader.h"
 #include "core/module.h"
 
@@ -317,8 +318,10 @@ static void op_status(struct fentry_buf *out)
 	put_string_member(out, "build_id", have_id ? id : NULL);
 	put_string_member(out, "mode", fentry_mode());
 	put_string_member(out, "mode_reason", fentry_mode_reason());
-	fentry_buf_printf(out, ",\"patches_active\":%u,\"patches_loaded\":%u}\n",
+	fentry_buf_printf(out, ",\"patches_active\":%u,\"patches_loaded\":%u",
 			  fentry_active_count(), loaded);
+	fentry_costs_json(out); /* core/costs.c */
+	PUT(out, "}\n");
 }
 
 FENTRY_HIDDEN void fentry_protocol_answer(const char *line, size_t len,

@@ -36,6 +36,7 @@
 #include "arch/x86_64/sites.h"
 #include "arch/x86_64/stackscan.h"
 #include "core/activate.h"
+#include "core/costs.h"
 #include "core/loader.h"
 #include "core/module.h"
 #include "core/patchfile.h"
@@ -63,6 +64,8 @@ static pthread_mutex_t loader_lock = PTHREAD_MUTEX_INITIALIZER;
 /* The frame of the verb being run: the calling thread's stack is checked from there up
  * (its caller may be a program thread; the shim's own frames below hold the ranges). */
 static uintptr_t caller_frame;
+/* What the last apply, revert and unload took (status's costs). */
+static struct fentry_op_cost last_apply, last_revert, last_unload;
 static struct loaded_patch **patches;
 static size_t npatches;
 static uint64_t next_order = 1;
@@ -119,6 +122,14 @@ static uint64_t mono_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void record(struct fentry_op_cost *c, const char *name, uint64_t start, int rc)
+{
+	c->seconds = (double)(mono_ns() - start) / 1e9;
+	c->at = now();
+	c->ok = rc == 0;
+	snprintf(c->name, sizeof(c->name), "%s", name ? name : "");
 }
 
 /* The current version of patch `name` (active or reverted; not one it replaced), or NULL. */
@@ -763,25 +774,26 @@ FENTRY_HIDDEN int fentry_apply_path(const char *path, struct fentry_load_report 
 		report = &unused;
 	memset(report, 0, sizeof(*report));
 	if (path == NULL || path[0] != '/')
-		return fail_as(err, FENTRY_E_BAD_FILE, "%s: the patch path must be absolute",
-			       path ? path : "(null)");
-	rc = name_of(path, report->name, err);
-	if (rc < 0)
-		return rc;
+		rc = fail_as(err, FENTRY_E_BAD_FILE, "%s: the patch path must be absolute",
+			     path ? path : "(null)");
+	else
+		rc = name_of(path, report->name, err);
 	/* The file is read once, into a sealed copy: what is checked below is what runs. */
-	rc = fentry_patchfile_copy(path, &pf, err);
-	if (rc < 0)
-		return rc;
-	memcpy(report->sha256, pf.sha256_hex, sizeof(report->sha256));
+	if (rc == 0)
+		rc = fentry_patchfile_copy(path, &pf, err);
 	pthread_mutex_lock(&loader_lock);
-	caller_frame = (uintptr_t)__builtin_frame_address(0);
-	rc = apply_locked(path, &pf, report, err);
-	p = find(report->name);
-	if (rc == 0 && p) {
-		report->functions = p->desc->nfuncs;
-		if (report->changed)
-			p->apply_seconds = (double)(mono_ns() - start) / 1e9;
+	if (rc == 0) {
+		memcpy(report->sha256, pf.sha256_hex, sizeof(report->sha256));
+		caller_frame = (uintptr_t)__builtin_frame_address(0);
+		rc = apply_locked(path, &pf, report, err);
+		p = find(report->name);
+		if (rc == 0 && p) {
+			report->functions = p->desc->nfuncs;
+			if (report->changed)
+				p->apply_seconds = (double)(mono_ns() - start) / 1e9;
+		}
 	}
+	record(&last_apply, report->name[0] ? report->name : path, start, rc);
 	pthread_mutex_unlock(&loader_lock);
 	return rc;
 }
@@ -790,6 +802,7 @@ FENTRY_HIDDEN int fentry_revert_name(const char *spelled, char *err)
 {
 	char name[FENTRY_NAME_MAX];
 	struct loaded_patch *p;
+	uint64_t start = mono_ns();
 	int rc;
 
 	pthread_mutex_lock(&loader_lock);
@@ -809,6 +822,7 @@ FENTRY_HIDDEN int fentry_revert_name(const char *spelled, char *err)
 		else
 			run_callback(p, p->desc->post_unpatch, "post-unpatch");
 	}
+	record(&last_revert, spelled, start, rc);
 	pthread_mutex_unlock(&loader_lock);
 	return rc;
 }
@@ -821,6 +835,7 @@ FENTRY_HIDDEN int fentry_unload_name(const char *spelled, char *err)
 {
 	char name[FENTRY_NAME_MAX], why[FENTRY_ERR_MAX];
 	struct loaded_patch *cur;
+	uint64_t start = mono_ns();
 	int rc, first = 0, unloaded = 0;
 
 	pthread_mutex_lock(&loader_lock);
@@ -852,6 +867,7 @@ FENTRY_HIDDEN int fentry_unload_name(const char *spelled, char *err)
 		rc = fail_as(err, FENTRY_E_WRONG_STATE, "patch %s is applied; revert it before "
 			     "unloading it", name);
 out:
+	record(&last_unload, spelled, start, rc);
 	pthread_mutex_unlock(&loader_lock);
 	return rc;
 }
@@ -897,6 +913,23 @@ FENTRY_HIDDEN void fentry_loader_lock_for_fork(void)
 
 FENTRY_HIDDEN void fentry_loader_unlock_after_fork(void)
 {
+	pthread_mutex_unlock(&loader_lock);
+}
+
+FENTRY_HIDDEN void fentry_costs_snapshot(struct fentry_costs *out)
+{
+	pthread_mutex_lock(&loader_lock);
+	out->apply = last_apply;
+	out->revert = last_revert;
+	out->unload = last_unload;
+	fentry_poke_stats(&out->poke);
+	fentry_threads_check_stats(&out->checks);
+	out->table_bytes = fentry_table_memory();
+	out->loaded = (unsigned)npatches;
+	for (size_t i = 0; i < npatches; i++) {
+		out->copy_bytes += patches[i]->file.size;
+		out->mapped_bytes += fentry_patchfile_mapped_bytes(&patches[i]->file);
+	}
 	pthread_mutex_unlock(&loader_lock);
 }
 

@@ -41,6 +41,7 @@ FENTRY_HIDDEN struct fentry_table *_Atomic fentry_active_table;
 static struct fentry_table *tables[2]; /* the pair in use; tables[cur] is published */
 static int cur;
 static size_t capacity; /* slots per table, a power of two */
+static size_t bytes_held; /* every pair allocated (old pairs are kept): status's costs */
 
 static size_t slot_offset(uintptr_t key, uint64_t mask)
 {
@@ -80,6 +81,7 @@ static int ensure_capacity(size_t n)
 		return -1;
 	}
 	/* The old pair is deliberately not freed: see the comment at the top. */
+	bytes_held += 2 * (sizeof(*a) + cap * sizeof(struct fentry_redirect));
 	tables[0] = a;
 	tables[1] = b;
 	cur = 1; /* so that the next table written is tables[0] */
@@ -133,4 +135,9 @@ FENTRY_HIDDEN int fentry_table_publish(const struct fentry_redirect *redirects, 
 	atomic_store_explicit(&fentry_active_table, next, memory_order_release);
 	cur ^= 1;
 	return 0;
+}
+
+FENTRY_HIDDEN size_t fentry_table_memory(void)
+{
+	return bytes_held;
 }

@@ -19,4 +19,7 @@ struct fentry_redirect {
  */
 FENTRY_HIDDEN int fentry_table_publish(const struct fentry_redirect *redirects, size_t n);
 
+/* Bytes the tables hold, the pairs kept for stale readers included (callers serialise). */
+FENTRY_HIDDEN size_t fentry_table_memory(void);
+
 #endif /* FENTRY_TABLE_H */

@@ -13,6 +13,11 @@
  *                  an alternate signal stack (SA_ONSTACK) and waits there (nanosleep)
  *   altstack-spin  the same, but the handler spins
  *   hot            no parker: a thread calls park() all the time (never blocks)
+ *   window N       no parker: the residual window measured - 4 threads in poll() with a
+ *                  1 ms timeout (awake often: the worst case), 4 with 20 ms, a thread calling
+ *                  park(); N cycles as for blockers, then it prints how many poll() calls
+ *                  each group made and how many returned early (EINTR), and waits for
+ *                  stdin to close (the test reads status meanwhile)
  *   blockers N     no parker: threads blocked in sleep(), poll(), epoll_wait(), select()
  *                  and nanosleep() (measuring that each returns as it should), one thread
  *                  calling park() all the time; main applies, reverts and unloads the
@@ -202,6 +207,60 @@ static void *hot(void *arg)
 	return NULL;
 }
 
+/* The residual window: poll() loops that are awake often. */
+struct poller {
+	int ms;
+	atomic_long calls, early;
+};
+
+static void *polling(void *arg)
+{
+	struct poller *p = arg;
+
+	while (!atomic_load(&stop)) {
+		if (poll(NULL, 0, p->ms) != 0)
+			atomic_fetch_add(&p->early, 1);
+		atomic_fetch_add(&p->calls, 1);
+	}
+	return NULL;
+}
+
+static int run_window(int cycles)
+{
+	static struct poller fast = { 1 }, slow = { 20 };
+	pthread_t t[9];
+	char err[512], buf[16];
+	long busy = 0;
+
+	for (int i = 0; i < 8; i++)
+		pthread_create(&t[i], NULL, polling, i < 4 ? &fast : &slow);
+	pthread_create(&t[8], NULL, hot, NULL);
+	usleep(100 * 1000);
+	for (int c = 0; c < cycles; c++) {
+		if (fentry_apply(patch, err, sizeof(err)) != 0 || fentry_revert(name, err, sizeof(err)) != 0) {
+			fprintf(stderr, "cycle %d: %s\n", c, err);
+			return 1;
+		}
+		while (fentry_unload(name, err, sizeof(err)) != 0) {
+			if (strncmp(err, "busy", 4) != 0) {
+				fprintf(stderr, "cycle %d: %s\n", c, err);
+				return 1;
+			}
+			busy++;
+		}
+	}
+	atomic_store(&stop, 1);
+	for (int i = 0; i < 9; i++)
+		pthread_join(t[i], NULL);
+	printf("unloads=%d busy=%ld poll1ms_calls=%ld poll1ms_eintr=%ld poll20ms_calls=%ld "
+	       "poll20ms_eintr=%ld hot_calls=%ld hot_wrong=%ld\n", cycles, busy,
+	       atomic_load(&fast.calls), atomic_load(&fast.early), atomic_load(&slow.calls),
+	       atomic_load(&slow.early), atomic_load(&hot_calls), atomic_load(&hot_wrong));
+	while (read(0, buf, sizeof(buf)) > 0)
+		;
+	return 0;
+}
+
 static int run_blockers(int cycles)
 {
 	pthread_t t[NBLOCKERS + 1];
@@ -255,6 +314,8 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (strcmp(design, "blockers") == 0)
 		return run_blockers(argc > 3 ? atoi(argv[3]) : 1000);
+	if (strcmp(design, "window") == 0)
+		return run_window(argc > 3 ? atoi(argv[3]) : 1000);
 	if (strcmp(design, "hot") == 0)
 		pthread_create(&parker_thread, NULL, hot, NULL);
 	else

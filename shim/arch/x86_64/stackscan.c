@@ -107,6 +107,7 @@ struct round {
 	size_t nanswers;
 };
 
+static struct fentry_check_stats stats; /* written by the checker (under the loader's lock) */
 static struct round round;
 static struct round leftover;      /* a round's memory a late handler may still read */
 static _Atomic unsigned round_gen; /* 0: no round open                               */
@@ -578,6 +579,7 @@ static void check_threads(const pid_t *tids, size_t n, int sig, int tsan, struct
 				break;
 			} else {
 				a = check_blocked(&round, tids[i], &looks[i]);
+				stats.threads_blocked += a != ANSWER_NONE;
 			}
 		}
 		if (a == ANSWER_NONE) {
@@ -603,6 +605,7 @@ static void check_threads(const pid_t *tids, size_t n, int sig, int tsan, struct
 				a = ANSWER_CLEAR;
 			else if (!looks[i].running)
 				a = check_blocked(&round, tids[i], &looks[i]);
+			stats.threads_blocked += !looks[i].gone && !looks[i].running && a != ANSWER_NONE;
 			if (a == ANSWER_NONE) {
 				pending[still++] = i;
 			} else if (a != ANSWER_CLEAR) {
@@ -642,6 +645,7 @@ static void check_threads(const pid_t *tids, size_t n, int sig, int tsan, struct
 		if (!again.running) {
 			int a = check_blocked(&round, tids[i], &again);
 
+			stats.threads_blocked += a != ANSWER_NONE;
 			if (a != ANSWER_NONE) {
 				atomic_store(&answers[i], (unsigned char)a);
 				if (a != ANSWER_CLEAR) {
@@ -659,6 +663,8 @@ static void check_threads(const pid_t *tids, size_t n, int sig, int tsan, struct
 		si.si_value.sival_ptr = (void *)(((uintptr_t)gen << 32) | i);
 		if (syscall(SYS_rt_tgsigqueueinfo, pid, tids[i], sig, &si) < 0)
 			atomic_store(&answers[i], ANSWER_CLEAR); /* ESRCH: it exited */
+		else
+			stats.threads_signalled++;
 	}
 	clock_gettime(CLOCK_MONOTONIC, &start);
 	for (;;) {
@@ -752,6 +758,7 @@ FENTRY_HIDDEN int fentry_threads_clear_of(const uintptr_t (*ranges)[2], size_t n
 		free(code);
 		return -1;
 	}
+	stats.checks++;
 	if (read_maps(&maps, &nmaps) < 0) {
 		free(code);
 		return fentry_fail(err, "busy: cannot read /proc/self/maps; %s stays loaded, retry "
@@ -838,4 +845,9 @@ out:
 	free(tids);
 	free(fresh);
 	return rc;
+}
+
+FENTRY_HIDDEN void fentry_threads_check_stats(struct fentry_check_stats *out)
+{
+	*out = stats;
 }

@@ -19,4 +19,12 @@
 FENTRY_HIDDEN int fentry_threads_clear_of(const uintptr_t (*ranges)[2], size_t nranges,
 					  uintptr_t self_from, const char *what, char *err);
 
+/* How the checks went so far (status's costs); callers serialise with the checks. */
+struct fentry_check_stats {
+	uint64_t checks;            /* fentry_threads_clear_of() calls                       */
+	uint64_t threads_blocked;   /* threads checked from outside, blocked (no signal)     */
+	uint64_t threads_signalled; /* threads that got the check signal (seen running)      */
+};
+FENTRY_HIDDEN void fentry_threads_check_stats(struct fentry_check_stats *out);
+
 #endif /* FENTRY_STACKSCAN_H */
