@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import fentry_build
+from fentry_build.binary.elf import read_binary
 from fentry_build.client import control
 from fentry_build.errors import FentryError
 
@@ -492,12 +493,23 @@ def test_a_setuid_program_ignores_the_environment_of_the_user_who_runs_it(
     lib = _plain_shared_object(public_dir, marker, claims_to_be_a_patch=True)
     lib.chmod(0o755)
     made = public_dir / "made_by_root"
-    env = {"PATH": "/usr/bin:/bin", "FENTRY_PATCHES": str(lib), "FENTRY_RUNTIME_DIR": str(made)}
+    # ... and the same object in every patch directory the user's environment could name.
+    build_id = read_binary(prog).build_id_hex
+    assert build_id
+    for root in (public_dir / "pdir", public_dir / "xdg" / "fentry",
+                 public_dir / "home" / ".local" / "share" / "fentry"):
+        (root / build_id).mkdir(parents=True)
+        shutil.copyfile(lib, root / build_id / "plain.so")
+        (root / build_id / "plain.so").chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "FENTRY_PATCHES": str(lib), "FENTRY_RUNTIME_DIR": str(made),
+           "FENTRY_PATCH_DIR": str(public_dir / "pdir"), "XDG_DATA_HOME": str(public_dir / "xdg"),
+           "HOME": str(public_dir / "home")}
     result = subprocess.run([*as_nobody(), str(setuid), "c", "/nonexistent.so"], env=env,
                             capture_output=True, text=True, timeout=30, cwd="/")
     assert "result 4" in result.stdout, result
     euid = marker.read_text().strip() if marker.exists() else None
     if euid is not None and "euid=0" not in euid:
         pytest.skip(f"{public_dir} does not honour setuid (nosuid?): {euid}")
-    assert euid is None, f"the user's FENTRY_PATCHES made the setuid program run: {euid}"
+    assert euid is None, ("the user's FENTRY_PATCHES or patch directory made the setuid "
+                          f"program run: {euid}")
     assert not made.exists(), "the user's FENTRY_RUNTIME_DIR made the setuid program mkdir"

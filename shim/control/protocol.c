@@ -324,6 +324,20 @@ static void op_status(struct fentry_buf *out)
 	PUT(out, "}\n");
 }
 
+/* load, revert, unload: the loader refuses them too once their deadline passed (it may
+ * have to wait for a change the program itself makes). */
+static void change(const struct request *q, const struct fentry_peer *peer, struct fentry_buf *out)
+{
+	fentry_loader_deadline(q->seen & REQ_DEADLINE ? strtod(q->deadline, NULL) : 0);
+	if (strcmp(q->op, "load") == 0)
+		op_load(q, peer, out);
+	else if (strcmp(q->op, "revert") == 0)
+		op_by_name(q, peer, out, fentry_audited_revert);
+	else
+		op_by_name(q, peer, out, fentry_audited_unload);
+	fentry_loader_deadline(0);
+}
+
 FENTRY_HIDDEN void fentry_protocol_answer(const char *line, size_t len,
 					  const struct fentry_peer *peer, struct fentry_buf *out)
 {
@@ -347,12 +361,9 @@ FENTRY_HIDDEN void fentry_protocol_answer(const char *line, size_t len,
 				      "\"op\" (one of: " OPS ")");
 	else if (expired(&q, peer, out))
 		return;
-	else if (strcmp(q.op, "load") == 0)
-		op_load(&q, peer, out);
-	else if (strcmp(q.op, "revert") == 0)
-		op_by_name(&q, peer, out, fentry_audited_revert);
-	else if (strcmp(q.op, "unload") == 0)
-		op_by_name(&q, peer, out, fentry_audited_unload);
+	else if (strcmp(q.op, "load") == 0 || strcmp(q.op, "revert") == 0 ||
+		 strcmp(q.op, "unload") == 0)
+		change(&q, peer, out);
 	else if (strcmp(q.op, "list") == 0)
 		op_list(out);
 	else if (strcmp(q.op, "status") == 0)

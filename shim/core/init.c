@@ -1,5 +1,5 @@
 /*
- * init.c - start-up: patches named in FENTRY_PATCHES, the control thread, fork().
+ * init.c - start-up: the patch directory and FENTRY_PATCHES, the control thread, fork().
  */
 #include <dirent.h>
 #include <limits.h>
@@ -15,6 +15,7 @@
 #include "core/activate.h"
 #include "core/audit.h"
 #include "core/loader.h"
+#include "core/patchdir.h"
 
 static void apply_one(const char *path)
 {
@@ -120,6 +121,7 @@ __attribute__((constructor)) static void fentry_init(void)
 	pthread_atfork(before_fork, after_fork_parent, after_fork_child);
 	fentry_audit_init();
 	fentry_mode_init();
-	apply_env_patches();
+	fentry_patchdir_load(apply_one); /* the installed patches first ...      */
+	apply_env_patches();             /* ... then FENTRY_PATCHES, on top of them */
 	fentry_control_start();
 }

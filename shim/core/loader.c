@@ -64,6 +64,8 @@ static pthread_mutex_t loader_lock = PTHREAD_MUTEX_INITIALIZER;
 /* The frame of the verb being run: the calling thread's stack is checked from there up
  * (its caller may be a program thread; the shim's own frames below hold the ranges). */
 static uintptr_t caller_frame;
+/* The deadline of the request the calling thread carries out (unix time; 0: none). */
+static _Thread_local double request_deadline;
 /* What the last apply, revert and unload took (status's costs). */
 static struct fentry_op_cost last_apply, last_revert, last_unload;
 static struct loaded_patch **patches;
@@ -122,6 +124,27 @@ static uint64_t mono_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+FENTRY_HIDDEN void fentry_loader_deadline(double unix_time)
+{
+	request_deadline = unix_time;
+}
+
+/*
+ * A request is never carried out after its deadline: its sender has given up and said
+ * so.  Checked once the loader's lock is held (another change may have kept it waiting)
+ * and right before the step that cannot be taken back.
+ */
+static int expired(char *err)
+{
+	double late = request_deadline > 0 ? now() - request_deadline : 0;
+
+	if (late <= 0)
+		return 0;
+	return fail_as(err, FENTRY_E_EXPIRED, "request expired: its deadline passed %.3f s ago, "
+		       "while it waited for another change to this process's patches; nothing was "
+		       "done", late);
 }
 
 static void record(struct fentry_op_cost *c, const char *name, uint64_t start, int rc)
@@ -579,6 +602,9 @@ static int activate(struct loaded_patch *p, struct loaded_patch *old, char *err)
 				       "callback %s%s; nothing applied", p->name,
 				       rc > 0 ? "refused: " : "", why);
 	}
+	rc = expired(err);
+	if (rc < 0)
+		return rc;
 	replaced = calloc(npatches + 1, sizeof(*replaced));
 	if (!replaced)
 		return fail(err, "out of memory");
@@ -664,6 +690,9 @@ static int try_unload(struct loaded_patch *p, char *err)
 	free(ranges);
 	if (rc < 0)
 		return -FENTRY_E_BUSY;
+	rc = expired(err); /* the check may take a while */
+	if (rc < 0)
+		return rc;
 	forget(p); /* dlclose() and close the copy */
 	/* No site jumps to those trampolines (p is not active) and no thread runs them. */
 	for (size_t i = 0; i < nseg; i++)
@@ -782,6 +811,8 @@ FENTRY_HIDDEN int fentry_apply_path(const char *path, struct fentry_load_report 
 	if (rc == 0)
 		rc = fentry_patchfile_copy(path, &pf, err);
 	pthread_mutex_lock(&loader_lock);
+	if (rc == 0 && (rc = expired(err)) < 0)
+		fentry_patchfile_close(&pf);
 	if (rc == 0) {
 		memcpy(report->sha256, pf.sha256_hex, sizeof(report->sha256));
 		caller_frame = (uintptr_t)__builtin_frame_address(0);
@@ -806,7 +837,9 @@ FENTRY_HIDDEN int fentry_revert_name(const char *spelled, char *err)
 	int rc;
 
 	pthread_mutex_lock(&loader_lock);
-	rc = resolve(spelled, name, err);
+	rc = expired(err);
+	if (rc == 0)
+		rc = resolve(spelled, name, err);
 	p = rc == 0 ? find(name) : NULL;
 	if (rc < 0) {
 		/* err says what is loaded */
@@ -840,7 +873,9 @@ FENTRY_HIDDEN int fentry_unload_name(const char *spelled, char *err)
 
 	pthread_mutex_lock(&loader_lock);
 	caller_frame = (uintptr_t)__builtin_frame_address(0);
-	rc = resolve(spelled, name, err);
+	rc = expired(err);
+	if (rc == 0)
+		rc = resolve(spelled, name, err);
 	if (rc < 0)
 		goto out;
 	cur = find(name);

@@ -74,6 +74,12 @@ FENTRY_HIDDEN int fentry_revert_name(const char *name, char *err);
  * -FENTRY_E_BUSY with "busy: ..." and that version stays loaded.
  */
 FENTRY_HIDDEN int fentry_unload_name(const char *name, char *err);
+/*
+ * The deadline (unix time; 0: none) of the request the calling thread is about to carry
+ * out with the verbs above: past it they refuse with -FENTRY_E_EXPIRED and do nothing,
+ * also when they had to wait for the loader.  The control protocol sets it per request.
+ */
+FENTRY_HIDDEN void fentry_loader_deadline(double unix_time);
 /* Call `fn` for each loaded patch, oldest first, under the loader's lock. */
 FENTRY_HIDDEN void fentry_foreach_patch(void (*fn)(const struct fentry_patch_info *, void *),
 					void *arg);

@@ -125,6 +125,17 @@ struct fentry_patch {
 };
 
 /*
+ * The patch directory: a program loads the *.so files of <dir>/<its build-id> at start,
+ * before main, in name order (then FENTRY_PATCHES).  <dir> is $FENTRY_PATCH_DIR; else, for root,
+ * FENTRY_PATCH_DIR_ROOT; else $XDG_DATA_HOME/FENTRY_PATCH_DIR_USER, or
+ * $HOME/.local/share/FENTRY_PATCH_DIR_USER.  (fentry-build install writes there; both
+ * read the rule from here.)
+ */
+#define FENTRY_PATCH_DIR_ENV "FENTRY_PATCH_DIR"
+#define FENTRY_PATCH_DIR_ROOT "/var/lib/fentry"
+#define FENTRY_PATCH_DIR_USER "fentry"
+
+/*
  * FENTRY_REPLACE(old, new [, "file.c"]) - at file scope in a patch source: calls of the
  * program's function `old` run `new` instead.  `new` has the same prototype as `old`
  * and may be static.  The optional third argument names the source file of `old` when

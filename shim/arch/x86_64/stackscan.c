@@ -20,14 +20,17 @@
  *   The thread's context-switch counts (/proc/self/task/TID/status) are read before and
  *   after, and its state again: if it ran meanwhile, it is looked at again.
  *
- * - A thread seen running is looked at again, a millisecond apart, up to LOOKS times
- *   (threads that wait for something block again soon), and once more right before it
- *   is signalled; only a thread seen running every time gets the check signal
- *   (SIGRTMAX - 3, or FENTRY_UNLOAD_SIGNAL), whose handler checks its own registers and
- *   stack.  A thread in user mode handles the signal before it can enter a system call.
- *   What is left: "running" also means runnable, and a thread woken from a blocking call
- *   that waits that long for a CPU, or that enters one between the last look and the
- *   signal, sees EINTR.  Measured in benchmarks/ and stated in docs/security.md.
+ * - A thread seen running is looked at again, a millisecond apart, until it blocks
+ *   (threads that wait for something block again soon) or it has been seen executing -
+ *   its CPU time (its thread CPU clock) advancing - in LOOKS intervals: "running" also means
+ *   runnable, and a thread woken from a blocking call that waits for a CPU is still
+ *   inside that call.  Once more right before the signal; only then does it get the
+ *   check signal (SIGRTMAX - 3, or FENTRY_UNLOAD_SIGNAL), whose handler checks its own
+ *   registers and stack.  A thread running user code handles the signal before it can
+ *   enter a system call.  What is left - it enters a blocking call in the instant
+ *   between the last look and the signal - is measured in tests/test_unload_designs.py
+ *   and stated in docs/security.md.  A thread that does not get a CPU within 3 s is
+ *   left alone ("busy").
  *
  * - Alternate signal stacks: a thread running a handler on its sigaltstack has the
  *   interrupted frames on its ordinary stack.  When the stack pointer lies on an alternate
@@ -72,7 +75,8 @@
 #define NO_SANITIZE __attribute__((no_sanitize_address, no_sanitize_thread, noinline))
 
 #define ANSWER_TIMEOUT_NS 1000000000L /* a signalled thread answers within this        */
-#define LOOKS 20                       /* looks at a running thread before signalling it */
+#define LOOKS 3                        /* intervals a thread must be seen executing in    */
+#define WAIT_FOR_CPU_NS 3000000000L    /* ... within this time, or it is left alone       */
 #define LOOK_PAUSE_NS 1000000L         /* between looks                                  */
 #define PASSIVE_TRIES 4                /* blocked-thread scans a thread may spoil by running */
 #define NEW_THREAD_ROUNDS 3            /* rounds for threads created during the check    */
@@ -415,11 +419,14 @@ struct look {
 	uintptr_t reg[8];    /* blocked: its arguments (nr >= 0), sp, pc      */
 	unsigned nreg;
 	unsigned long switches; /* voluntary + nonvoluntary context switches  */
+	uint64_t exec_ns;    /* CPU time so far, when exec_known               */
+	int exec_known;
 };
 
 static void look_at(pid_t tid, struct look *l, int with_switches)
 {
 	char path[64], buf[2048], *p, *end;
+	struct timespec cpu;
 
 	memset(l, 0, sizeof(*l));
 	snprintf(path, sizeof(path), "/proc/self/task/%d/syscall", (int)tid);
@@ -444,6 +451,12 @@ static void look_at(pid_t tid, struct look *l, int with_switches)
 	}
 	if (!with_switches)
 		return;
+	/* The thread's CPU clock (the kernel's MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)):
+	 * exact, also while it runs, unlike schedstat (updated at ticks). */
+	if (clock_gettime((clockid_t)((~(unsigned)tid << 3) | 6), &cpu) == 0) {
+		l->exec_ns = (uint64_t)cpu.tv_sec * 1000000000u + (uint64_t)cpu.tv_nsec;
+		l->exec_known = 1;
+	}
 	snprintf(path, sizeof(path), "/proc/self/task/%d/status", (int)tid);
 	if (read_small(path, buf, sizeof(buf)) < 0) {
 		l->gone = 1;
@@ -557,12 +570,13 @@ static void check_threads(const pid_t *tids, size_t n, int sig, int tsan, struct
 	_Atomic unsigned char *answers = calloc(n ? n : 1, sizeof(*answers));
 	size_t *pending = calloc(n ? n : 1, sizeof(*pending)), npending = 0;
 	char *blocked_answer = calloc(n ? n : 1, 1);
+	int *runs = calloc(n ? n : 1, sizeof(*runs)); /* intervals seen executing */
 	struct timespec start;
 	pid_t pid = getpid();
 	unsigned gen;
 
 	v->answer = ANSWER_CLEAR;
-	if (!looks || !answers || !pending || !blocked_answer) {
+	if (!looks || !answers || !pending || !blocked_answer || !runs) {
 		v->answer = ANSWER_UNSURE;
 		v->why = "out of memory";
 		goto out;
@@ -591,13 +605,21 @@ static void check_threads(const pid_t *tids, size_t n, int sig, int tsan, struct
 			v->nr = looks[i].nr;
 		}
 	}
-	/* Running threads: look again (most block soon), then ask them. */
-	for (int look = 1; look < LOOKS && npending && v->answer == ANSWER_CLEAR; look++) {
-		size_t still = 0;
+	/*
+	 * Running threads: look again, a millisecond apart, until each has blocked (checked
+	 * from here) or has been seen running - really executing, its CPU time advancing -
+	 * in LOOKS intervals.  "Running" also means runnable: a thread woken from a blocking
+	 * call that waits for a CPU is still inside that call, and a signal now would make it
+	 * fail with EINTR; its intervals without CPU time do not count.
+	 */
+	clock_gettime(CLOCK_MONOTONIC, &start);
+	while (npending && v->answer == ANSWER_CLEAR) {
+		size_t still = 0, ready = 0;
 
 		pause_ns(LOOK_PAUSE_NS);
 		for (size_t k = 0; k < npending && v->answer == ANSWER_CLEAR; k++) {
 			size_t i = pending[k];
+			uint64_t before = looks[i].exec_ns;
 			int a = ANSWER_NONE;
 
 			look_at(tids[i], &looks[i], 1);
@@ -607,6 +629,8 @@ static void check_threads(const pid_t *tids, size_t n, int sig, int tsan, struct
 				a = check_blocked(&round, tids[i], &looks[i]);
 			stats.threads_blocked += !looks[i].gone && !looks[i].running && a != ANSWER_NONE;
 			if (a == ANSWER_NONE) {
+				runs[i] += !looks[i].exec_known || looks[i].exec_ns != before;
+				ready += runs[i] >= LOOKS;
 				pending[still++] = i;
 			} else if (a != ANSWER_CLEAR) {
 				v->answer = a;
@@ -616,6 +640,19 @@ static void check_threads(const pid_t *tids, size_t n, int sig, int tsan, struct
 			}
 		}
 		npending = still;
+		if (ready == npending)
+			break;
+		if (elapsed_ns(&start) >= WAIT_FOR_CPU_NS) {
+			for (size_t k = 0; k < npending; k++)
+				if (runs[pending[k]] < LOOKS) {
+					v->answer = ANSWER_UNSURE;
+					v->tid = tids[pending[k]];
+					v->why = "it stayed runnable without getting a CPU (an overloaded "
+						 "machine); it was not interrupted";
+					break;
+				}
+			break;
+		}
 	}
 	if (v->answer != ANSWER_CLEAR || npending == 0)
 		goto out;
@@ -702,6 +739,7 @@ out:
 	free(looks);
 	free(pending);
 	free(blocked_answer);
+	free(runs);
 }
 
 /* The caller's own stack above `from` (a program thread may call fentry_unload()). */
