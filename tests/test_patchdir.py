@@ -2,7 +2,7 @@
 
 A process loads <dir>/<its build-id>/*.so before main, in name order, then FENTRY_PATCHES.
 <dir> is FENTRY_PATCH_DIR, else /var/lib/fentry for root, else $XDG_DATA_HOME/fentry or
-~/.local/share/fentry - the rule fentry_build.client.patchdir reads from fentry.h.  Both
+~/.local/share/fentry - the rule fentry_build.fleet.patchdir.rule() states.  Both
 directories must be real ones of the process's user or root that nobody else can write.
 Real server, both modes; uid nobody where the rule depends on the user.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fentry_build.client import control
-from fentry_build.client.patchdir import patch_dir
+from fentry_build.fleet.patchdir import rule
 
 from support.builds import ServerBuild
 from support.cli import AS_NOBODY
@@ -177,14 +177,14 @@ def public_dir() -> Iterator[Path]:
 def test_a_user_process_uses_the_directory_the_rule_names(
         built: ServerBuild, build_id: str, public_dir: Path, where: str) -> None:
     """As uid nobody: $XDG_DATA_HOME/fentry, else ~/.local/share/fentry - where
-    fentry_build.client.patchdir.patch_dir() says (the rule read from fentry.h)."""
+    fentry_build.fleet.patchdir.rule() says (the rule the shim follows)."""
     binary = public_dir / "server"
     shutil.copyfile(built.binary, binary)
     binary.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "FENTRY_CONTROL": "0", "HOME": str(public_dir / "home")}
     if where == "xdg":
         env["XDG_DATA_HOME"] = str(public_dir / "xdg")
-    root = patch_dir(65534, env)
+    root = rule(env, 65534)
     assert root is not None
     assert root == (public_dir / "xdg" / "fentry" if where == "xdg"
                     else public_dir / "home" / ".local" / "share" / "fentry")
@@ -208,9 +208,9 @@ def test_a_user_process_uses_the_directory_the_rule_names(
 
 
 def test_the_rule_for_root_and_for_programs_that_ignore_their_environment() -> None:
-    assert patch_dir(0, {}) == Path("/var/lib/fentry")
-    assert patch_dir(0, {"FENTRY_PATCH_DIR": "/srv/p"}) == Path("/srv/p")
-    assert patch_dir(1000, {"FENTRY_PATCH_DIR": "rel"}) is None
-    assert patch_dir(1000, {}) is None
-    assert patch_dir(0, {"FENTRY_PATCH_DIR": "/srv/p"}, secure=True) == Path("/var/lib/fentry")
-    assert patch_dir(1000, {"HOME": "/home/u", "XDG_DATA_HOME": "/x"}, secure=True) is None
+    assert rule({}, 0) == Path("/var/lib/fentry")
+    assert rule({"FENTRY_PATCH_DIR": "/srv/p"}, 0) == Path("/srv/p")
+    assert rule({"FENTRY_PATCH_DIR": "rel"}, 1000) is None
+    assert rule({}, 1000) is None
+    assert rule({"FENTRY_PATCH_DIR": "/srv/p"}, 0, secure=True) == Path("/var/lib/fentry")
+    assert rule({"HOME": "/home/u", "XDG_DATA_HOME": "/x"}, 1000, secure=True) is None

@@ -19,9 +19,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import pwd
 import secrets
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,31 +35,39 @@ FILE_MODE = 0o644
 DIR_MODE = 0o755
 
 
-def _home(euid: int, env: dict[str, str]) -> str:
-    home = env.get("HOME", "")
-    if home.startswith("/"):
-        return home
-    try:
-        return pwd.getpwuid(euid).pw_dir
-    except KeyError:
-        raise FentryError(f"uid {euid} has no home folder: set {ENV} to the patch directory") from None
-
-
-def patch_dir(env: dict[str, str] | None = None, euid: int | None = None) -> Path:
-    """The patch directory of a process with environment `env` and effective uid `euid`
-    (ours by default)."""
-    env = dict(os.environ) if env is None else env
-    euid = os.geteuid() if euid is None else euid
-    explicit = env.get(ENV, "")
+def rule(env: Mapping[str, str], euid: int, secure: bool = False) -> Path | None:
+    """The patch directory the shim uses in a process of effective uid `euid` started with
+    `env` (shim/core/patchdir.c follows the same steps).  `secure`: the process runs with
+    AT_SECURE (setuid, setgid, file capabilities) and ignores its environment: as root it
+    uses the system folder, as another user none.  None when there is none (a relative
+    $FENTRY_PATCH_DIR, no absolute $XDG_DATA_HOME or $HOME)."""
+    explicit = "" if secure else env.get(ENV, "")
     if explicit:
-        if not explicit.startswith("/"):
-            raise FentryError(f"{ENV}={explicit} is not an absolute path; give the folder's full path")
-        return Path(explicit)
+        return Path(explicit) if explicit.startswith("/") else None
     if euid == 0:
         return Path(SYSTEM_DIR)
-    xdg = env.get("XDG_DATA_HOME", "")
-    base = Path(xdg) if xdg.startswith("/") else Path(_home(euid, env)) / ".local" / "share"
-    return base / USER_DIR_NAME
+    if secure:
+        return None
+    xdg, home = env.get("XDG_DATA_HOME", ""), env.get("HOME", "")
+    if xdg.startswith("/"):
+        return Path(xdg) / USER_DIR_NAME
+    if home.startswith("/"):
+        return Path(home) / ".local" / "share" / USER_DIR_NAME
+    return None
+
+
+def patch_dir(env: Mapping[str, str] | None = None, euid: int | None = None) -> Path:
+    """The patch directory of a process with environment `env` and effective uid `euid`
+    (ours by default); a one-line error when the rule names none."""
+    env = os.environ if env is None else env
+    found = rule(env, os.geteuid() if euid is None else euid)
+    if found is not None:
+        return found
+    explicit = env.get(ENV, "")
+    if explicit:
+        raise FentryError(f"{ENV}={explicit} is not an absolute path; give the folder's full path")
+    raise FentryError(f"no patch directory: neither XDG_DATA_HOME nor HOME is an absolute path; "
+                      f"set {ENV} to the folder")
 
 
 def build_folder(base: Path, build_id: str) -> Path:

@@ -15,11 +15,11 @@
 #include "fentry.h"
 
 /*
- * Where the directory is (the one rule; fentry_build/client/patchdir.py reads the same
- * names from fentry.h): FENTRY_PATCH_DIR; else, for root, FENTRY_PATCH_DIR_ROOT; else
- * $XDG_DATA_HOME/FENTRY_PATCH_DIR_USER, or ~/.local/share/FENTRY_PATCH_DIR_USER.  A
+ * Where the directory is (the one rule; fentry_build/fleet/patchdir.py's rule() states the
+ * same steps, held to fentry.h by tests/test_facts.py): FENTRY_PATCH_DIR; else, for root, FENTRY_PATCH_DIR_SYSTEM; else
+ * $XDG_DATA_HOME/FENTRY_PATCH_DIR_NAME, or ~/.local/share/FENTRY_PATCH_DIR_NAME.  A
  * program running with AT_SECURE (setuid, setgid, capabilities) ignores the environment
- * of whoever started it: as root it uses FENTRY_PATCH_DIR_ROOT, as another user none.
+ * of whoever started it: as root it uses FENTRY_PATCH_DIR_SYSTEM, as another user none.
  * 0 with the path in dir, -1 when there is none.
  */
 FENTRY_HIDDEN int fentry_patchdir_path(char *dir, size_t size)
@@ -33,13 +33,13 @@ FENTRY_HIDDEN int fentry_patchdir_path(char *dir, size_t size)
 	else if (env && env[0])
 		return -1; /* relative: refused (fentry_patchdir_load says so) */
 	else if (geteuid() == 0)
-		n = snprintf(dir, size, "%s", FENTRY_PATCH_DIR_ROOT);
+		n = snprintf(dir, size, "%s", FENTRY_PATCH_DIR_SYSTEM);
 	else if (getauxval(AT_SECURE))
 		return -1;
 	else if (xdg && xdg[0] == '/')
-		n = snprintf(dir, size, "%s/%s", xdg, FENTRY_PATCH_DIR_USER);
+		n = snprintf(dir, size, "%s/%s", xdg, FENTRY_PATCH_DIR_NAME);
 	else if (home && home[0] == '/')
-		n = snprintf(dir, size, "%s/.local/share/%s", home, FENTRY_PATCH_DIR_USER);
+		n = snprintf(dir, size, "%s/.local/share/%s", home, FENTRY_PATCH_DIR_NAME);
 	else
 		return -1;
 	return n > 0 && (size_t)n < size ? 0 : -1;

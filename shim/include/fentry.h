@@ -43,7 +43,8 @@ extern "C" {
  * program starts later (docs/fleet.md): <dir>/<build-id in lower-case hex>/<name>.so, where
  * <dir> is $FENTRY_PATCH_DIR (FENTRY_PATCH_DIR_ENV), else FENTRY_PATCH_DIR_SYSTEM for root
  * (euid 0), else $XDG_DATA_HOME/FENTRY_PATCH_DIR_NAME (without XDG_DATA_HOME:
- * ~/.local/share/FENTRY_PATCH_DIR_NAME, ~ being $HOME, else the euid's passwd home).
+ * $HOME/.local/share/FENTRY_PATCH_DIR_NAME; with neither, none).  The *.so files of the
+ * build's folder load before main, in name order, then FENTRY_PATCHES.
  * Folders and files pass the checks every patch file passes (owned by the euid or root,
  * not writable by group or others, no symlinks); a setuid program must read none of these
  * variables and never a user's folder.  fentry_build.fleet.patchdir states the same rule
@@ -123,17 +124,6 @@ struct fentry_patch {
 	const fentry_callback_fn *pre_unpatch;
 	const fentry_callback_fn *post_unpatch;
 };
-
-/*
- * The patch directory: a program loads the *.so files of <dir>/<its build-id> at start,
- * before main, in name order (then FENTRY_PATCHES).  <dir> is $FENTRY_PATCH_DIR; else, for root,
- * FENTRY_PATCH_DIR_ROOT; else $XDG_DATA_HOME/FENTRY_PATCH_DIR_USER, or
- * $HOME/.local/share/FENTRY_PATCH_DIR_USER.  (fentry-build install writes there; both
- * read the rule from here.)
- */
-#define FENTRY_PATCH_DIR_ENV "FENTRY_PATCH_DIR"
-#define FENTRY_PATCH_DIR_ROOT "/var/lib/fentry"
-#define FENTRY_PATCH_DIR_USER "fentry"
 
 /*
  * FENTRY_REPLACE(old, new [, "file.c"]) - at file scope in a patch source: calls of the
