@@ -13,11 +13,13 @@ cd "$(dirname "$0")/.."
 
 lane=()
 args=()
+where=(tests)   # every test, unless some test files or folders are named
 for arg in "$@"; do
   if [ "$arg" = "--fast" ]; then
     lane=(-m "not slow and not stress" -n 2 --dist loadfile)
   else
     args+=("$arg")
+    case "$arg" in tests/*) where=() ;; esac
   fi
 done
 
@@ -48,4 +50,4 @@ export FENTRY_TEST_INSTALLED=1
 # this, python -m would put it first on sys.path and import the checkout, not the wheel.
 export PYTHONSAFEPATH=1
 export PATH="$PWD/.venv/bin:$PATH"
-exec .venv/bin/pytest -q -p no:cacheprovider ${lane[@]+"${lane[@]}"} ${args[@]+"${args[@]}"} tests
+exec .venv/bin/pytest -q -p no:cacheprovider ${lane[@]+"${lane[@]}"} ${args[@]+"${args[@]}"} ${where[@]+"${where[@]}"}

@@ -130,7 +130,7 @@ def test_instrumentation_is_on_compile_lines_only(hello: Path) -> None:
     so_link = cmd(r"-o my_patch\.so ")
     assert "-shared" in so_link[0].split()
     gen = [line for line in lines if "fentry_build.gen" in line]
-    assert len(gen) == 1 and gen[0].startswith(sys.executable + " -m fentry_build.gen --binary hello ")
+    assert len(gen) == 1 and gen[0].startswith(sys.executable + " -m fentry_build.gen --target= --binary hello ")
 
 
 @pytest.mark.slow

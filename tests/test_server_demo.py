@@ -233,7 +233,8 @@ def test_list_and_status(server: Server, project: Path) -> None:
 
     listed = cli("list", "--pid", str(server.pid))
     assert listed.returncode == 0 and listed.stderr == ""
-    assert listed.stdout.startswith("fix_parse  active  applied ")
+    assert listed.stdout.startswith("fix_parse  active  version ")
+    assert "  applied " in listed.stdout.splitlines()[0]
     assert "parse_request: in effect" in listed.stdout
     shown = cli("status", "--pid", str(server.pid))
     assert shown.returncode == 0 and shown.stderr == ""
