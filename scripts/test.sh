@@ -40,7 +40,7 @@ wheel=$(ls dist/fentry_build-*.whl)
 .venv/bin/python -m pip install -q --force-reinstall "${wheel}[test]"
 
 # The code itself: lint and strict typing (configured in pyproject.toml); silent when clean.
-.venv/bin/ruff check -q fentry_build tests benchmarks
+.venv/bin/ruff check -q fentry_build tests benchmarks ansible
 .venv/bin/mypy --no-error-summary fentry_build
 
 # pytest's own script (not `python -m pytest`) keeps the source tree off sys.path, so
