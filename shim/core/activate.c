@@ -87,6 +87,11 @@ FENTRY_HIDDEN const char *fentry_mode_reason(void)
 	return reason;
 }
 
+FENTRY_HIDDEN const char *fentry_rewrite_error(void)
+{
+	return jump ? fentry_poke_rewrite_error() : NULL;
+}
+
 FENTRY_HIDDEN int fentry_jump_mode(void)
 {
 	return jump;

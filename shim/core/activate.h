@@ -13,6 +13,9 @@ FENTRY_HIDDEN void fentry_mode_init(void);
 FENTRY_HIDDEN const char *fentry_mode(void);
 /* Why the process runs in dispatch mode ("" in jump mode). */
 FENTRY_HIDDEN const char *fentry_mode_reason(void);
+/* Jump mode only: why code cannot be rewritten any more (a seccomp filter installed
+ * after start...), so apply and revert are refused; NULL while it can. */
+FENTRY_HIDDEN const char *fentry_rewrite_error(void);
 /* 1 in jump mode. */
 FENTRY_HIDDEN int fentry_jump_mode(void);
 /*

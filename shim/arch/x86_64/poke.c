@@ -61,6 +61,9 @@
 
 static int mem_fd = -1; /* /proc/self/mem of this process */
 static struct fentry_poke_stats stats;
+/* Why live code cannot be rewritten any more ("" while it can): set when a call that worked
+ * at start is refused later, e.g. by a seccomp filter the program installed (status shows it). */
+static char rewrite_error[200];
 
 static int sync_cores(void)
 {
@@ -70,6 +73,58 @@ static int sync_cores(void)
 static int write_code(uintptr_t addr, const void *bytes, size_t len)
 {
 	return pwrite(mem_fd, bytes, len, (off_t)addr) == (ssize_t)len ? 0 : -1;
+}
+
+/*
+ * A refusal of a call that worked at start.  The usual cause is a seccomp filter the
+ * program installed after start (sandboxing once initialised is a common design), which
+ * /proc/self/status shows; it cannot be lifted, so the reason stays for status to report.
+ */
+static int rewrite_refused(char *err, const char *call, int e)
+{
+	char line[128];
+	const char *cause = "";
+	int refused = e == EPERM || e == EACCES || e == ENOSYS;
+	FILE *f;
+
+	if (refused) {
+		f = fopen("/proc/self/status", "re");
+		while (f && fgets(line, sizeof line, f))
+			if (strncmp(line, "Seccomp:", 8) == 0)
+				cause = atoi(line + 8) == 2   ? " by a seccomp filter of this process"
+					: atoi(line + 8) == 1 ? " by seccomp strict mode"
+							      : "";
+		if (f)
+			fclose(f);
+		snprintf(rewrite_error, sizeof rewrite_error, "%s is refused%s (%s)", call, cause,
+			 strerror(e));
+	}
+	return fentry_fail(err, "cannot rewrite code in this process: %s %s%s (%s); nothing "
+			   "changed (patches in effect stay; FENTRY_MODE=dispatch never rewrites code)",
+			   call, refused ? "is refused" : "fails", cause, strerror(e));
+}
+
+/*
+ * Before a batch writes anything: are the two calls it makes still allowed?  Both probes
+ * change nothing and cost no cross-core work: membarrier's QUERY and a zero-length pwrite
+ * reach a seccomp filter (it sees the system call, not what it would do) and the
+ * descriptor checks, so a batch never finds out half-way that it cannot go on.
+ */
+static int rewrite_allowed(char *err)
+{
+	static const uint8_t none[1];
+
+	if (syscall(SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0) < 0)
+		return rewrite_refused(err, "membarrier", errno);
+	if (pwrite(mem_fd, none, 0, 0) < 0)
+		return rewrite_refused(err, "pwrite to /proc/self/mem", errno);
+	rewrite_error[0] = '\0';
+	return 0;
+}
+
+FENTRY_HIDDEN const char *fentry_poke_rewrite_error(void)
+{
+	return rewrite_error[0] ? rewrite_error : NULL;
 }
 
 static uint64_t now_ns(void)
@@ -323,7 +378,10 @@ static void to_final(struct site_op *o)
 
 /*
  * Take every op from `now` to `to` with the three steps (or the one-site shortcuts).
- * `strict`: stop at the first site found holding someone else's bytes.  -1 on failure
+ * `strict`: stop at the first site found holding someone else's bytes, or at a refused
+ * sync.  Putting sites back after a failure (not strict) goes on when a sync is refused:
+ * the bytes still reach every core, only later - a site left spinning would be worse.
+ * -1 on failure
  * with *what naming the failing call; the ops' `now` say where each site stands.
  */
 static int run_protocol(struct site_op *ops, size_t n, uint8_t *buf, int strict,
@@ -348,7 +406,7 @@ static int run_protocol(struct site_op *ops, size_t n, uint8_t *buf, int strict,
 		plan(ops, n, to_tail);
 		if (write_step(ops, n, buf, strict, mismatch) < 0)
 			return *what = "pwrite", -1;
-		if (sync_cores() < 0)
+		if (sync_cores() < 0 && strict)
 			return *what = "membarrier", -1;
 	}
 	/*
@@ -363,13 +421,13 @@ static int run_protocol(struct site_op *ops, size_t n, uint8_t *buf, int strict,
 		plan(ops, n, to_spin);
 		if (write_step(ops, n, buf, strict, mismatch) < 0)
 			return *what = "pwrite", -1;
-		if (sync_cores() < 0)
+		if (sync_cores() < 0 && strict)
 			return *what = "membarrier", -1;
 		if (tails_change(ops, n)) {
 			plan(ops, n, to_tail);
 			if (write_step(ops, n, buf, strict, mismatch) < 0)
 				return *what = "pwrite", -1;
-			if (sync_cores() < 0)
+			if (sync_cores() < 0 && strict)
 				return *what = "membarrier", -1;
 		}
 	}
@@ -377,7 +435,7 @@ static int run_protocol(struct site_op *ops, size_t n, uint8_t *buf, int strict,
 	plan(ops, n, to_final);
 	if (write_step(ops, n, buf, strict, mismatch) < 0)
 		return *what = "pwrite", -1;
-	if (sync_cores() < 0)
+	if (sync_cores() < 0 && strict)
 		return *what = "membarrier", -1;
 	return 0;
 }
@@ -668,6 +726,8 @@ FENTRY_HIDDEN int fentry_poke_batch(struct fentry_site **batch, const uintptr_t 
 
 	if (n == 0)
 		return 0;
+	if (rewrite_allowed(err) < 0)
+		return -1;
 	ops = calloc(n, sizeof(*ops));
 	if (!ops || (n > FEW_SITES && (buf = malloc(RUN_MAX)) == NULL)) {
 		free(ops);
@@ -733,8 +793,7 @@ FENTRY_HIDDEN int fentry_poke_batch(struct fentry_site **batch, const uintptr_t 
 		fentry_fail(err, "an fentry site changed while it was being rewritten (a debugger or "
 			    "uprobe wrote there?); nothing changed, retry");
 	} else {
-		fentry_fail(err, "cannot rewrite code: %s failed: %s; nothing changed",
-			    what ? what : "pwrite", strerror(saved_errno));
+		rewrite_refused(err, what ? what : "pwrite", saved_errno);
 	}
 	free(ops);
 	free(buf);

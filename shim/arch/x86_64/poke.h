@@ -54,5 +54,8 @@ struct fentry_poke_stats {
 	uint64_t heap_bytes;        /* the shim's bookkeeping of sites and trampolines         */
 };
 FENTRY_HIDDEN void fentry_poke_stats(struct fentry_poke_stats *out);
+/* Why live code cannot be rewritten any more (a call that worked at start is refused now,
+ * e.g. by a seccomp filter), or NULL while it can. */
+FENTRY_HIDDEN const char *fentry_poke_rewrite_error(void);
 
 #endif /* FENTRY_POKE_H */
