@@ -160,6 +160,11 @@ const char *fentry_mode_reason(void)
 	return "stub loader";
 }
 
+const char *fentry_rewrite_error(void)
+{
+	return NULL;
+}
+
 int fentry_module_main(struct fentry_module *out)
 {
 	uint32_t i;
