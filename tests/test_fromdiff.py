@@ -532,3 +532,41 @@ def test_server_fix_of_a_static_function_touching_static_state(server: Path, tmp
     patched = server_matches_fixed(server, fixed, "fix_answer_generated", ["PING", "SUM 1 2", "STATS"],
                                    ["SUM x", "STATS", "NOPE", "SUM 3", "STATS"])
     assert patched[1] == "OK requests=3 errors=1"
+
+
+@pytest.mark.slow
+def test_server_built_with_scons(tmp_path: Path) -> None:
+    """The same fix in an SCons project, the way docs/patch-authoring.md says: SCons writes
+    compile_commands.json (its compilation_db tool), patch-from-diff registers the patch in
+    the SConstruct, `scons patches` builds it, and it fixes the running server."""
+    project = tmp_path / "server"
+    shutil.copytree(paths.examples_dir() / "server", project,
+                    ignore=shutil.ignore_patterns("build*", "subprojects"))
+    sconstruct = project / "SConstruct"
+    text = sconstruct.read_text()
+    assert "tools=['default', " in text
+    sconstruct.write_text(text.replace("tools=['default', ", "tools=['default', 'compilation_db', ")
+                          + "env.Default(env.CompilationDatabase())\n")
+    scons = [sys.executable, "-m", "SCons", "-Q"]
+    run([*scons], cwd=project)
+    assert (project / "compile_commands.json").is_file()
+    diff = write_diff(project, PARSE_FIX, tmp_path / "fix.diff")
+    made = subprocess.run([*CLI, "patch-from-diff", "fix_parse_scons", "--diff", str(diff),
+                           "--binary", "server"], cwd=project, env=package_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr
+    assert "FENTRY_REPLACE(parse_request, parse_request_fixed);" in (
+        project / "patches" / "fix_parse_scons.c").read_text()
+    assert "'fix_parse_scons': 'patches/fix_parse_scons.c'" in sconstruct.read_text()
+    built = subprocess.run([*scons, "patches"], cwd=project, env={**os.environ, "FENTRY_STRICT": "1"},
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert "warning" not in (built.stdout + built.stderr).lower()
+    srv = start_server(project / "server")
+    try:
+        assert ask(srv.port, "SUM 1 2 3 4 5 6 7 8").startswith("ERR too many numbers")
+        apply_live(srv.pid, project / "fix_parse_scons.so")
+        assert ask(srv.port, "SUM 1 2 3 4 5 6 7 8") == "OK 36"
+        assert ask(srv.port, "SUM 1 2 3 4 5 6 7 8 9").startswith("ERR too many numbers")
+    finally:
+        srv.stop()

@@ -59,7 +59,9 @@ class PathMover:
     def __init__(self, project: Path, tree: Path, keep: Iterable[Path] = ()) -> None:
         self.project = project
         self.tree = tree
-        self._keep = tuple(keep)  # folders of the project that stay (build folders)
+        # Folders of the project that stay (build folders) - never the project itself or a
+        # folder above it: SCons builds in the source tree, whose sources must move.
+        self._keep = tuple(k for k in keep if k != project and not project.is_relative_to(k))
 
     def move(self, path: Path) -> Path:
         if self.tree == self.project or not path.is_relative_to(self.project):
