@@ -58,6 +58,14 @@ def generator_env() -> dict[str, str]:
     return env
 
 
+def generator_command(binary: Path, patch_c: Path, reg: Path,
+                      cflags: Sequence[str] = ()) -> list[str]:
+    """The generator's command line for a patch (run it with generator_env()): what the
+    Meson subproject runs; the scaling benchmark times it (benchmarks/scaling/rows_generator.py)."""
+    return [sys.executable, "-m", "fentry_build.gen", "--binary", str(binary), "--patch",
+            str(patch_c), "-o", str(reg)]
+
+
 def clang() -> str | None:
     """clang, if installed (whether it can build XRay programs shows when it is tried)."""
     return shutil.which("clang")
@@ -132,8 +140,11 @@ class Builder:
         d.mkdir(exist_ok=True)
         so = d / (patch_c.stem + ".so")
         reg = d / (patch_c.stem + ".reg.c")
-        run([sys.executable, "-m", "fentry_build.gen", "--binary", str(binary), "--patch",
-             str(patch_c), "-o", str(reg)], env=generator_env())
+        run(generator_command(binary, patch_c, reg, cflags), env=generator_env())
+        return self.link_patch(patch_c, reg, so, cflags)
+
+    def link_patch(self, patch_c: Path, reg: Path, so: Path, cflags: Sequence[str] = ()) -> Path:
+        """The patch and its registration (the generator's output) linked into `so`."""
         run(["gcc", "-O2", "-g", "-shared", "-fPIC", *cflags, f"-I{paths.include_dir()}",
              "-o", str(so), str(patch_c), str(reg)])
         return so

@@ -148,16 +148,18 @@ class Context:
             raise BenchError(f"{shlex.join(cmd)} exited {proc.returncode}: {proc.stderr!r}")
         return t
 
-    def interleave(self, variants: dict[str, Callable[[], float]]) -> list[dict[str, float]]:
-        """Each variant once per round, round-robin, each round starting one further on."""
+    def interleave(self, variants: dict[str, Callable[[], float]],
+                   rounds: int | None = None) -> list[dict[str, float]]:
+        """Each variant once per round, round-robin, each round starting one further on;
+        `rounds` (default ctx.rounds) for rows whose variants take minutes."""
         keys = list(variants)
-        rounds = []
-        for r in range(self.rounds):
+        got_rounds = []
+        for r in range(self.rounds if rounds is None else rounds):
             got = {}
             for k in keys[r % len(keys):] + keys[:r % len(keys)]:
                 got[k] = variants[k]()
-            rounds.append(got)
-        return rounds
+            got_rounds.append(got)
+        return got_rounds
 
     @staticmethod
     def median_of(rounds: list[dict[str, float]], f: Callable[[dict[str, float]], float]) -> float:
