@@ -1,0 +1,180 @@
+"""rows_cli.py - what the `fentry-build` command costs, run as a user runs it.
+
+Targets from the issue "Performance at scale" (16): `fentry-build apply` end to end ≤ 50 ms,
+`status` and `list` ≤ 40 ms, on an idle machine.  Each call is a new interpreter (the
+command's own script, installed beside the Python that runs the benchmark), timed from fork
+to exit, against `python -c pass` of the same Python in the same rounds: the difference is
+what fentry_build itself costs (imports, the request, the process's answer), the reference
+what no Python command can go below.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from harness import BenchError, Context, Result, row
+
+
+def command() -> list[str]:
+    """`fentry-build` as installed beside this Python, else `python -m fentry_build`."""
+    script = Path(sys.executable).parent / "fentry-build"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "fentry_build"]
+
+
+def timed(ctx: Context, argv: list[str]) -> tuple[float, str]:
+    """(wall seconds from fork to exit, stdout) of a command that must succeed silently on
+    stderr."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=ctx.env(), timeout=120)
+    t = time.perf_counter() - t0
+    if proc.returncode != 0 or proc.stderr.strip():
+        raise BenchError(f"{shlex.join(argv)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+    return t, proc.stdout
+
+
+def reference(ctx: Context) -> float:
+    return timed(ctx, [sys.executable, "-c", "pass"])[0]
+
+
+class Idle:
+    """An instrumented program of N functions started idle (`scale idle`), for the commands
+    to talk to."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.prog = ctx.programs.program(ctx.n, "fentry")
+        self.proc = subprocess.Popen([str(self.prog), "idle"], env=ctx.env(), text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "ready=1" not in line:
+            self.close()
+            raise BenchError(f"{self.prog} idle: {line!r}")
+        self.pid = str(self.proc.pid)
+
+    def close(self) -> None:
+        _, err = self.proc.communicate(timeout=30)
+        if self.proc.returncode != 0 or err.strip():
+            raise BenchError(f"{self.prog} idle exited {self.proc.returncode}: {err!r}")
+
+
+def figures(ctx: Context, rounds: list[dict[str, float]], key: str) -> tuple[float, float]:
+    """(median wall seconds, median difference to `python -c pass` of the same round)."""
+    return (ctx.median_of(rounds, lambda r: r[key]),
+            ctx.median_of(rounds, lambda r: r[key] - r["python -c pass"]))
+
+
+def ms(ctx: Context, rounds: list[dict[str, float]], key: str) -> str:
+    t, d = figures(ctx, rounds, key)
+    return f"{t * 1e3:.0f} ms (python +{d * 1e3:.0f} ms)"
+
+
+def reference_note(ctx: Context, rounds: list[dict[str, float]]) -> str:
+    return (f"`python -c pass` {ctx.median_of(rounds, lambda r: r['python -c pass']) * 1e3:.0f} ms "
+            f"in the same rounds ({len(rounds)} rounds, each call a new process, fork to exit; "
+            f"the command: `{shlex.join(command())}`).")
+
+
+@row("cli_help", "`fentry-build --help`: the interpreter, the package's import and the "
+     "parser", "figure (the commands below include it)")
+def cli_help(ctx: Context) -> Result:
+    def help_() -> float:
+        t, out = timed(ctx, [*command(), "--help"])
+        if "usage: fentry-build" not in out:
+            raise BenchError(f"fentry-build --help printed {out!r}")
+        return t
+
+    rounds = ctx.interleave({"python -c pass": lambda: reference(ctx), "help": help_})
+    return Result(ms(ctx, rounds, "help"), None, reference_note(ctx, rounds))
+
+
+@row("cli_apply", "`fentry-build apply --pid PID PATCH.so` end to end (a one-function patch, "
+     "a program of N functions)", "≤ 50 ms")
+def cli_apply(ctx: Context) -> Result:
+    idle = Idle(ctx)
+    k = ctx.scale.ks[0]
+    patch = ctx.programs.patch(idle.prog, ctx.n, k, "adjacent")
+    try:
+        def apply() -> float:
+            t, out = timed(ctx, [*command(), "apply", "--pid", idle.pid, str(patch), "--json"])
+            reply = json.loads(out)
+            if not reply.get("ok") or reply.get("changed") is False:
+                raise BenchError(f"fentry-build apply {patch}: {out}")
+            return t
+
+        def revert() -> float:
+            t, out = timed(ctx, [*command(), "revert", "--pid", idle.pid, patch.stem, "--json"])
+            if not json.loads(out).get("ok"):
+                raise BenchError(f"fentry-build revert {patch.stem}: {out}")
+            return t
+
+        listed = active_functions(ctx, idle, patch, apply)
+        if listed != k:
+            raise BenchError(f"after apply, list shows {listed} functions of {patch.stem}, not {k}")
+        revert()
+        reverts: list[float] = []
+
+        def cycle() -> float:  # every apply changes the process: the patch is reverted after
+            t = apply()
+            reverts.append(revert())
+            return t
+
+        rounds = ctx.interleave({"python -c pass": lambda: reference(ctx), "apply": cycle})
+        for r, rv in zip(rounds, reverts):
+            r["revert"] = rv
+    finally:
+        idle.close()
+    t, _ = figures(ctx, rounds, "apply")
+    return Result(f"{ms(ctx, rounds, 'apply')}; revert {ms(ctx, rounds, 'revert')}", t <= 0.050,
+                  f"An idle program of N = {ctx.n:,} (default mode); each apply is checked "
+                  "(`--json`: ok, changed) and followed by a revert (timed apart), so that every "
+                  "apply changes the process; `list` showed the patch's functions active. "
+                  + reference_note(ctx, rounds))
+
+
+def active_functions(ctx: Context, idle: Idle, patch: Path, apply: Callable[[], float]) -> int:
+    """Apply once, and count the functions `list --json` shows active for the patch."""
+    apply()
+    _, out = timed(ctx, [*command(), "list", "--pid", idle.pid, "--json"])
+    for p in json.loads(out).get("patches", []):
+        if p.get("name") == patch.stem:
+            return len(p.get("functions", []))
+    raise BenchError(f"fentry-build list: {patch.stem} not listed after apply: {out}")
+
+
+@row("cli_status_list", "`fentry-build status --pid PID` and `list --pid PID` (one patch "
+     "applied, a program of N functions)", "≤ 40 ms each")
+def cli_status_list(ctx: Context) -> Result:
+    idle = Idle(ctx)
+    patch = ctx.programs.patch(idle.prog, ctx.n, ctx.scale.ks[0], "adjacent")
+    try:
+        timed(ctx, [*command(), "apply", "--pid", idle.pid, str(patch)])
+
+        def status() -> float:
+            t, out = timed(ctx, [*command(), "status", "--pid", idle.pid, "--json"])
+            if json.loads(out).get("pid") not in (idle.proc.pid, None):
+                raise BenchError(f"fentry-build status --pid {idle.pid}: {out}")
+            return t
+
+        def list_() -> float:
+            t, out = timed(ctx, [*command(), "list", "--pid", idle.pid, "--json"])
+            if patch.stem not in {p.get("name") for p in json.loads(out).get("patches", [])}:
+                raise BenchError(f"fentry-build list --pid {idle.pid}: {out}")
+            return t
+
+        rounds = ctx.interleave({"python -c pass": lambda: reference(ctx), "status": status,
+                                 "list": list_})
+    finally:
+        idle.close()
+    s, _ = figures(ctx, rounds, "status")
+    li, _ = figures(ctx, rounds, "list")
+    return Result(f"status {ms(ctx, rounds, 'status')}; list {ms(ctx, rounds, 'list')}",
+                  max(s, li) <= 0.040,
+                  f"An idle program of N = {ctx.n:,} with a one-function patch applied; each "
+                  "answer checked (`--json`). " + reference_note(ctx, rounds))
