@@ -11,9 +11,11 @@ what no Python command can go below.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,19 +29,47 @@ def command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "fentry_build"]
 
 
-def timed(ctx: Context, argv: list[str]) -> tuple[float, str]:
-    """(wall seconds from fork to exit, stdout) of a command that must succeed silently on
-    stderr."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=ctx.env(), timeout=120)
-    t = time.perf_counter() - t0
-    if proc.returncode != 0 or proc.stderr.strip():
-        raise BenchError(f"{shlex.join(argv)} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
-    return t, proc.stdout
+Timing = tuple[float, float]  # (wall seconds from fork to exit, CPU seconds)
 
 
-def reference(ctx: Context) -> float:
+def timed(ctx: Context, argv: list[str]) -> tuple[Timing, str]:
+    """((wall, CPU seconds), stdout) of a command that must succeed silently on stderr; CPU
+    (user + system, from wait4()) is what the command costs apart from waiting for a core."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=ctx.env())
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    if proc.returncode != 0 or stderr.strip():
+        raise BenchError(f"{shlex.join(argv)} exited {proc.returncode}:\n{stdout}{stderr}")
+    return (wall, usage.ru_utime + usage.ru_stime), stdout
+
+
+REF = "python -c pass"
+
+
+def reference(ctx: Context) -> Timing:
     return timed(ctx, [sys.executable, "-c", "pass"])[0]
+
+
+def interleave(ctx: Context, variants: dict[str, Callable[[], Timing]]) -> list[dict[str, float]]:
+    """ctx.interleave over timed variants: each round has `key` (wall) and `key cpu`."""
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+
+    def wall_of(k: str) -> float:
+        wall, c = variants[k]()
+        cpu[k].append(c)
+        return wall
+
+    rounds = ctx.interleave({k: lambda k=k: wall_of(k) for k in variants})
+    for i, r in enumerate(rounds):
+        for k in variants:
+            r[f"{k} cpu"] = cpu[k][i]
+    return rounds
 
 
 class Idle:
@@ -64,33 +94,33 @@ class Idle:
             raise BenchError(f"{self.prog} idle exited {self.proc.returncode}: {err!r}")
 
 
-def figures(ctx: Context, rounds: list[dict[str, float]], key: str) -> tuple[float, float]:
-    """(median wall seconds, median difference to `python -c pass` of the same round)."""
-    return (ctx.median_of(rounds, lambda r: r[key]),
-            ctx.median_of(rounds, lambda r: r[key] - r["python -c pass"]))
-
-
 def ms(ctx: Context, rounds: list[dict[str, float]], key: str) -> str:
-    t, d = figures(ctx, rounds, key)
-    return f"{t * 1e3:.0f} ms (python +{d * 1e3:.0f} ms)"
+    """"W ms (python +D ms; CPU C ms)": median wall, median difference to the reference's
+    wall in the same round, median CPU time."""
+    w = ctx.median_of(rounds, lambda r: r[key])
+    d = ctx.median_of(rounds, lambda r: r[key] - r[REF])
+    c = ctx.median_of(rounds, lambda r: r[f"{key} cpu"])
+    return f"{w * 1e3:.0f} ms (python +{d * 1e3:.0f} ms; CPU {c * 1e3:.0f} ms)"
 
 
 def reference_note(ctx: Context, rounds: list[dict[str, float]]) -> str:
-    return (f"`python -c pass` {ctx.median_of(rounds, lambda r: r['python -c pass']) * 1e3:.0f} ms "
-            f"in the same rounds ({len(rounds)} rounds, each call a new process, fork to exit; "
-            f"the command: `{shlex.join(command())}`).")
+    w = ctx.median_of(rounds, lambda r: r[REF])
+    c = ctx.median_of(rounds, lambda r: r[f"{REF} cpu"])
+    return (f"`python -c pass` of the same Python: {w * 1e3:.0f} ms wall, {c * 1e3:.0f} ms CPU, "
+            f"in the same rounds ({len(rounds)} rounds, each call a new process, wall from fork "
+            f"to exit, CPU from wait4(); the command: `{shlex.join(command())}`).")
 
 
 @row("cli_help", "`fentry-build --help`: the interpreter, the package's import and the "
      "parser", "figure (the commands below include it)")
 def cli_help(ctx: Context) -> Result:
-    def help_() -> float:
+    def help_() -> Timing:
         t, out = timed(ctx, [*command(), "--help"])
         if "usage: fentry-build" not in out:
             raise BenchError(f"fentry-build --help printed {out!r}")
         return t
 
-    rounds = ctx.interleave({"python -c pass": lambda: reference(ctx), "help": help_})
+    rounds = interleave(ctx, {REF: lambda: reference(ctx), "help": help_})
     return Result(ms(ctx, rounds, "help"), None, reference_note(ctx, rounds))
 
 
@@ -101,46 +131,46 @@ def cli_apply(ctx: Context) -> Result:
     k = ctx.scale.ks[0]
     patch = ctx.programs.patch(idle.prog, ctx.n, k, "adjacent")
     try:
-        def apply() -> float:
+        def apply() -> Timing:
             t, out = timed(ctx, [*command(), "apply", "--pid", idle.pid, str(patch), "--json"])
             reply = json.loads(out)
             if not reply.get("ok") or reply.get("changed") is False:
                 raise BenchError(f"fentry-build apply {patch}: {out}")
             return t
 
-        def revert() -> float:
+        def revert() -> Timing:
             t, out = timed(ctx, [*command(), "revert", "--pid", idle.pid, patch.stem, "--json"])
             if not json.loads(out).get("ok"):
                 raise BenchError(f"fentry-build revert {patch.stem}: {out}")
             return t
 
-        listed = active_functions(ctx, idle, patch, apply)
+        apply()
+        listed = active_functions(ctx, idle, patch)
         if listed != k:
             raise BenchError(f"after apply, list shows {listed} functions of {patch.stem}, not {k}")
         revert()
-        reverts: list[float] = []
+        reverts: list[Timing] = []
 
-        def cycle() -> float:  # every apply changes the process: the patch is reverted after
+        def cycle() -> Timing:  # every apply changes the process: the patch is reverted after
             t = apply()
             reverts.append(revert())
             return t
 
-        rounds = ctx.interleave({"python -c pass": lambda: reference(ctx), "apply": cycle})
-        for r, rv in zip(rounds, reverts):
-            r["revert"] = rv
+        rounds = interleave(ctx, {REF: lambda: reference(ctx), "apply": cycle})
+        for r, (wall, cpu) in zip(rounds, reverts):
+            r["revert"], r["revert cpu"] = wall, cpu
     finally:
         idle.close()
-    t, _ = figures(ctx, rounds, "apply")
-    return Result(f"{ms(ctx, rounds, 'apply')}; revert {ms(ctx, rounds, 'revert')}", t <= 0.050,
+    wall = ctx.median_of(rounds, lambda r: r["apply"])
+    return Result(f"{ms(ctx, rounds, 'apply')}; revert {ms(ctx, rounds, 'revert')}", wall <= 0.050,
                   f"An idle program of N = {ctx.n:,} (default mode); each apply is checked "
                   "(`--json`: ok, changed) and followed by a revert (timed apart), so that every "
                   "apply changes the process; `list` showed the patch's functions active. "
                   + reference_note(ctx, rounds))
 
 
-def active_functions(ctx: Context, idle: Idle, patch: Path, apply: Callable[[], float]) -> int:
-    """Apply once, and count the functions `list --json` shows active for the patch."""
-    apply()
+def active_functions(ctx: Context, idle: Idle, patch: Path) -> int:
+    """The functions `list --json` shows for the patch."""
     _, out = timed(ctx, [*command(), "list", "--pid", idle.pid, "--json"])
     for p in json.loads(out).get("patches", []):
         if p.get("name") == patch.stem:
@@ -156,25 +186,25 @@ def cli_status_list(ctx: Context) -> Result:
     try:
         timed(ctx, [*command(), "apply", "--pid", idle.pid, str(patch)])
 
-        def status() -> float:
+        def status() -> Timing:
             t, out = timed(ctx, [*command(), "status", "--pid", idle.pid, "--json"])
-            if json.loads(out).get("pid") not in (idle.proc.pid, None):
+            reply = json.loads(out)
+            if reply.get("pid") != idle.proc.pid or reply.get("patches_active") != 1:
                 raise BenchError(f"fentry-build status --pid {idle.pid}: {out}")
             return t
 
-        def list_() -> float:
+        def list_() -> Timing:
             t, out = timed(ctx, [*command(), "list", "--pid", idle.pid, "--json"])
             if patch.stem not in {p.get("name") for p in json.loads(out).get("patches", [])}:
                 raise BenchError(f"fentry-build list --pid {idle.pid}: {out}")
             return t
 
-        rounds = ctx.interleave({"python -c pass": lambda: reference(ctx), "status": status,
-                                 "list": list_})
+        rounds = interleave(ctx, {REF: lambda: reference(ctx), "status": status, "list": list_})
     finally:
         idle.close()
-    s, _ = figures(ctx, rounds, "status")
-    li, _ = figures(ctx, rounds, "list")
+    worst = max(ctx.median_of(rounds, lambda r: r["status"]),
+                ctx.median_of(rounds, lambda r: r["list"]))
     return Result(f"status {ms(ctx, rounds, 'status')}; list {ms(ctx, rounds, 'list')}",
-                  max(s, li) <= 0.040,
+                  worst <= 0.040,
                   f"An idle program of N = {ctx.n:,} with a one-function patch applied; each "
                   "answer checked (`--json`). " + reference_note(ctx, rounds))
