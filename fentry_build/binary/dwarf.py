@@ -19,8 +19,10 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import cast
 
+from elftools.dwarf.aranges import ARanges
 from elftools.dwarf.compileunit import CompileUnit
 from elftools.dwarf.die import DIE
 from elftools.dwarf.dwarf_expr import DWARFExprParser
@@ -144,9 +146,14 @@ class ProgramDwarf:
                 return int(entry.begin_offset if entry.is_absolute else base + entry.begin_offset)
         return None
 
+    @cached_property
+    def _aranges(self) -> ARanges | None:
+        """.debug_aranges, read once (pyelftools reads the whole table at each get_aranges())."""
+        return self.info.get_aranges()
+
     def unit_at(self, addr: int) -> CompileUnit | None:
         """The compile unit whose code covers `addr` (.debug_aranges), if that table exists."""
-        aranges = self.info.get_aranges()
+        aranges = self._aranges
         if aranges is None or not aranges.entries:
             return None
         offset = aranges.cu_offset_at_addr(addr)

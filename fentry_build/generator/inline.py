@@ -90,12 +90,17 @@ class CopyFinder:
         self._binary = binary
         self._dwarf = dwarf
         self._by_address = FunctionsByAddress(binary.functions)
+        # The clones with a fentry site (`.cold` parts and aliases have none), by the name of
+        # the function they copy: one pass over the symbols, not one per replaced function.
+        self._clones: dict[str, list[FunctionInfo]] = {}
+        for c in binary.functions:
+            name = c.clone
+            if name.is_clone and not name.is_alias and not name.is_cold_part and c.site is not None:
+                self._clones.setdefault(name.base, []).append(c)
 
     def clones_of(self, f: FunctionInfo) -> list[FunctionInfo]:
         """f's IPA clones that have a fentry site (`.cold` parts and aliases have none)."""
-        return [c for c in self._binary.functions
-                if c.clone.is_clone and c.clone.base == f.name and not c.clone.is_alias
-                and not c.clone.is_cold_part and c.site is not None and _same_file(c, f)]
+        return [c for c in self._clones.get(f.name, ()) if _same_file(c, f)]
 
     def copies(self, f: FunctionInfo) -> CodeCopies:
         found = CodeCopies(f, clones=self.clones_of(f))

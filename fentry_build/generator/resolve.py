@@ -232,14 +232,16 @@ def resolve_patch(binary: BinaryInfo, patch: PatchSource, warn: Warn | None = No
     """
     resolver = ReplacementResolver(FunctionIndex(binary), patch, finder)
     resolved: list[ResolvedReplacement] = []
+    by_addr: dict[int, ResolvedReplacement] = {}  # one look-up per replacement, not K²
     for rep, orig in zip(patch.replacements, _orig_symbols(patch.replacements)):
         function = resolver.resolve(rep)
-        for earlier in resolved:
-            if earlier.function.addr == function.addr:
-                raise FentryError(
-                    f"{patch.path}:{rep.line}: {rep.spelled()} replaces the same function as "
-                    f"line {earlier.replacement.line}; replace each function once")
-        resolved.append(ResolvedReplacement(rep, function, orig))
+        earlier = by_addr.get(function.addr)
+        if earlier is not None:
+            raise FentryError(
+                f"{patch.path}:{rep.line}: {rep.spelled()} replaces the same function as "
+                f"line {earlier.replacement.line}; replace each function once")
+        by_addr[function.addr] = ResolvedReplacement(rep, function, orig)
+        resolved.append(by_addr[function.addr])
     _check_originals(patch)
     return resolved
 
