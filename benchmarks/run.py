@@ -441,6 +441,16 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def now() -> str:
+    return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def scaling_run(started: str, t0: float, load0: str) -> str:
+    """The scaling section's line on its run: when, how long, the load before and after."""
+    return (f"Run: {started}, {(time.monotonic() - t0) / 60:.1f} minutes. Load average "
+            f"before / after: {load0} / {loadavg()}.")
+
+
 # ---- the report ----------------------------------------------------------------------
 
 
@@ -786,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results or (None if args.quick else HERE / "RESULTS.md")
     command = shlex.join(["python", "benchmarks/run.py", *(argv if argv is not None
                                                           else sys.argv[1:])])
-    started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    started = now()
     t0 = time.monotonic()
     load0 = loadavg()
 
@@ -801,7 +811,8 @@ def main(argv: list[str] | None = None) -> int:
         b = build.Builder(work / "build")
         if args.scaling_only:
             rows = run_scaling(b, scale, runtime, args)
-            section = harness.section(rows, scale, command, args.quick)
+            section = harness.section(rows, scale, command, args.quick,
+                                      scaling_run(started, t0, load0))
             log(f"every scaling row ran and checked its result "
                 f"({time.monotonic() - t0:.0f} s)")
             if results:
@@ -840,8 +851,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"macro: {len(macro)} variants x {s.macro_rounds} rounds")
             run_macro(macro, loadgen, s, runtime)
         if not args.no_scaling:
+            s0, l0, when = time.monotonic(), loadavg(), now()
             scaling = harness.section(run_scaling(b, scale, runtime, args), scale, command,
-                                      args.quick)
+                                      args.quick, scaling_run(when, s0, l0))
     except (BenchError, harness.BenchError, build.BuildError, FentryError) as e:
         log(f"FAILED: {e}")
         return 1

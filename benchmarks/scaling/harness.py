@@ -201,13 +201,14 @@ BEGIN = "<!-- scaling section: written by benchmarks/run.py; do not edit by hand
 END = "<!-- end of the scaling section -->"
 
 
-def section(rows: list[Row], scale: Scale, command: str, quick: bool) -> list[str]:
+def section(rows: list[Row], scale: Scale, command: str, quick: bool, run: str = "") -> list[str]:
     """The scaling section of RESULTS.md (between markers, so that a --scaling-only run can
-    replace it alone)."""
+    replace it alone); `run`: when it ran, how long, the machine's load."""
     L = [BEGIN, "## Scaling: programs of N functions, patches of K", ""]
     if quick:
         L += ["**Smoke run: tiny N and K, one round. Not measurements.**", ""]
-    L += [f"Command: `{command}`. Generated programs of N = {scale.n:,} tiny functions "
+    L += [f"Command: `{command}`. " + (f"{run} " if run else "") +
+          f"Generated programs of N = {scale.n:,} tiny functions "
           "(`x + i`, 100 per file, gcc -O2 -g), built plain and with the flags of "
           "`dependency('fentry')`; patches of K functions (adjacent: the first K; spread: "
           "evenly over the program) registered by the real generator "
