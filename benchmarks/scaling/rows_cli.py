@@ -111,8 +111,14 @@ def reference_note(ctx: Context, rounds: list[dict[str, float]]) -> str:
             f"to exit, CPU from wait4(); the command: `{shlex.join(command())}`).")
 
 
+# What `apply`, `status` and `list` import before they send anything (cli.py imports
+# fleet.command inside the command's function).
+IMPORTS = "import fentry_build.cli, fentry_build.fleet.command"
+
+
 @row("cli_help", "`fentry-build --help`: the interpreter, the package's import and the "
-     "parser", "figure (the commands below include it)")
+     "parser; beside it, importing what apply/status/list import", "figure (the commands "
+     "below include it)")
 def cli_help(ctx: Context) -> Result:
     def help_() -> Timing:
         t, out = timed(ctx, [*command(), "--help"])
@@ -120,8 +126,10 @@ def cli_help(ctx: Context) -> Result:
             raise BenchError(f"fentry-build --help printed {out!r}")
         return t
 
-    rounds = interleave(ctx, {REF: lambda: reference(ctx), "help": help_})
-    return Result(ms(ctx, rounds, "help"), None, reference_note(ctx, rounds))
+    rounds = interleave(ctx, {REF: lambda: reference(ctx), "help": help_,
+                              "imports": lambda: timed(ctx, [sys.executable, "-c", IMPORTS])[0]})
+    return Result(f"{ms(ctx, rounds, 'help')}; `python -c '{IMPORTS}'` {ms(ctx, rounds, 'imports')}",
+                  None, reference_note(ctx, rounds))
 
 
 @row("cli_apply", "`fentry-build apply --pid PID PATCH.so` end to end (a one-function patch, "
