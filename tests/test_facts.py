@@ -127,6 +127,20 @@ def test_site_forms_are_the_headers() -> None:
         assert length is not None and int(length.group(1)) == form.length, (form, comment)
 
 
+def test_the_scan_records_fentry_h_writes_are_the_ones_the_generator_reads() -> None:
+    # fentry.h (FENTRY_GEN_SCAN) writes records of these kinds; generator/patchsrc.py reads them.
+    from fentry_build.generator import patchsrc, scan
+
+    text = FENTRY_H.read_text()
+    written = set(re.findall(r'FENTRY__RECORD\("([\w.]+)"', text))
+    written |= set(re.findall(r'FENTRY__USE\("(\w+)"', text))
+    read = {"replace", "replace_unchecked", "original", "declare_original", "ref", "replace_all",
+            "fentry.h", *patchsrc.CALLBACK_KINDS}
+    assert written == read
+    assert f'section("{scan.SECTION}")' in text and "fentry_scan__" in text
+    assert scan.RECORD_SYMBOL.pattern.startswith("fentry_scan__")
+
+
 def test_callback_macros_are_the_headers() -> None:
     text = FENTRY_H.read_text()
     for macro, field in CALLBACK_MACROS.items():

@@ -18,9 +18,9 @@ from fentry_build.binary import check
 from fentry_build.binary.elf import FunctionInfo, SiteForm, read_binary
 from fentry_build.errors import FentryError
 from fentry_build.generator import main as gen
-from fentry_build.generator.patchsrc import parse_patch_text
 
 from support.builds import INSTRUMENT, build_patch, build_program, run
+from support.patches import scan_text
 from support.cli import python
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
@@ -321,10 +321,10 @@ def twins(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_ambiguous_static_name_lists_files_and_asks_for_the_third_argument(
         twins: Path, tmp_path: Path) -> None:
-    patch = write(tmp_path / "p.c", "static int h(int x) { return x; }\n"
+    patch = write(tmp_path / "p.c", "#include <fentry.h>\nstatic int h(int x) { return x; }\n"
                   "FENTRY_REPLACE(helper, h);\n")
     message = generate_errors(twins, patch)
-    assert message.startswith(f"{patch}:2: helper is ambiguous")
+    assert message.startswith(f"{patch}:3: helper is ambiguous")
     assert "a.c" in message and "b.c" in message
     assert 'FENTRY_REPLACE(helper, h, "a.c")' in message
 
@@ -349,7 +349,7 @@ def test_same_name_replaced_in_two_files_gets_two_originals(twins: Path, tmp_pat
 
 
 def test_file_qualifier_that_matches_nothing(twins: Path, tmp_path: Path) -> None:
-    patch = write(tmp_path / "p.c", 'static int h(int x) { return x; }\n'
+    patch = write(tmp_path / "p.c", '#include <fentry.h>\nstatic int h(int x) { return x; }\n'
                   'FENTRY_REPLACE(helper, h, "c.c");\n')
     message = generate_errors(twins, patch)
     assert 'no function helper of file "c.c"' in message
@@ -370,10 +370,10 @@ def test_a_function_replaced_twice_is_refused_naming_the_first_line(twins: Path,
 
 
 def test_missing_function_suggests_close_names(pie_glibc: Path, tmp_path: Path) -> None:
-    patch = write(tmp_path / "p.c", "static int h(int x) { return x; }\n\n"
+    patch = write(tmp_path / "p.c", "#include <fentry.h>\nstatic int h(int x) { return x; }\n\n"
                   "FENTRY_REPLACE(compte, h);\n")
     message = generate_errors(pie_glibc, patch)
-    assert message.startswith(f"{patch}:3: no function compte in prog")
+    assert message.startswith(f"{patch}:4: no function compte in prog")
     assert "did you mean compute?" in message
 
 
@@ -383,7 +383,8 @@ def test_function_compiled_without_pg_is_not_instrumented(tmp_path: Path) -> Non
         "plain.c": "__attribute__((noinline)) int plain_fn(int x) { return x * 7; }\n",
     }, plain=("plain.c",))
     assert function(prog, "plain_fn").site is None
-    patch = write(tmp_path / "p.c", "static int h(int x) { return x; }\nFENTRY_REPLACE(plain_fn, h);\n")
+    patch = write(tmp_path / "p.c", "#include <fentry.h>\nstatic int h(int x) { return x; }\n"
+                  "FENTRY_REPLACE(plain_fn, h);\n")
     message = generate_errors(prog, patch)
     assert "plain_fn in prog is not instrumented" in message
     assert "-pg -mfentry" in message and "dependency('fentry')" in message
@@ -427,7 +428,7 @@ def test_only_an_ipa_clone_is_named_with_the_fix(tmp_path: Path) -> None:
     names = {f.name for f in read_binary(prog).functions}
     if "scale" in names or not any(n.startswith("scale.") for n in names):
         pytest.skip(f"gcc did not make scale an IPA clone only: {sorted(names)}")
-    patch = write(tmp_path / "p.c", "static int h(int x, int k) { return x + k; }\n"
+    patch = write(tmp_path / "p.c", "#include <fentry.h>\nstatic int h(int x, int k) { return x + k; }\n"
                   "FENTRY_REPLACE(scale, h);\n")
     message = generate_errors(prog, patch)
     assert "scale.constprop.0" in message and "-flive-patching=inline-only-static" in message
@@ -456,9 +457,15 @@ def test_program_without_build_id(tmp_path: Path) -> None:
 
 
 def test_original_without_replace(pie_glibc: Path, tmp_path: Path) -> None:
-    patch = write(tmp_path / "p.c", PATCH_C + "void *x(void) { return FENTRY_ORIGINAL(main, void *); }\n")
-    assert "FENTRY_ORIGINAL(main, ...) but the patch has no FENTRY_REPLACE(main" in \
+    patch = write(tmp_path / "p.c", PATCH_C + "FENTRY_DECLARE_ORIGINAL(main);\n"
+                  "void *x(void) { return FENTRY_ORIGINAL(main, void *); }\n")
+    assert "p.c:15: FENTRY_DECLARE_ORIGINAL(main) but the patch has no FENTRY_REPLACE(main" in \
         generate_errors(pie_glibc, patch)
+    # Without the declaration the compiler stops first; the message names both macros.
+    write(patch, PATCH_C + "void *x(void) { return FENTRY_ORIGINAL(main, void *); }\n")
+    message = generate_errors(pie_glibc, patch)
+    assert "p.c:15: FENTRY_ORIGINAL(main, type) needs FENTRY_DECLARE_ORIGINAL(main);" in message
+    assert "and FENTRY_REPLACE(main, ...) in the patch" in message
 
 
 @pytest.mark.parametrize("content", [b"just text\n", b"\x7fELF\x02\x01\x01" + b"\0" * 30, b""])
@@ -487,24 +494,23 @@ def test_truncated_elf_and_missing_files(pie_glibc: Path, tmp_path: Path,
 
 
 def test_gen_module_cli_reports_errors_in_one_line(pie_glibc: Path, tmp_path: Path) -> None:
-    patch = write(tmp_path / "p.c", "FENTRY_REPLACE(nothere, h);\n")
+    patch = write(tmp_path / "p.c", "#include <fentry.h>\nFENTRY_REPLACE(nothere, h);\n")
     proc = python("-m", "fentry_build.gen", "--binary", str(pie_glibc), "--patch", str(patch),
                "-o", str(tmp_path / "r.c"))
     assert proc.returncode == 1
     assert proc.stderr.startswith("fentry-gen: error: ") and proc.stderr.count("\n") == 1
 
 
+
 # ---- the patch-source parser ----------------------------------------------------------------
 
 
-def parse(text: str) -> list[tuple[str, str, str | None, int]]:
-    patch = parse_patch_text(text, Path("fix.c"))
+def parse(text: str, *flags: str) -> list[tuple[str, str, str | None, int]]:
+    patch = scan_text(text, *flags)
     return [(r.old, r.new, r.file, r.line) for r in patch.replacements]
 
 
-def test_parser_ignores_comments_strings_dead_code_and_the_define() -> None:
-    text = r'''#define FENTRY_REPLACE(old, new, ...) void *const fentry_repl__##new = (void *)&new
-// FENTRY_REPLACE(a, b)
+PREPROCESSED = r"""// FENTRY_REPLACE(a, b)
 /* FENTRY_REPLACE(c, d)
    FENTRY_REPLACE(e, f) */
 const char *s = "FENTRY_REPLACE(g, h)";
@@ -531,21 +537,34 @@ FENTRY_REPLACE \
    "dir/y.c");
 #define WRAP \
   FENTRY_REPLACE(q, r)
-'''
-    assert parse(text) == [("live1", "fix1", None, 15), ("live2", "fix2", "x.c", 18),
-                           ("live3", "fix3", "dir/y.c", 24)]
+#define FIX(f) FENTRY_REPLACE(f, f##_fixed)
+FIX(live4);
+#if defined(VERSION) && VERSION >= 2
+FENTRY_REPLACE(live5, fix5);
+#endif
+"""
 
 
-def test_parser_records_originals() -> None:
-    patch = parse_patch_text("FENTRY_DECLARE_ORIGINAL(f);\nFENTRY_REPLACE(f, g);\n"
-                             "int x = FENTRY_ORIGINAL(f, int (*)(void))();\n", Path("p.c"))
-    assert [(o.old, o.macro, o.line) for o in patch.originals] == [
-        ("f", "FENTRY_DECLARE_ORIGINAL", 1), ("f", "FENTRY_ORIGINAL", 3)]
+def test_the_compiler_finds_the_macros_as_it_sees_them() -> None:
+    # Comments, strings, dead #if groups and an unexpanded macro hold no use; a macro that
+    # expands to one does; #ifdef and #if follow the patch's own flags.
+    assert parse(PREPROCESSED) == [("live1", "fix1", None, 14), ("live3", "fix3", "dir/y.c", 23),
+                                   ("live4", "live4_fixed", None, 29)]
+    assert parse(PREPROCESSED, "-DSOMETHING", "-DVERSION=2") == [
+        ("live1", "fix1", None, 14), ("live2", "fix2", "x.c", 17), ("live3", "fix3", "dir/y.c", 23),
+        ("live4", "live4_fixed", None, 29), ("live5", "fix5", None, 31)]
+
+
+def test_scan_records_originals() -> None:
+    patch = scan_text("FENTRY_DECLARE_ORIGINAL(f);\nFENTRY_REPLACE(f, g);\n"
+                      "int h(void) { return FENTRY_ORIGINAL(f, int (*)(void))(); }\n")
+    assert [(o.old, o.macro, o.line, o.type) for o in patch.originals] == [
+        ("f", "FENTRY_DECLARE_ORIGINAL", 1, ""), ("f", "FENTRY_ORIGINAL", 3, "int (*)(void)")]
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("FENTRY_REPLACE(a);", "fix.c:1: FENTRY_REPLACE takes 2 or 3 arguments"),
-    ("\nFENTRY_REPLACE(a, b, \"c.c\", d);", "fix.c:2: FENTRY_REPLACE takes 2 or 3 arguments"),
+    ("FENTRY_REPLACE(a);", "fix.c:1:"),
+    ("\nFENTRY_REPLACE(a, b, \"c.c\", d);", "fix.c:2: the third argument of FENTRY_REPLACE must be"),
     ("FENTRY_REPLACE(a + 1, b);", "the first argument of FENTRY_REPLACE must be"),
     ("FENTRY_REPLACE(a, &b);", "the second argument of FENTRY_REPLACE must be"),
     ("FENTRY_REPLACE(a, b, c.c);", "the third argument of FENTRY_REPLACE must be"),
@@ -553,10 +572,11 @@ def test_parser_records_originals() -> None:
     ("FENTRY_REPLACE(a, b);\nFENTRY_REPLACE(a, c);", "fix.c:2: FENTRY_REPLACE(a, c) replaces a again"),
     ("FENTRY_REPLACE(a, b, \"x.c\");\nFENTRY_REPLACE(a, c, \"x.c\");", "replaces a again (line 1"),
     ("FENTRY_REPLACE(a, b);\nFENTRY_REPLACE(c, b);", "b already replaces a (line 1)"),
-    ("FENTRY_REPLACE(a, b", "fix.c:1: FENTRY_REPLACE( is never closed"),
+    ("FENTRY_REPLACE(a, b", "unterminated argument list invoking macro \"FENTRY_REPLACE\""),
     ("int x; /* FENTRY_REPLACE(a, b) */", "fix.c: no FENTRY_REPLACE(old, new) in this patch"),
+    ("#if 0\nFENTRY_REPLACE(a, b);\n#endif\n", "none under a false #if either"),
 ])
-def test_parser_errors(text: str, expected: str) -> None:
+def test_scan_errors(text: str, expected: str) -> None:
     with pytest.raises(FentryError) as e:
         parse(text)
     assert expected in str(e.value)

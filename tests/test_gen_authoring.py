@@ -26,9 +26,10 @@ from fentry_build.build import meson_init
 from fentry_build.errors import FentryError
 from fentry_build.generator import main as gen
 from fentry_build.generator import newpatch
-from fentry_build.generator.patchsrc import parse_patch_text
+from fentry_build.generator.scan import PatchCompile
 
 from support.builds import PROGRAMS, build_patch, build_program, run
+from support.patches import scan_text
 from support.cli import python
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
@@ -160,10 +161,10 @@ def test_no_refs_means_zero_and_null(refs_prog: Path, tmp_path: Path) -> None:
 
 
 def test_ref_type_with_parentheses_and_commas_is_one_argument() -> None:
-    patch = parse_patch_text('FENTRY_REPLACE(a, b);\n'
-                             'FENTRY_REF(cb, int (int, const char *), "x.c");\n'
-                             'FENTRY_REF(table, struct entry *[4]);\nFENTRY_REF(fp, void (*)(int, long));\n',
-                             Path("p.c"))
+    patch = scan_text('FENTRY_REPLACE(a, b);\n'
+                      'FENTRY_REF(cb, int (int, const char *), "x.c");\n'
+                      'FENTRY_REF(table, struct entry *[4]);\nFENTRY_REF(fp, void (*)(int, long));\n',
+                      name="p.c")
     assert [(r.name, r.type, r.file, r.line) for r in patch.refs] == [
         ("cb", "int (int, const char *)", "x.c", 2), ("table", "struct entry *[4]", None, 3),
         ("fp", "void (*)(int, long)", None, 4)]
@@ -236,24 +237,26 @@ def test_ref_to_a_function_gcc_only_cloned(tmp_path: Path) -> None:
     prog = build_program([src], tmp_path / "c", with_shim=False)
     if "say" in function_names(prog):
         pytest.skip(f"gcc kept say whole: {sorted(function_names(prog))}")
-    message = generate_error(prog, write(tmp_path / "p.c", "FENTRY_REF(say, void (const char *, int));\n"
+    message = generate_error(prog, write(tmp_path / "p.c", "#include <fentry.h>\n"
+                                         "FENTRY_REF(say, void (const char *, int));\n"
                                          "static int m(void) { return 0; }\nFENTRY_REPLACE(main, m);\n"))
     assert "say has no body of its own" in message and "say.constprop.0" in message
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("FENTRY_REF(a);", "FENTRY_REF takes 2 or 3 arguments"),
-    ("FENTRY_REF(a, int, \"x.c\", 4);", "FENTRY_REF takes 2 or 3 arguments"),
-    ("FENTRY_REF(a + 1, int);", "the first argument of FENTRY_REF must be"),
-    ("FENTRY_REF(a, );", "the second argument of FENTRY_REF must be the type of a"),
+    ("FENTRY_REF(a);", "p.c:2:"),  # the preprocessor: FENTRY_REF needs a type
+    ("FENTRY_REF(a, int, \"x.c\", 4);", "the third argument of FENTRY_REF must be the source file"),
+    ("FENTRY_REF(a + 1, int);", "p.c:2:"),  # the compiler: fentry_ref__a + 1 declares nothing
     ("FENTRY_REF(a, int, x.c);", "the third argument of FENTRY_REF must be the source file"),
-    ("FENTRY_REF(a, int);\nFENTRY_REF(a, long, \"b.c\");", "p.c:3: FENTRY_REF(a, long, \"b.c\") references a again"),
+    ("FENTRY_REF(a, int);\nFENTRY_REF(b, long, \"b.c\");\nFENTRY_REF(b, long);",
+     "p.c:4: FENTRY_REF(b, long) references b again (line 3"),
+    ("FENTRY_REF(b, long);\nFENTRY_REF(b, int);", "p.c:3: FENTRY_REF(b, ...) references b again"),
     ("int f(void) { return FENTRY_VAR(zz); }", "p.c:2: FENTRY_VAR(zz) but the patch has no FENTRY_REF(zz, type)"),
-    ("FENTRY_REF(a, int", "p.c:2: FENTRY_REF( is never closed"),
+    ("FENTRY_REF(a, int", "p.c:2:"),
 ])
-def test_ref_parser_errors(text: str, expected: str) -> None:
+def test_ref_scan_errors(text: str, expected: str) -> None:
     with pytest.raises(FentryError) as e:
-        parse_patch_text("FENTRY_REPLACE(f, g);\n" + text, Path("p.c"))  # text starts on line 2
+        scan_text("FENTRY_REPLACE(f, g);\n" + text, name="p.c")  # text starts on line 2
     assert expected in str(e.value) and "\n" not in str(e.value)
 
 
@@ -295,20 +298,20 @@ def test_all_callbacks_and_replace_all(refs_prog: Path, tmp_path: Path) -> None:
     ("FENTRY_PRE_PATCH(a);\nFENTRY_PRE_PATCH(b);", "p.c:3: FENTRY_PRE_PATCH appears twice (line 2"),
     ("FENTRY_POST_UNPATCH(a);\n\nFENTRY_POST_UNPATCH(a);", "p.c:4: FENTRY_POST_UNPATCH appears twice"),
     ("FENTRY_REPLACE_ALL();\nFENTRY_REPLACE_ALL();", "p.c:3: FENTRY_REPLACE_ALL appears twice"),
-    ("FENTRY_REPLACE_ALL(1);", "FENTRY_REPLACE_ALL takes no arguments"),
+    ("FENTRY_REPLACE_ALL(1);", "p.c:2:"),  # the preprocessor: it takes no arguments
     ("FENTRY_POST_PATCH();", "FENTRY_POST_PATCH takes the name of one function"),
-    ("FENTRY_PRE_UNPATCH(a, b);", "FENTRY_PRE_UNPATCH takes the name of one function"),
+    ("FENTRY_PRE_UNPATCH(a, b);", "p.c:2:"),  # the preprocessor: it takes one
     ("FENTRY_PRE_PATCH(&a);", "FENTRY_PRE_PATCH takes the name of one function"),
 ])
-def test_callback_parser_errors(text: str, expected: str) -> None:
+def test_callback_scan_errors(text: str, expected: str) -> None:
     with pytest.raises(FentryError) as e:
-        parse_patch_text("FENTRY_REPLACE(f, g);\n" + text, Path("p.c"))
+        scan_text("FENTRY_REPLACE(f, g);\n" + text, name="p.c")
     assert expected in str(e.value) and "\n" not in str(e.value)
 
 
 def test_one_of_each_callback_and_a_comment_are_fine() -> None:
-    patch = parse_patch_text("FENTRY_REPLACE(f, g);\n/* FENTRY_PRE_PATCH(x); */\nFENTRY_PRE_PATCH(a);\n"
-                             "FENTRY_POST_PATCH(b);\n#if 0\nFENTRY_REPLACE_ALL();\n#endif\n", Path("p.c"))
+    patch = scan_text("FENTRY_REPLACE(f, g);\n/* FENTRY_PRE_PATCH(x); */\nFENTRY_PRE_PATCH(a);\n"
+                      "FENTRY_POST_PATCH(b);\n#if 0\nFENTRY_REPLACE_ALL();\n#endif\n", name="p.c")
     assert [(c.macro, c.name, c.line) for c in patch.callbacks] == [
         ("FENTRY_PRE_PATCH", "a", 3), ("FENTRY_POST_PATCH", "b", 4)]
     assert not patch.replace_all and patch.callback("pre_unpatch") is None
@@ -468,7 +471,7 @@ def test_no_dwarf_is_said_once(tmp_path: Path) -> None:
                          cflags=["-g0"], with_shim=False)
     patch = replace_patch(tmp_path, "bump", "add_two", "sum_squares")
     _, warnings = generate(prog, patch)
-    assert warnings == [f"{patch}: cannot check for inlined copies: inl has no DWARF; build with -g"]
+    assert warnings == [f"{patch}: cannot check for inlined copies or the patch's types: inl has no DWARF; build with -g"]
     assert "no DWARF" in generate_error(prog, patch, strict=True)
     proc = gen_cli(prog, patch, tmp_path / "r.c")
     assert proc.returncode == 0 and proc.stderr.count("\n") == 1
@@ -499,7 +502,7 @@ def test_function_in_a_file_without_dwarf_is_said(tmp_path: Path) -> None:
     run(["gcc", "-o", str(prog), *objs])
     patch = replace_patch(tmp_path, "work")
     _, (w,) = generate(prog, patch)
-    assert w.startswith(f"{patch}:3: cannot check work for inlined copies")
+    assert w.startswith(f"{patch}:3: cannot check work for inlined copies or its prototype")
     assert "compile" in w and "with -g" in w
 
 
@@ -776,3 +779,115 @@ def test_new_patch_cli(protos: Path, tmp_path: Path) -> None:
                   "--binary", str(protos), "--project", str(project), timeout=TIMEOUT)
     assert proc.returncode == 1
     assert proc.stderr.startswith("fentry-build: error: ") and proc.stderr.count("\n") == 1
+
+
+# ---- the prototype check: the compiler compares the patch's types with the program's ------------
+
+PROTOS_PATCH_HEAD = '#include <stdio.h>\n#include <stdint.h>\n#include <fentry.h>\n#include "authoring_protos.h"\n'
+
+
+def protos_patch(protos: Path, tmp_path: Path, body: str) -> Path:
+    return write(tmp_path / "p.c", PROTOS_PATCH_HEAD + body)
+
+
+def protos_generate(protos: Path, patch: Path, **kw: object) -> tuple[str, list[str]]:
+    compile = PatchCompile.find(patch, explicit=["gcc", f"-I{protos.parent}"])
+    return generate(protos, patch, compile=compile, **kw)
+
+
+def protos_error(protos: Path, patch: Path) -> str:
+    compile = PatchCompile.find(patch, explicit=["gcc", f"-I{protos.parent}"])
+    return generate_error(protos, patch, compile=compile)
+
+
+def test_a_replacement_with_another_prototype_does_not_build(protos: Path, tmp_path: Path) -> None:
+    patch = protos_patch(protos, tmp_path, "static int p2(int a, int b, unsigned char c) "
+                         "{ return a + b + c; }\nFENTRY_REPLACE(plain, p2);\n")
+    message = protos_error(protos, patch)
+    assert message.startswith(f"{patch}:6: the replacement int p2(int, int, unsigned char) does "
+                              "not have the prototype of int plain(int, long, unsigned char) in protos")
+    assert "give p2 the prototype of plain" in message
+    assert "FENTRY_REPLACE_UNCHECKED(plain, p2) if the difference is deliberate" in message
+    out = tmp_path / "reg.c"
+    proc = python("-m", "fentry_build.gen", "--binary", str(protos), "--patch", str(patch), "-o",
+                  str(out), "--", "gcc", f"-I{protos.parent}", timeout=TIMEOUT)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("body", [
+    "static int p2(int a, long b) { return a + (int)b; }\n",          # a parameter too few
+    "static long p2(int a, long b, unsigned char c) { return a + b + c; }\n",  # the return type
+    "static int p2(int a, long *b, unsigned char c) { return a + (int)*b + c; }\n",
+])
+def test_every_kind_of_prototype_difference_is_caught(protos: Path, tmp_path: Path, body: str) -> None:
+    patch = protos_patch(protos, tmp_path, body + "FENTRY_REPLACE(plain, p2);\n")
+    assert "does not have the prototype of int plain(int, long, unsigned char)" in \
+        protos_error(protos, patch)
+
+
+def test_unchecked_replacement_is_the_documented_opt_out(protos: Path, tmp_path: Path) -> None:
+    patch = protos_patch(protos, tmp_path, "static int p2(int a, int b, unsigned char c) "
+                         "{ return a + b + c; }\nFENTRY_REPLACE_UNCHECKED(plain, p2);\n")
+    reg, warnings = protos_generate(protos, patch)
+    assert warnings == [] and '.name = "plain"' in reg
+    assert "FENTRY_REPLACE_UNCHECKED(plain, p2): p.c line 6" in reg
+
+
+def test_other_spellings_of_the_same_types_pass(protos: Path, tmp_path: Path) -> None:
+    # Typedefs resolved (count_t, uint32_t, size_t, visit_fn), arrays decayed, tags by name,
+    # parameter names and top-level qualifiers of parameters are the patch's own business.
+    patch = protos_patch(protos, tmp_path, """
+struct point { int x, y; };
+union number { long i; double d; };
+enum shade { DARK, LIGHT = 4 };
+static unsigned long a2(int *rows, int (*g)[3], const char **lines) { return (unsigned long)rows[0] + (unsigned long)g[0][0] + (lines != 0); }
+static struct point b2(struct point p, union number n, enum shade s, unsigned long c) { (void)n; (void)s; (void)c; return p; }
+static int c2(struct request *const req, unsigned int flags, FILE *out) { return req->id + (int)flags + (out != 0); }
+static int d2(int (*cmp)(const void *, const void *), void (*done)(void), int (*v)(struct request *, void *)) { return (cmp != 0) + (done != 0) + (v != 0); }
+FENTRY_DECLARE_ORIGINAL(arrays);
+static int e2(const int x) { return x + (FENTRY_ORIGINAL(arrays, unsigned long (*)(int *, int (*)[3], const char **)) != 0); }
+FENTRY_REPLACE(arrays, a2);
+FENTRY_REPLACE(by_value, b2);
+FENTRY_REPLACE(with_types, c2);
+FENTRY_REPLACE(callbacks, d2);
+FENTRY_REPLACE(secret, e2, "authoring_protos.c");
+""")
+    reg, warnings = protos_generate(protos, patch)
+    assert warnings == [] and reg.count(".replacement = ") == 5
+
+
+def test_a_wrong_original_type_does_not_build(protos: Path, tmp_path: Path) -> None:
+    patch = protos_patch(protos, tmp_path, "FENTRY_DECLARE_ORIGINAL(plain);\n"
+                         "static int p2(int a, long b, unsigned char c)\n{\n"
+                         "\treturn FENTRY_ORIGINAL(plain, int (*)(int, int, unsigned char))(a, (int)b, c);\n}\n"
+                         "FENTRY_REPLACE(plain, p2);\n")
+    message = protos_error(protos, patch)
+    assert message.startswith(f"{patch}:8: FENTRY_ORIGINAL(plain, int (*)(int, int, unsigned char)): "
+                              "plain in protos is int (*)(int, long, unsigned char); give "
+                              "FENTRY_ORIGINAL that type")
+
+
+def test_a_wrong_ref_type_does_not_build(refs_prog: Path, tmp_path: Path) -> None:
+    patch = ref_patch(tmp_path, "FENTRY_REF(served, int);\nFENTRY_REF(log_line, void (const char *));\n")
+    message = generate_error(refs_prog, patch)
+    assert message.startswith(f"{patch}:3: FENTRY_REF(served, int): served in refs is long; give "
+                              "FENTRY_REF that type")
+    fine = ref_patch(tmp_path, "FENTRY_REF(served, long);\nFENTRY_REF(log_line, void (const char *));\n")
+    assert generate(refs_prog, fine)[1] == []
+    wrong_fn = ref_patch(tmp_path, "FENTRY_REF(log_line, void (char *, int));\n")
+    assert "log_line in refs is void (const char *)" in generate_error(refs_prog, wrong_fn)
+
+
+def test_a_type_the_patch_cannot_name_is_a_warning_and_strict_fails(tmp_path: Path) -> None:
+    # A function of an anonymous struct's typedef: the check needs its name, which the patch
+    # does not declare; the generator says it could not check, and builds.
+    src = write(tmp_path / "anon.c", "typedef struct { int v; } box_t;\n"
+                "__attribute__((noinline, noclone)) int unbox(box_t *b) { return b->v; }\n"
+                "int main(void) { box_t b = { 3 }; return unbox(&b) - 3; }\n")
+    prog = build_program([src], tmp_path / "anon", with_shim=False)
+    patch = write(tmp_path / "p.c", "#include <fentry.h>\nstruct other { int v; };\n"
+                  "static int u2(struct other *b) { return b->v; }\nFENTRY_REPLACE(unbox, u2);\n")
+    _, warnings = generate(prog, patch)
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"{patch}:4: cannot check the type of the replacement u2 of unbox against the program's")
+    assert "--strict" in generate_error(prog, patch, strict=True)

@@ -218,3 +218,29 @@ def test_meson_init_prints_the_snippet_with_the_projects_own_names(tmp_path: Pat
     assert out.returncode == 0, out.stderr
     assert "a generic one: no configured Meson build folder" in out.stdout
     assert "executable('prog', 'prog.c'" in out.stdout
+
+
+@pytest.mark.slow
+def test_the_generator_sees_the_patch_as_its_meson_compile_line_does(tmp_path: Path) -> None:
+    # FENTRY_REPLACE under #ifdef: the generator compiles the patch with its line of
+    # compile_commands.json, so the patch's own c_args decide, as they do for the compiler.
+    project = copy_example("hello", tmp_path / "hello")
+    patch = project / "patches" / "my_patch.c"
+    patch.write_text(patch.read_text().replace(
+        "FENTRY_REPLACE(my_function, my_patch);",
+        "#ifdef WITH_FIX\nFENTRY_REPLACE(my_function, my_patch);\n#endif"))
+    build = project / "meson.build"
+    build.write_text(build.read_text().replace("    dependencies: patch_dep,\n",
+                                               "    dependencies: patch_dep,\n    c_args: ['-DWITH_FIX'],\n"))
+    setup_and_compile(project)
+    meson("compile", "-C", "build", "patches", cwd=project)
+    patched = run(project / "build" / "hello",
+                  {"FENTRY_PATCHES": str(project / "build" / "my_patch.so")})
+    assert patched.stdout == "my_patch: 123\n"
+    build.write_text(build.read_text().replace("    c_args: ['-DWITH_FIX'],\n", ""))
+    failed = subprocess.run([*meson_cmd(), "compile", "-C", "build", "patches"], cwd=project,
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    assert "no FENTRY_REPLACE(old, new) in this patch (as its build compiles it: none under a " \
+           "false #if either)" in failed.stdout + failed.stderr
+

@@ -131,6 +131,8 @@ def test_instrumentation_is_on_compile_lines_only(hello: Path) -> None:
     assert "-shared" in so_link[0].split()
     gen = [line for line in lines if "fentry_build.gen" in line]
     assert len(gen) == 1 and gen[0].startswith(sys.executable + " -m fentry_build.gen --target= --binary hello ")
+    # ... and it compiles the patch as the patch is compiled (its line after --).
+    assert " -- gcc " in gen[0] and f"-I{paths.include_dir()}" in gen[0].split()
 
 
 @pytest.mark.slow

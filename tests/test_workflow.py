@@ -134,14 +134,15 @@ def test_generator_builds_for_an_archived_build_id(built: ServerBuild, tmp_path:
     reg = tmp_path / "fix_parse_reg.c"
     # --binary is the tree's newer build; --build-id (a prefix) names the deployed one.
     gen = python("-m", "fentry_build.gen", "--binary", str(built.other_binary), "--build-id",
-                 v1[:10], "--store", str(store), "--patch", str(FIX_PARSE), "-o", str(reg))
+                 v1[:10], "--store", str(store), "--patch", str(FIX_PARSE), "-o", str(reg),
+                 "--", "gcc", f"-I{EXAMPLE}")
     assert gen.returncode == 0, gen.stderr
     assert f"build-id: {v1}" in reg.read_text()
     patch = link_patch(FIX_PARSE, reg, tmp_path / "fix_parse.so")
     assert cli("apply", "--pid", str(srv.pid), str(patch)).returncode == 0
     assert_fixed(srv)
     unknown = python("-m", "fentry_build.gen", "--build-id", "deadbeef00", "--store", str(store),
-                     "--patch", str(FIX_PARSE), "-o", str(tmp_path / "x.c"))
+                     "--patch", str(FIX_PARSE), "-o", str(tmp_path / "x.c"), "--", "gcc", f"-I{EXAMPLE}")
     assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1
     assert "no build deadbeef00 in the store" in unknown.stderr and v1[:12] in unknown.stderr
 
@@ -155,7 +156,7 @@ def test_generator_builds_for_what_a_process_runs_even_once_deleted(
     assert os.readlink(f"/proc/{srv.pid}/exe").endswith(" (deleted)")
     reg = tmp_path / "fix_parse_reg.c"
     gen = python("-m", "fentry_build.gen", "--binary", f"/proc/{srv.pid}/exe", "--patch",
-                 str(FIX_PARSE), "-o", str(reg))
+                 str(FIX_PARSE), "-o", str(reg), "--", "gcc", f"-I{EXAMPLE}")
     assert gen.returncode == 0, gen.stderr
     text = reg.read_text()
     assert "program:  server\n" in text and '.target = "server"' in text  # not "exe"

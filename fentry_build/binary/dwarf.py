@@ -206,6 +206,14 @@ class ProgramDwarf:
                         and die_name(die) == name):
                     yield die, file
 
+    def variable_at(self, addr: int) -> DIE | None:
+        """The definition of the variable at static address `addr` (a static local too)."""
+        for cu in self.units():
+            for die in cu.iter_DIEs():
+                if die.tag == "DW_TAG_variable" and self.variable_address(die) == addr:
+                    return die
+        return None
+
     def file_of_variable_at(self, addr: int) -> str | None:
         """The source file that defines the variable at `addr` (for a global's qualifier)."""
         for cu in self.units():

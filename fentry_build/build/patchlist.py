@@ -158,7 +158,8 @@ def commands(system: str, binary: Path, name: str) -> list[str]:
     if system == "scons":
         return ["scons patches", apply]
     return [f"python -m fentry_build.gen --binary {shown(binary)} --patch patches/{name}.c "
-            f"-o {name}_reg.c   # then link patches/{name}.c and {name}_reg.c into {name}.so", apply]
+            f"-o {name}_reg.c -- gcc CFLAGS   # CFLAGS: the patch's -I/-D; then link "
+            f"patches/{name}.c and {name}_reg.c into {name}.so", apply]
 
 
 def names(project: Path) -> list[str]:

@@ -193,17 +193,20 @@ def _patch(env: Any, program: Any, workdir: Any, name: str, source: Any) -> tupl
     """The registration of one patch and its NAME.so beside the program."""
     pdir = workdir.Dir("patches")
     src = env.File(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
-    reg = env.Command(
+    benv = env.Clone()  # the user's flags (headers of the program), never -pg
+    benv.Append(CPPPATH=["$FENTRY_INCLUDE_DIR"])
+    reg = benv.Command(
         target=pdir.File(f"{name}_reg.c"),
         source=[program[0], src],  # the program first: a relinked program regenerates it
+        # After --: the line the patch is compiled with (SHCCCOM's), so that the generator
+        # finds its FENTRY_* uses and checks its types as this build compiles it.
         action=[["$FENTRY_PYTHON", "-m", "fentry_build.gen", "--target=$FENTRY_TARGET",
-                 "--binary", "${SOURCES[0]}", "--patch", "${SOURCES[1]}", "-o", "$TARGET"]],
+                 "--binary", "${SOURCES[0]}", "--patch", "${SOURCES[1]}", "-o", "$TARGET",
+                 "--", "$SHCC", "$SHCFLAGS", "$SHCCFLAGS", "$_CCCOMCOM"]],
         ENV=_generator_env(env),
     )
     env.Depends(reg, [env.File(str(t)) for t in sorted(paths.templates_dir().glob("*.c.j2"))])
 
-    benv = env.Clone()  # the user's flags (headers of the program), never -pg
-    benv.Append(CPPPATH=["$FENTRY_INCLUDE_DIR"])
     suffix = env.subst("$SHOBJSUFFIX")
     objs = (benv.SharedObject(target=pdir.File(name + suffix), source=src)
             + benv.SharedObject(target=pdir.File(f"{name}_reg" + suffix), source=reg))

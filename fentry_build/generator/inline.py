@@ -29,9 +29,9 @@ from fentry_build.binary.elf import BinaryInfo, FunctionInfo, file_matches
 
 CLONE_FIX = "build the program with -flive-patching=inline-only-static so GCC keeps {name} whole"
 NOINLINE_FIX = "mark {name} __attribute__((noinline, noclone)) in the program and rebuild it"
-NO_DWARF = "cannot check for inlined copies: {program} has no DWARF; build with -g"
-NO_UNIT_DWARF = ("cannot check {name} for inlined copies: the program's DWARF does not describe it; "
-                 "compile {where} with -g (and without -gsplit-dwarf)")
+NO_DWARF = "cannot check for inlined copies or the patch's types: {program} has no DWARF; build with -g"
+NO_UNIT_DWARF = ("cannot check {name} for inlined copies or its prototype: the program's DWARF does "
+                 "not describe it; compile {where} with -g (and without -gsplit-dwarf)")
 
 
 def _function_name(name: str) -> str:

@@ -1,9 +1,10 @@
 """generator/main.py - the patch generator: checks a patch against the built program and writes its registration C source.
 
 ``python -m fentry_build.gen`` runs main() here.  The way down: the built program is opened
-once (binary.program.Program), the patch source scanned (patchsrc), each FENTRY_REPLACE and
-FENTRY_REF resolved (resolve), copies a patch would miss looked for (inline), and the
-registration rendered (render).
+once (binary.program.Program), the patch compiled as its build compiles it to find its
+FENTRY_* uses (scan, patchsrc), each FENTRY_REPLACE and FENTRY_REF resolved (resolve),
+copies a patch would miss looked for (inline), the patch's types checked by the compiler
+against the program's (protocheck), and the registration rendered (render).
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fentry_build.atomic import write_atomically
+from fentry_build.binary.dwarf import DWARF_ERRORS
 from fentry_build.binary.elf import BinaryInfo
 from fentry_build.binary.program import Program
 from fentry_build.binary.store import resolve_target
 from fentry_build.errors import FentryError
 from fentry_build.generator.inline import CopyFinder, describe, no_dwarf_note
-from fentry_build.generator.patchsrc import PatchSource, parse_patch
+from fentry_build.generator.patchsrc import PatchSource, patch_source
+from fentry_build.generator.protocheck import PrototypeCheck
 from fentry_build.generator.render import render
 from fentry_build.generator.resolve import ResolvedReplacement, resolve_patch, resolve_refs
+from fentry_build.generator.scan import PatchCompile, scan
 
 BUILD_ID_MAX = 64  # FENTRY_BUILD_ID_MAX in shim/include/fentry.h (tests/test_facts.py)
 STRICT_ENV = "FENTRY_STRICT"
@@ -67,37 +72,69 @@ def _stderr_warning(message: str) -> None:
     print(f"fentry-gen: warning: {message}", file=sys.stderr)
 
 
-def generate(binary: Path, patch: Path, warn: Warn | None = None, *, strict: bool = False) -> str:
+def generate(binary: Path, patch: Path, warn: Warn | None = None, *, strict: bool = False,
+             compile: PatchCompile | None = None, inputs: list[Path] | None = None) -> str:
     """The registration source for the patch source `patch` against the built `binary`.
 
     Raises FentryError (one line naming the function and the fix) for anything the
     build can catch.  Code the patch does not reach (inlined copies, IPA clones of a
-    replaced function) and a program without DWARF are warnings, one line per function,
-    sent to `warn` (default: stderr) - or, with `strict`, the first is a FentryError.
+    replaced function), a program without DWARF and a type that cannot be checked are
+    warnings, one line each, sent to `warn` (default: stderr) - or, with `strict`, the
+    first is a FentryError.  `compile` is how the patch's build compiles it (default:
+    PatchCompile.find: its compile_commands.json entry, else plain gcc).  `inputs`, when
+    given, receives the files the result depends on (for a depfile).
     """
     with Program.open(binary) as program:
-        return generate_for(program, patch, warn, strict=strict)
+        return generate_for(program, patch, warn, strict=strict, compile=compile, inputs=inputs)
 
 
 def generate_for(program: Program, patch: Path, warn: Warn | None = None, *,
-                 strict: bool = False) -> str:
+                 strict: bool = False, compile: PatchCompile | None = None,
+                 inputs: list[Path] | None = None) -> str:
     """generate() for a program that is open already (its build-id is checked here, once)."""
     info = program.info
     build_id = check_build_id(info)
-    source = parse_patch(patch)
-    try:
-        dwarf = program.dwarf
-        finder = CopyFinder(info, dwarf)
-        resolved = resolve_patch(info, source, finder=finder)
-        refs = resolve_refs(info, source, dwarf, finder)
-        findings = code_copy_findings(info, source, resolved, finder)
-    except OSError as e:
-        raise FentryError(f"cannot read {program.path}: {e.strerror or e}; pass the built program") from None
-    if strict and findings:
-        raise FentryError(f"{findings[0]} ({STRICT_NOTE})")
-    for line in findings:
-        (warn or _stderr_warning)(line)
+    compile = compile or PatchCompile.find(patch)
+    emit = warn or _stderr_warning
+    with tempfile.TemporaryDirectory(prefix="fentry-gen-") as tmp:
+        work = Path(tmp)
+        scanned = scan(patch, compile, work)
+        if inputs is not None:
+            inputs += [program.path, *scanned.inputs, *([compile.database] if compile.database else [])]
+        source = patch_source(patch, scanned.records, compile.file_of(compile.source))
+        try:
+            dwarf = program.dwarf
+            finder = CopyFinder(info, dwarf)
+            resolved = resolve_patch(info, source, finder=finder)
+            refs = resolve_refs(info, source, dwarf, finder)
+            findings = code_copy_findings(info, source, resolved, finder)
+        except OSError as e:
+            raise FentryError(f"cannot read {program.path}: {e.strerror or e}; pass the built program") from None
+        if strict and findings:
+            raise FentryError(f"{findings[0]} ({STRICT_NOTE})")
+        for line in findings:
+            emit(line)
+        if dwarf is not None:
+            check = PrototypeCheck(program, source, compile)
+            try:
+                check.plan(resolved, refs, dwarf)
+            except DWARF_ERRORS as e:
+                message = f"{patch}: cannot check the patch's types: the DWARF of {program.name} " \
+                          f"cannot be read ({e})"
+                if strict:
+                    raise FentryError(f"{message} ({STRICT_NOTE})") from None
+                emit(message)
+            else:
+                check.run(work, scanned.object, emit, strict)
     return render(info, build_id, source, resolved, refs)
+
+
+def depfile(output: Path, inputs: list[Path]) -> str:
+    """A make rule: `output` depends on `inputs` (spaces escaped, as Ninja reads depfiles)."""
+    def escaped(p: Path) -> str:
+        return str(p).replace("\\", "\\\\").replace(" ", "\\ ").replace("#", "\\#")
+    unique = list(dict.fromkeys(str(p) for p in inputs))
+    return f"{escaped(output)}: " + " \\\n  ".join(escaped(Path(p)) for p in unique) + "\n"
 
 
 def strict_from_environment(environ: dict[str, str] | None = None) -> bool:
@@ -122,9 +159,15 @@ def _parser() -> argparse.ArgumentParser:
                    "else .fentry/builds of the binary's project)")
     p.add_argument("--patch", required=True, type=Path, help="the patch source (.c)")
     p.add_argument("-o", "--output", required=True, type=Path, help="the registration source to write")
+    p.add_argument("--depfile", type=Path, help="also write a make rule of the files the registration "
+                   "depends on (the program, the patch and its headers, compile_commands.json): "
+                   "Meson's depfile:")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 1) where the generator would warn: inlined copies or IPA clones "
                         f"of a replaced function, no DWARF to check for them (also: {STRICT_ENV}=1)")
+    p.add_argument("compile_line", nargs="*", metavar="-- CC ARGS",
+                   help="after --: the compiler and options the build compiles the patch with "
+                        "(default: its entry of compile_commands.json, found from -o's folder)")
     return p
 
 
@@ -132,8 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         binary = resolve_target(args.binary, args.target, args.build_id, args.store)
-        text = generate(binary, args.patch, strict=args.strict or strict_from_environment())
+        compile = PatchCompile.find(args.patch, args.output.parent, args.compile_line or None)
+        inputs: list[Path] = []
+        text = generate(binary, args.patch, strict=args.strict or strict_from_environment(),
+                        compile=compile, inputs=inputs)
         write_atomically(args.output, text)
+        if args.depfile is not None:
+            write_atomically(args.depfile, depfile(args.output, inputs))
     except FentryError as e:
         print(f"fentry-gen: error: {e}", file=sys.stderr)
         return 1

@@ -138,6 +138,16 @@ struct fentry_patch {
 		(void *)&new
 
 /*
+ * FENTRY_REPLACE_UNCHECKED(old, new [, "file.c"]) - FENTRY_REPLACE without the prototype
+ * check the generator makes when the patch is built (the compiler compares `new`'s type
+ * with `old`'s, read from the program's DWARF).  Only for a deliberate difference that is
+ * ABI-compatible on x86-64: `long` for a pointer, a struct of the same layout under
+ * another name, a parameter the replacement ignores left out at the end (docs/patch-
+ * authoring.md, "The prototype check").
+ */
+#define FENTRY_REPLACE_UNCHECKED(old, new, ...) FENTRY_REPLACE(old, new)
+
+/*
  * FENTRY_ORIGINAL(old, type) - in a replacement, the original body of `old` as a
  * function pointer of `type`, e.g.
  *     int (*orig)(int) = FENTRY_ORIGINAL(compute, int (*)(int));
@@ -188,6 +198,93 @@ struct fentry_patch {
 		fentry_cb__post_unpatch = fn
 #define FENTRY_REPLACE_ALL()                                                          \
 	__attribute__((used, visibility("hidden"))) const int fentry_flag__replace_all = 1
+
+/*
+ * For the generator only: `python -m fentry_build.gen` compiles the patch with the patch's
+ * own compile line plus one of these, and never links what it gets.
+ *
+ * FENTRY_GEN_SCAN: each macro also leaves a record of its use in the section .fentry.scan:
+ * "kind\0file\0line\0arg\0arg\0arg", the arguments as written (stringized).  The generator
+ * reads the records from the object, so the macros are found as the compiler sees them:
+ * not under #if 0 or a false #ifdef, and through macros that expand to them.
+ *
+ * FENTRY_GEN_CHECK: with a header of the generator -include'd (FENTRY_CHECK_SKIP_* and
+ * FENTRY_CHECK_TYPE_* for each use: the types of the program's functions and variables,
+ * from its DWARF), each macro has the compiler check the type it is given against the
+ * program's: a replacement with another prototype, a FENTRY_ORIGINAL or FENTRY_REF of
+ * another type fails to build (_Static_assert).  FENTRY_REPLACE_UNCHECKED is not checked.
+ */
+#if defined(FENTRY_GEN_SCAN) || defined(FENTRY_GEN_CHECK)
+#define FENTRY__STR_(x) #x
+#define FENTRY__STR(x) FENTRY__STR_(x)
+#define FENTRY__CAT_(a, b) a##b
+#define FENTRY__CAT(a, b) FENTRY__CAT_(a, b)
+/* A file-scope (or block-scope) object of its own name: keeps `value` referenced. */
+#define FENTRY__KEEP(type, value)                                                     \
+	__attribute__((used)) static type const FENTRY__CAT(fentry_gen_keep__, __COUNTER__) = \
+		value
+#undef FENTRY_REPLACE
+#undef FENTRY_REPLACE_UNCHECKED
+#undef FENTRY_ORIGINAL
+#undef FENTRY_PRE_PATCH
+#undef FENTRY_POST_PATCH
+#undef FENTRY_PRE_UNPATCH
+#undef FENTRY_POST_UNPATCH
+#undef FENTRY_REPLACE_ALL
+#define FENTRY_PRE_PATCH(fn) FENTRY__USE("pre_patch", fn, fentry_pre_patch_fn)
+#define FENTRY_POST_PATCH(fn) FENTRY__USE("post_patch", fn, fentry_callback_fn)
+#define FENTRY_PRE_UNPATCH(fn) FENTRY__USE("pre_unpatch", fn, fentry_callback_fn)
+#define FENTRY_POST_UNPATCH(fn) FENTRY__USE("post_unpatch", fn, fentry_callback_fn)
+#endif
+
+#ifdef FENTRY_GEN_SCAN
+#define FENTRY__RECORD(kind, a, b, c)                                                 \
+	__attribute__((used, section(".fentry.scan"))) static const char                 \
+		FENTRY__CAT(fentry_scan__, __COUNTER__)[] =                                    \
+			kind "\0" __FILE__ "\0" FENTRY__STR(__LINE__) "\0" a "\0" b "\0" c
+/* Records only: the generator checks the names first, then the compiler (FENTRY_GEN_CHECK). */
+#define FENTRY__USE(kind, fn, type) FENTRY__RECORD(kind, #fn, "", "")
+#define FENTRY_REPLACE(old, new, ...) FENTRY__RECORD("replace", #old, #new, #__VA_ARGS__)
+#define FENTRY_REPLACE_UNCHECKED(old, new, ...)                                       \
+	FENTRY__RECORD("replace_unchecked", #old, #new, #__VA_ARGS__)
+#define FENTRY_ORIGINAL(old, type)                                                    \
+	(__extension__({                                                                  \
+		FENTRY__RECORD("original", #old, #type, "");                              \
+		(type)fentry_orig__##old;                                                 \
+	}))
+#undef FENTRY_DECLARE_ORIGINAL
+#define FENTRY_DECLARE_ORIGINAL(old)                                                 \
+	__attribute__((visibility("hidden"))) extern void *fentry_orig__##old;           \
+	FENTRY__RECORD("declare_original", #old, "", "")
+#undef FENTRY_REF
+#define FENTRY_REF(name, type, ...)                                                   \
+	__attribute__((visibility("hidden"))) __typeof__(type) *fentry_ref__##name;      \
+	FENTRY__RECORD("ref", #name, #type, #__VA_ARGS__)
+#define FENTRY_REPLACE_ALL() FENTRY__RECORD("replace_all", "", "", "")
+FENTRY__RECORD("fentry.h", "", "", ""); /* the patch includes this header */
+#endif
+
+#ifdef FENTRY_GEN_CHECK
+#define FENTRY__CHECK(key, actual, what)                                              \
+	_Static_assert(FENTRY__CAT(FENTRY_CHECK_SKIP_, key) ||                            \
+		       __builtin_types_compatible_p(actual, FENTRY__CAT(FENTRY_CHECK_TYPE_, key)), \
+		       "fentry-check " what)
+#define FENTRY__USE(kind, fn, type) FENTRY__KEEP(type, fn)
+#define FENTRY_REPLACE(old, new, ...)                                                 \
+	FENTRY__KEEP(void *, (void *)&new);                                               \
+	FENTRY__CHECK(REPLACE__##new, __typeof__(&new), "replace " #new)
+#define FENTRY_REPLACE_UNCHECKED(old, new, ...) FENTRY__KEEP(void *, (void *)&new)
+#define FENTRY_ORIGINAL(old, type)                                                    \
+	(__extension__({                                                                  \
+		FENTRY__CHECK(ORIGINAL__##old, type, "original " #old);                   \
+		(type)fentry_orig__##old;                                                 \
+	}))
+#undef FENTRY_REF
+#define FENTRY_REF(name, type, ...)                                                   \
+	__attribute__((visibility("hidden"))) __typeof__(type) *fentry_ref__##name;      \
+	FENTRY__CHECK(REF__##name, __typeof__(type), "ref " #name)
+#define FENTRY_REPLACE_ALL() FENTRY__KEEP(int, 1)
+#endif
 
 /*
  * Shadow variables: new data attached to existing objects of the program without

@@ -85,8 +85,9 @@ def build_program(
 def build_patch(binary: Path, patch_c: Path, out: Path, *, cflags: list[str] | None = None) -> Path:
     """Generate the registration with the real generator and link the patch .so."""
     reg = out.with_suffix(".reg.c")
+    # The generator compiles the patch with the flags its build uses (after --).
     run([sys.executable, "-m", "fentry_build.gen", "--binary", str(binary), "--patch", str(patch_c),
-         "-o", str(reg)])
+         "-o", str(reg), "--", "gcc", *(cflags or [])])
     run(["gcc", "-O2", "-g", "-shared", "-fPIC", *(cflags or []), f"-I{paths.include_dir()}",
          "-o", str(out), str(patch_c), str(reg)])
     return out

@@ -26,6 +26,7 @@ from fentry_build.binary.program import Program
 from fentry_build.errors import FentryError
 from fentry_build.generator.inline import CopyFinder
 from fentry_build.generator.newpatch import PATCH_NAME
+from fentry_build.generator.scan import PatchCompile
 from fentry_build.build import patchlist
 from fentry_build.generator import compile_db
 from fentry_build.generator.compile_db import CompileEntry, CompileLine, PathMover
@@ -121,10 +122,15 @@ def _check_name(name: str, project: Path) -> Path:
     return path
 
 
-def _generator_findings(binary: Path, patch: Path) -> list[str]:
-    """The generator's warnings on the patch (errors raise): what `meson compile` will print."""
+def _generator_findings(binary: Path, patch: Path, unit: CompileEntry, patch_dir: Path) -> list[str]:
+    """The generator's warnings on the draft `patch` (errors raise): what `meson compile` will
+    print.  The draft is compiled with the line of a unit it comes from, its includes
+    (relative to patches/) found from `patch_dir` where the patch will be."""
+    line = CompileLine(unit, PathMover(unit.directory, unit.directory)).options()
+    compile = PatchCompile(unit.compiler, (*line, f"-iquote{patch_dir}"), unit.directory,
+                           str(patch), f"the compile line of {unit.file.name}")
     warnings: list[str] = []
-    gen.generate(binary, patch, warnings.append)
+    gen.generate(binary, patch, warnings.append, compile=compile)
     return warnings
 
 
@@ -154,6 +160,7 @@ def patch_from_diff(name: str, binary: Path, *, diff: Path | None = None,
                 source_trees = trees.from_fixed_tree(project, fixed_tree)
             compiler = UnitCompiler(source_trees, keep, work)
             changed_units: list[Unit] = []
+            first_unit: CompileEntry | None = None
             headers: set[Path] = set()
             for entry in entries:
                 if not entry.file.is_relative_to(project):
@@ -165,9 +172,10 @@ def patch_from_diff(name: str, binary: Path, *, diff: Path | None = None,
                 unit_diff = diff_objects(*compiler.objects(entry))
                 if not unit_diff.any:
                     continue
+                first_unit = first_unit or entry
                 changed_units.append(Unit(len(changed_units), entry.file.relative_to(project), unit_diff,
                                           compiler.parse(entry, "fixed"), compiler.parse(entry, "original")))
-            if not changed_units:
+            if not changed_units or first_unit is None:
                 raise FentryError(f"the fix changes no code of {binary.name} (no function or variable of "
                                   "its units compiles differently); nothing to patch")
             planner = Planner(info, CopyFinder(info, program.dwarf), changed_units, sorted(headers))
@@ -177,8 +185,15 @@ def patch_from_diff(name: str, binary: Path, *, diff: Path | None = None,
                                  how=source_trees.how)
             draft = work / f"{name}.c"
             draft.write_text(text, encoding="utf-8")
-            notes = list(plan.notes) + _generator_findings(binary, draft)
-    path.parent.mkdir(parents=True, exist_ok=True)
+            # Its includes are relative to patches/, which must exist for "../x.h" to resolve.
+            made = not path.parent.exists()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                notes = list(plan.notes) + _generator_findings(binary, draft, first_unit, path.parent)
+            except BaseException:
+                if made:
+                    path.parent.rmdir()
+                raise
     with open(path, "x", encoding="utf-8") as out:
         out.write(text)
     registration = patchlist.register(project, name, binary)
