@@ -502,6 +502,31 @@ def test_gen_module_cli_reports_errors_in_one_line(pie_glibc: Path, tmp_path: Pa
 
 
 
+def test_without_a_compile_line_gcc_compiles_the_patch_with_its_folder_or_says_pass_one(
+        pie_glibc: Path, tmp_path: Path) -> None:
+    # What an older Meson snippet (no --) outside any compile_commands.json, or a generator run
+    # by hand, gets: gcc with fentry.h's folder; the patch's "quoted" includes from its folder.
+    patches, include = tmp_path / "patches", tmp_path / "include"
+    patches.mkdir()
+    include.mkdir()
+    write(patches / "local.h", "#define LOCAL 1\n")
+    write(include / "other.h", "#define OTHER 1\n")
+    local = write(patches / "local.c", '#include "local.h"\n' + PATCH_C)
+    out = tmp_path / "r.c"
+    proc = python("-m", "fentry_build.gen", "--binary", str(pie_glibc), "--patch", str(local),
+                  "-o", str(out))
+    assert proc.returncode == 0 and proc.stderr == "" and ".name = \"compute\"" in out.read_text()
+    other = write(patches / "other.c", '#include "other.h"\n' + PATCH_C)
+    proc = python("-m", "fentry_build.gen", "--binary", str(pie_glibc), "--patch", str(other),
+                  "-o", str(tmp_path / "o.c"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"fentry-gen: error: {other} does not compile: ")
+    assert "other.h" in proc.stderr and "pass the patch's compile line after --" in proc.stderr
+    proc = python("-m", "fentry_build.gen", "--binary", str(pie_glibc), "--patch", str(other),
+                  "-o", str(tmp_path / "o.c"), "--", "gcc", f"-I{include}")
+    assert proc.returncode == 0, proc.stderr
+
+
 # ---- the patch-source parser ----------------------------------------------------------------
 
 

@@ -244,3 +244,20 @@ def test_the_generator_sees_the_patch_as_its_meson_compile_line_does(tmp_path: P
     assert "no FENTRY_REPLACE(old, new) in this patch (as its build compiles it: none under a " \
            "false #if either)" in failed.stdout + failed.stderr
 
+
+@pytest.mark.slow
+def test_a_snippet_of_an_older_release_still_builds_its_patches(tmp_path: Path) -> None:
+    # meson.build files written before --depfile: the generator finds the patch's compile
+    # line in the build folder's compile_commands.json (from -o's folder) all the same.
+    project = copy_example("hello", tmp_path / "hello")
+    build = project / "meson.build"
+    old = build.read_text().replace(
+        "    depfile: name + '_reg.d',", "").replace(
+        ",\n              '--depfile', '@DEPFILE@']", "]")
+    assert "--depfile" not in old and "'-o', '@OUTPUT@']" in old
+    build.write_text(old)
+    setup_and_compile(project)
+    meson("compile", "-C", "build", "patches", cwd=project)
+    patched = run(project / "build" / "hello",
+                  {"FENTRY_PATCHES": str(project / "build" / "my_patch.so")})
+    assert patched.stdout == "my_patch: 123\n"

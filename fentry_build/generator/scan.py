@@ -29,6 +29,12 @@ from fentry_build.generator import compile_db
 SECTION = ".fentry.scan"
 RECORD_SYMBOL = re.compile(r"fentry_scan__(\d+)")
 DEFAULT_COMPILER = "gcc"
+# No compile line given (no `--`) and none in a compile_commands.json: what older Meson
+# snippets and hand-run generators get.  The patch's own folder is searched for its
+# "quoted" includes by the compiler anyway, fentry.h's folder is added (command()).
+DEFAULT_ORIGIN = "gcc alone: no compile line after -- and no compile_commands.json entry"
+DEFAULT_FIX = ("pass the patch's compile line after --, e.g. `python -m fentry_build.gen ... "
+               "-- gcc -Iinclude -DNAME`")
 # Compiled for the records only: fast, warning-free whatever the patch's flags, no LTO
 # (an LTO object holds no sections of ours); -g and every static function kept, for the
 # replacements' prototypes in messages.
@@ -133,7 +139,7 @@ class PatchCompile:
                         return cls(entry.compiler, tuple(line.options()), entry.directory,
                                    source, f"{db}", db)
                 break  # the nearest database is the build's: do not look further up
-        return cls(DEFAULT_COMPILER, (), Path.cwd(), str(patch), "gcc (no compile line found)")
+        return cls(DEFAULT_COMPILER, (), Path.cwd(), str(patch), DEFAULT_ORIGIN)
 
     def command(self, extra: list[str]) -> list[str]:
         """The compile line with our fentry.h first and `extra` options, on the source."""
@@ -170,6 +176,9 @@ def compile_error(patch: Path, compile: PatchCompile, found: list[Diagnostic], s
     else:
         text = next((ln for ln in stderr.splitlines() if "error" in ln), stderr.strip()) or \
             f"exit status {code}"
+    if compile.origin == DEFAULT_ORIGIN:
+        return FentryError(f"{patch} does not compile: {text} (compiled with {compile.origin}); "
+                           f"fix the patch, or {DEFAULT_FIX}")
     return FentryError(f"{patch} does not compile: {text} (compiled as its build compiles it: "
                        f"{compile.origin}); fix the patch")
 
