@@ -61,9 +61,10 @@ def generator_env() -> dict[str, str]:
 def generator_command(binary: Path, patch_c: Path, reg: Path,
                       cflags: Sequence[str] = ()) -> list[str]:
     """The generator's command line for a patch (run it with generator_env()): what the
-    Meson subproject runs; the scaling benchmark times it (benchmarks/scaling/rows_generator.py)."""
+    Meson subproject runs; the scaling benchmark times it (benchmarks/scaling/rows_generator.py).
+    After --: the line the patch is compiled with (the generator compiles the patch too)."""
     return [sys.executable, "-m", "fentry_build.gen", "--binary", str(binary), "--patch",
-            str(patch_c), "-o", str(reg)]
+            str(patch_c), "-o", str(reg), "--", "gcc", *cflags]
 
 
 def clang() -> str | None:
