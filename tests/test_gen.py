@@ -357,13 +357,13 @@ def test_file_qualifier_that_matches_nothing(twins: Path, tmp_path: Path) -> Non
 
 
 def test_a_function_replaced_twice_is_refused_naming_the_first_line(twins: Path, tmp_path: Path) -> None:
-    patch = write(tmp_path / "p.c", "static int ha(int x) { return x; }\n"
+    patch = write(tmp_path / "p.c", "#include <fentry.h>\nstatic int ha(int x) { return x; }\n"
                   "static int hb(int x) { return x; }\nstatic int hc(int x) { return x; }\n"
                   'FENTRY_REPLACE(helper, ha, "a.c");\nFENTRY_REPLACE(call_b, hb);\n'
                   'FENTRY_REPLACE(helper, hc, "src/a.c");\n')
     message = generate_errors(twins, patch)
-    assert message.startswith(f"{patch}:6: ")
-    assert "replaces the same function as line 4; replace each function once" in message
+    assert message.startswith(f"{patch}:7: ")
+    assert "replaces the same function as line 5; replace each function once" in message
 
 
 # ---- errors that name the function and the fix ----------------------------------------------
