@@ -159,14 +159,35 @@ class ProgramDwarf:
         offset = aranges.cu_offset_at_addr(addr)
         return self.info.get_CU_at(offset) if offset is not None else None
 
+    @cached_property
+    def _unit_functions(self) -> dict[int, dict[int, DIE]]:
+        """Per unit (by offset, filled as units are asked for): its top-level functions by
+        start address.  A generator run asks for K functions: one pass over each unit they
+        are in, not one per function."""
+        return {}
+
+    def _functions_of(self, cu: CompileUnit) -> dict[int, DIE]:
+        found = self._unit_functions.get(cu.cu_offset)
+        if found is None:
+            found = {}
+            for die in cu.get_top_DIE().iter_children():  # other subtrees skipped (DW_AT_sibling)
+                if die.tag == "DW_TAG_subprogram":
+                    low = die.attributes.get("DW_AT_low_pc")
+                    start = int(low.value) if low is not None else (
+                        self.code_address(die) if "DW_AT_ranges" in die.attributes else None)
+                    if start is not None:
+                        found.setdefault(start, die)
+            self._unit_functions[cu.cu_offset] = found
+        return found
+
     def subprogram_at(self, addr: int) -> DIE | None:
         """The DW_TAG_subprogram whose code starts at `addr` (a concrete function or clone)."""
         unit = self.unit_at(addr)
         units = [unit] if unit is not None else list(self.units())
-        for cu in units:  # functions are children of the unit: skip other subtrees (DW_AT_sibling)
-            for die in cu.get_top_DIE().iter_children():
-                if die.tag == "DW_TAG_subprogram" and self._starts_at(die, addr):
-                    return die
+        for cu in units:  # functions are children of the unit
+            die = self._functions_of(cu).get(addr)
+            if die is not None:
+                return die
         for cu in units:  # GNU C nested functions sit deeper
             for die in cu.iter_DIEs():
                 if die.tag == "DW_TAG_subprogram" and self._starts_at(die, addr):
