@@ -45,7 +45,8 @@ def test_quick_benchmark_runs_every_variant_and_checks_it(tmp_path: Path) -> Non
             assert f"| {row}" in text, row
     # The scaling section: every row of benchmarks/scaling/rows_*.py, between its markers.
     assert "## Scaling: programs of N functions, patches of K" in text
-    for key in ("startup_jump", "memory_idle_jump", "apply_jump_one", "apply_jump_100",
+    for key in ("startup_runtime", "startup_prepared", "memory_idle_runtime",
+                "memory_idle_prepared", "apply_jump_one", "apply_jump_100",
                 "apply_jump_10k", "dispatch_miss", "jump_unpatched_calls",
                 "cli_help", "cli_apply", "cli_status_list", "generator_10k", "generator_50k"):
         assert f"| `{key}` |" in text, key

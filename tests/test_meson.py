@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fentry_build.binary.elf import SiteForm, read_binary
 from fentry_build.build import meson_init
 from fentry_build.errors import FentryError
 
@@ -71,6 +72,42 @@ def test_instrumentation_flags_are_on_compile_lines_only(hello: Path) -> None:
     link = re.search(r"^build hello: c_LINKER .*?(?=^build )", ninja, re.S | re.M)
     assert link is not None
     assert "-pg" not in link.group(0)
+
+
+def my_function_forms(program: Path) -> set[SiteForm]:
+    return {f.site.form for f in read_binary(program).functions
+            if f.site and f.name == "my_function"}
+
+
+@pytest.mark.slow
+def test_the_sites_are_prepared_as_the_program_is_linked(hello: Path) -> None:
+    # The default -Dfentry:sites=prepared: gcc links through the subproject's wrapper.
+    ninja = (hello / "build" / "build.ninja").read_text()
+    link = re.search(r"^build hello: c_LINKER .*?(?=^build )", ninja, re.S | re.M)
+    assert link is not None and "/shim/ldwrap/" in link.group(0)
+    assert my_function_forms(hello / "build" / "hello") == {SiteForm.PREPARED_6}
+    sections = subprocess.run(["readelf", "-SW", str(hello / "build" / "hello")],
+                              capture_output=True, text=True, check=True).stdout
+    assert ".fentry_sites" in sections and "__mcount_loc" not in sections
+    for mode in ("jump", "dispatch"):  # FENTRY_PATCHES at start, in both modes
+        meson("compile", "-C", "build", "patches", cwd=hello)
+        patched = run(hello / "build" / "hello", {
+            "FENTRY_PATCHES": str(hello / "build" / "my_patch.so"), "FENTRY_MODE": mode})
+        assert patched.stdout == "my_patch: 123\n" and patched.stderr == "", (mode, patched)
+
+
+@pytest.mark.slow
+def test_sites_runtime_keeps_the_calls_and_the_site_list(hello: Path) -> None:
+    meson("setup", "build-runtime", "-Dfentry:sites=runtime", cwd=hello)
+    meson("compile", "-C", "build-runtime", cwd=hello)
+    meson("compile", "-C", "build-runtime", "patches", cwd=hello)
+    program = hello / "build-runtime" / "hello"
+    assert my_function_forms(program) == {SiteForm.ADDR32_CALL}
+    sections = subprocess.run(["readelf", "-SW", str(program)], capture_output=True,
+                              text=True, check=True).stdout
+    assert "__mcount_loc" in sections and ".fentry_sites" not in sections
+    patched = run(program, {"FENTRY_PATCHES": str(hello / "build-runtime" / "my_patch.so")})
+    assert patched.stdout == "my_patch: 123\n"
 
 
 @pytest.mark.slow

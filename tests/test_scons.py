@@ -17,8 +17,9 @@ import pytest
 
 import fentry_build
 from fentry_build import paths
+from fentry_build.binary.elf import SiteForm, read_binary
+from fentry_build.build import flags, sharedshim
 from fentry_build.build import scons as fscons
-from fentry_build.build import sharedshim
 
 SCons = pytest.importorskip("SCons", reason="scons is not installed (pip install scons)")
 
@@ -109,9 +110,14 @@ def test_instrumentation_is_on_compile_lines_only(hello: Path) -> None:
         return found
 
     for line in cmd(r" -c .*\bhello\.c$"):
-        for flag in fscons.INSTRUMENT_FLAGS:  # -pg -mfentry -mrecord-mcount -flive-patching=...
+        # The default FENTRY_SITES=prepared: no site list for the shim to read at start.
+        for flag in flags.PREPARED_INSTRUMENT_ARGS:  # -pg -mfentry -flive-patching=...
             assert flag in line.split()
+        assert "-mrecord-mcount" not in line.split()
     assert "-mrecord-mcount" in fscons.INSTRUMENT_FLAGS
+    # After the link, the sites are written into the program (fentry_build.build.prepare).
+    prep = [line for line in lines if "fentry_build.build.prepare" in line]
+    assert len(prep) == 1 and prep[0].startswith(sys.executable + " -m fentry_build.build.prepare hello")
     link = cmd(r"^gcc -o hello ")
     assert len(link) == 1
     assert "-pg" not in link[0].split() and "-mfentry" not in link[0].split()
@@ -135,14 +141,20 @@ def test_instrumentation_is_on_compile_lines_only(hello: Path) -> None:
     assert " -- gcc " in gen[0] and f"-I{paths.include_dir()}" in gen[0].split()
 
 
+def site_forms(program: Path) -> set[SiteForm]:
+    return {f.site.form for f in read_binary(program).functions
+            if f.site and f.name == "my_function"}
+
+
 @pytest.mark.slow
-def test_program_has_the_site_list_and_exports_the_shadow_api(hello: Path) -> None:
+def test_program_has_its_sites_prepared_and_exports_the_shadow_api(hello: Path) -> None:
     # A file the shell would glob `fentry_shadow_*` into, were the flag not quoted.
     (hello / "-Wl,--export-dynamic-symbol=fentry_shadow_decoy").write_text("")
     scons(hello)
     sections = subprocess.run(["readelf", "-SW", str(hello / "hello")], capture_output=True,
                               text=True, check=True).stdout
-    assert "__mcount_loc" in sections, "no site list: jump mode would fall back to dispatch"
+    assert ".fentry_sites" in sections and "__mcount_loc" not in sections
+    assert site_forms(hello / "hello") == {SiteForm.PREPARED_6}
     dynsyms = subprocess.run(["readelf", "--dyn-syms", "-W", str(hello / "hello")],
                              capture_output=True, text=True, check=True).stdout
     assert re.search(r"\bfentry_shadow_get_or_alloc\b", dynsyms)
@@ -236,6 +248,24 @@ def test_tool_by_name_list_of_patches_and_variant_dir(hello: Path) -> None:
              if p.is_file() and p.suffix in {".o", ".os", ".so"} or p.name.endswith("_reg.c")}
     assert built == {"build"}
     assert (hello / "build" / "hello.fentry" / "shim").is_dir()
+
+
+SCONSTRUCT_RUNTIME = """\
+import fentry_build
+env = Environment(tools=['default', fentry_build.scons.generate], FENTRY_SITES='runtime')
+fentry_build.project(env, 'hello', ['hello.c'], patches={'my_patch': 'patches/my_patch.c'})
+"""
+
+
+@pytest.mark.slow
+def test_fentry_sites_runtime_keeps_the_calls_and_the_site_list(hello: Path) -> None:
+    (hello / "SConstruct").write_text(SCONSTRUCT_RUNTIME)
+    scons(hello, ".", "patches")
+    sections = subprocess.run(["readelf", "-SW", str(hello / "hello")], capture_output=True,
+                              text=True, check=True).stdout
+    assert "__mcount_loc" in sections and ".fentry_sites" not in sections
+    assert site_forms(hello / "hello") == {SiteForm.ADDR32_CALL}
+    assert run_program(hello / "hello", hello / "my_patch.so") == PATCHED_OUTPUT
 
 
 SCONSTRUCT_TOP_LEVEL = """\

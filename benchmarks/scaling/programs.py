@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fentry_build import paths
+from fentry_build.build import ldwrap
 
 import build  # benchmarks/build.py
 
@@ -57,7 +58,9 @@ class Programs:
         self._patches: dict[tuple[Path, int, str], Path] = {}
 
     def program(self, n: int, flavour: str) -> Path:
-        """`flavour`: "plain" (gcc -O2, no shim) or "fentry" (instrumented, shim linked)."""
+        """`flavour`: "plain" (gcc -O2, no shim), "fentry" (instrumented, shim linked, the
+        sites readied by the shim at start: -Dfentry:sites=runtime) or "prepared" (the same
+        with the sites prepared as it is linked, the Meson subproject's default)."""
         key = (n, flavour)
         if key not in self._built:
             self._built[key] = self._build(n, flavour)
@@ -67,12 +70,20 @@ class Programs:
         gen = self.b.out / f"scale_src_{n}"
         srcs = [*sources(gen, n), HERE / "driver.c"]
         name = f"scale_{flavour}_{n}"
+        link_extra: list[str] = []
         if flavour == "plain":
             cflags = []
             extra: list[Path] = []
         elif flavour == "fentry":
             cflags = [*self.b.instrument, f"-I{paths.include_dir()}", "-DFENTRY_SHIM"]
             extra = self.b.shim_objects()
+        elif flavour == "prepared":
+            cflags = [*[f for f in self.b.instrument if f != "-mrecord-mcount"],
+                      f"-I{paths.include_dir()}", "-DFENTRY_SHIM"]
+            extra = self.b.shim_objects()
+            wrap = self.b.out / "ldwrap"
+            ldwrap.write(wrap)
+            link_extra = [f"-B{wrap}/"]
         else:
             raise ValueError(f"unknown flavour {flavour}")
         objdir = self.b.out / f"{name}.o"
@@ -87,8 +98,8 @@ class Programs:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             objs = list(pool.map(compile_one, srcs))
         exe = self.b.out / name
-        build.run(["gcc", *build.LINK_FLAGS, "-o", str(exe), *map(str, objs), *map(str, extra),
-                   "-lpthread", "-ldl"])
+        build.run(["gcc", *build.LINK_FLAGS, *link_extra, "-o", str(exe), *map(str, objs),
+                   *map(str, extra), "-lpthread", "-ldl"], env=build.generator_env())
         return exe
 
     def indices(self, n: int, k: int, layout: str) -> list[int]:

@@ -40,6 +40,9 @@ def check_binary(path: Path) -> dict[str, Any]:
         "has_symtab": info.has_symtab,
         "functions": [_function_entry(f) for f in sited],
         "uninstrumented": sum(1 for f in info.functions if _counts_as_uninstrumented(f)),
+        # The sites were prepared at build time (build/prepare.py): jump mode writes nothing
+        # at start; dispatch mode puts the calls back.
+        "sites_prepared": any(f.site.form.prepared for f in sited if f.site is not None),
     }
 
 
@@ -53,6 +56,9 @@ def _summary(report: dict[str, Any]) -> list[str]:
         + (f", call form {', '.join(forms)}" if forms else ""),
         f"  without a fentry site: {report['uninstrumented']} function(s)",
     ]
+    if report.get("sites_prepared"):
+        lines.append("  sites:     prepared at build time (67 a9 / a9: the unpatched form of "
+                     "the calls)")
     if not report.get("has_symtab", True):
         lines.append("  no .symtab (stripped): only exported functions are listed")
     if not report["instrumented"]:

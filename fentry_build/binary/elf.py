@@ -31,6 +31,8 @@ ENDBR64 = b"\xf3\x0f\x1e\xfa"  # endbr64 (-fcf-protection): the site follows it
 CALL_REL32_OPCODE = b"\xe8"  # call rel32
 ADDR32_CALL_OPCODE = b"\x67\xe8"  # addr32 call rel32 (the linker's relaxed GOT call)
 CALL_GOT_OPCODE = b"\xff\x15"  # call *rel32(%rip)
+PREPARED_6_BYTES = b"\x67\xa9\xfd"  # addr32 test $imm32,%eax, imm32's low byte fd (sites.h)
+PREPARED_5_BYTES = b"\xa9\xfe"  # test $imm32,%eax, imm32's low byte fe
 PLT_JMP_OPCODE = b"\xff\x25"  # jmp *rel32(%rip): the first real instruction of a PLT entry
 BND_PREFIX = b"\xf2"  # bnd jmp in MPX-era .plt.sec entries
 PLT_SECTIONS = frozenset({".plt", ".plt.sec", ".plt.got"})
@@ -67,6 +69,10 @@ class SiteForm(enum.Enum):
     CALL_REL32 = "e8"
     ADDR32_CALL = "67 e8"
     CALL_GOT = "ff 15"
+    # Prepared at build time (build/prepare.py): the unpatched form of the two direct calls,
+    # a test whose imm32 keeps the call's rel32 but for its low byte (fd / fe).
+    PREPARED_6 = "67 a9"
+    PREPARED_5 = "a9"
 
     @property
     def c_name(self) -> str:
@@ -75,7 +81,11 @@ class SiteForm(enum.Enum):
 
     @property
     def length(self) -> int:
-        return 5 if self is SiteForm.CALL_REL32 else 6
+        return 5 if self in (SiteForm.CALL_REL32, SiteForm.PREPARED_5) else 6
+
+    @property
+    def prepared(self) -> bool:
+        return self in (SiteForm.PREPARED_6, SiteForm.PREPARED_5)
 
 
 @dataclass(frozen=True)
@@ -269,6 +279,12 @@ class FentryTarget:
         value = self._image.read(slot, 8)  # non-PIE: the linker wrote the address itself
         return len(value) == 8 and struct.unpack("<Q", value)[0] in self._defined
 
+    def is_prepared_call(self, site_end: int, upper: bytes) -> bool:
+        """Was a prepared site (its rel32's upper three bytes kept) a direct call of the
+        binary's own __fentry__?"""
+        return any(struct.pack("<i", f - site_end)[1:] == upper
+                   for f in self._defined if -(1 << 31) <= f - site_end < (1 << 31))
+
     def is_call_target(self, target: int) -> bool:
         """Is a direct call to `target` a call of __fentry__ (itself or its PLT entry)?"""
         if target in self._defined:
@@ -303,22 +319,29 @@ class EntrySiteDecoder:
         if form is None or offset + form.length > len(code):
             return None
         end = offset + form.length
-        pointee = (addr + end + _rel32(code, end - 4)) & _ADDR_MASK
-        if form is SiteForm.CALL_GOT:
-            ok = self._target.is_got_slot(pointee)
+        if form.prepared:
+            ok = self._target.is_prepared_call(addr + end, code[end - 3 : end])
         else:
-            ok = self._target.is_call_target(pointee)
+            pointee = (addr + end + _rel32(code, end - 4)) & _ADDR_MASK
+            if form is SiteForm.CALL_GOT:
+                ok = self._target.is_got_slot(pointee)
+            else:
+                ok = self._target.is_call_target(pointee)
         return FentrySite(form, offset, code[:end]) if ok else None
 
     @staticmethod
     def _form_at(code: bytes, offset: int) -> SiteForm | None:
-        head = code[offset : offset + 2]
-        if head == ADDR32_CALL_OPCODE:
+        head = code[offset : offset + 3]
+        if head[:2] == ADDR32_CALL_OPCODE:
             return SiteForm.ADDR32_CALL
-        if head == CALL_GOT_OPCODE:
+        if head[:2] == CALL_GOT_OPCODE:
             return SiteForm.CALL_GOT
         if head[:1] == CALL_REL32_OPCODE:
             return SiteForm.CALL_REL32
+        if head == PREPARED_6_BYTES:
+            return SiteForm.PREPARED_6
+        if head[:2] == PREPARED_5_BYTES:
+            return SiteForm.PREPARED_5
         return None
 
 

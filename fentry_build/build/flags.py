@@ -25,6 +25,15 @@ PROGRAM_LINK_ARGS = ["-Wl,--build-id=sha1", "-Wl,--export-dynamic-symbol=fentry_
 # program - see shim/arch/x86_64/entry.S - and only jump mode uses it).
 UNLINKED_INSTRUMENT_ARGS = [a for a in LINKED_INSTRUMENT_ARGS if a != "-mrecord-mcount"]
 
+# Where a program's fentry sites get their unpatched form (docs/how-it-works.md): "prepared"
+# in the file as it is linked (build/prepare.py; the default of the Meson option `sites` and
+# of SCons's FENTRY_SITES), or at start by the shim from -mrecord-mcount's list ("runtime").
+# A prepared program is compiled without -mrecord-mcount: its list would only cost
+# relocations at every start.
+SITES = ("prepared", "runtime")
+DEFAULT_SITES = "prepared"
+PREPARED_INSTRUMENT_ARGS = UNLINKED_INSTRUMENT_ARGS
+
 # The shim is never instrumented (it must not call __fentry__ itself) and never takes the
 # user's flags; -Werror keeps it warning-free wherever it is built.
 SHIM_CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-D_GNU_SOURCE"]
@@ -32,5 +41,5 @@ SHIM_CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-D_GN
 # The libraries the shim needs, for programs and the shared shim alike.
 SHIM_LIBS = ["pthread", "dl"]
 
-__all__ = ["LINKED_INSTRUMENT_ARGS", "PROGRAM_LINK_ARGS", "SHIM_CFLAGS", "SHIM_LIBS",
-           "UNLINKED_INSTRUMENT_ARGS"]
+__all__ = ["DEFAULT_SITES", "LINKED_INSTRUMENT_ARGS", "PREPARED_INSTRUMENT_ARGS",
+           "PROGRAM_LINK_ARGS", "SHIM_CFLAGS", "SHIM_LIBS", "SITES", "UNLINKED_INSTRUMENT_ARGS"]

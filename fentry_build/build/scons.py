@@ -115,6 +115,7 @@ def generate(env: Any) -> None:
         FENTRY_PYTHON=sys.executable,
         # '' (the program SCons builds), an archived build-id or a file: what patches are for.
         FENTRY_TARGET=_command_line_argument(TARGET_ARGUMENT),
+        FENTRY_SITES=flags.DEFAULT_SITES,
     )
     env.AddMethod(project, "FentryProject")
 
@@ -133,11 +134,23 @@ def project(env: Any, name: str, sources: Any, patches: Any = None, *, default: 
         generate(env)
     workdir = env.Dir(f"{name}.fentry")  # private files of this program, like Meson's NAME.p/
 
+    sites = env.subst("$FENTRY_SITES")
+    if sites not in flags.SITES:
+        raise ValueError(f"fentry_build.project: FENTRY_SITES={sites!r}; use one of "
+                         f"{', '.join(flags.SITES)}")
     penv = env.Clone()
     penv.Append(CCFLAGS=["$FENTRY_CFLAGS"], CPPPATH=["$FENTRY_INCLUDE_DIR"],
                 LINKFLAGS=["$FENTRY_LINKFLAGS"], LIBS=list(env["FENTRY_SHIM_LIBS"]))
+    if sites == "prepared":  # no site list at start: the program's file holds the sites' form
+        penv["FENTRY_CFLAGS"] = [f for f in env["FENTRY_CFLAGS"] if f != "-mrecord-mcount"]
     srcs = [os.fspath(s) if isinstance(s, os.PathLike) else s for s in env.Flatten([sources])]
     program = penv.Program(name, srcs + _shim_objects(env, workdir.Dir("shim")))
+    if sites == "prepared":
+        # After every link: the sites written into the file (fentry_build/build/prepare.py),
+        # by the interpreter running SCons, which finds this package.
+        penv["ENV"] = _generator_env(env)
+        penv.AddPostAction(program, penv.Action(
+            [["$FENTRY_PYTHON", "-m", "fentry_build.build.prepare", "$TARGET"]]))
     if default:
         env.Default(program)
 

@@ -304,6 +304,7 @@ def format_status(reply: Reply) -> str:
         ("build-id", reply.get("build_id") or "(none)"),
         ("mode", str(reply.get("mode") or "(unknown)")
          + (f" ({reply['mode_reason']})" if reply.get("mode_reason") else "")),
+        ("sites", reply.get("sites") or "(unknown)"),
         *([("rewrites", f"impossible: {reply['rewrite_error']}; apply and revert are refused")]
           if reply.get("rewrite_error") else []),
         ("patches", f"{reply.get('patches_active')} active, {reply.get('patches_loaded')} loaded"),

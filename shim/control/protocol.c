@@ -319,6 +319,7 @@ static void op_status(struct fentry_buf *out)
 	put_string_member(out, "mode", fentry_mode());
 	put_string_member(out, "mode_reason", fentry_mode_reason());
 	put_string_member(out, "rewrite_error", fentry_rewrite_error());
+	put_string_member(out, "sites", fentry_sites_form());
 	fentry_buf_printf(out, ",\"patches_active\":%u,\"patches_loaded\":%u",
 			  fentry_active_count(), loaded);
 	fentry_costs_json(out); /* core/costs.c */

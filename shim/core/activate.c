@@ -46,25 +46,68 @@ static void use_dispatch(const char *why)
 	snprintf(reason, sizeof(reason), "%s", why);
 }
 
+/* What the program's sites hold (status): "prepared", "runtime" or "calls". */
+static const char *sites_state = "calls";
+
+/*
+ * A program whose sites were prepared at build time (docs/how-it-works.md): jump mode
+ * writes nothing at start.  Dispatch mode needs the calls, so they are put back from the
+ * list the build left in the file; where code cannot be written, they cannot, and the
+ * program's own functions cannot be patched (its libraries' still can).
+ */
+static void prepared_init(int dispatch_wanted, int live)
+{
+	char why[FENTRY_ERR_MAX];
+
+	sites_state = "prepared";
+	if (!dispatch_wanted) {
+		if (fentry_poke_init(why) == 0) {
+			jump = 1;
+			reason[0] = '\0';
+			return;
+		}
+		jump = 0;
+		snprintf(reason, sizeof(reason), "%.300s; the program's sites were prepared at "
+			 "build time, so its own functions cannot be patched in dispatch mode", why);
+		return;
+	}
+	if (fentry_poke_init(why) < 0 || fentry_sites_load_prepared(why) < 0 ||
+	    (fentry_poke_restore_calls(live) < 0 &&
+	     fentry_fail(why, "the program's code could not be rewritten") < 0)) {
+		jump = 0;
+		snprintf(reason, sizeof(reason), "FENTRY_MODE=dispatch, but the calls of the "
+			 "program's prepared sites could not be put back (%.300s): its own functions "
+			 "cannot be patched", why);
+		return;
+	}
+	sites_state = "calls";
+	use_dispatch("FENTRY_MODE=dispatch (the sites prepared at build time were made calls "
+		     "again at start)");
+}
+
 FENTRY_HIDDEN void fentry_mode_init(void)
 {
 	const char *want = secure_getenv("FENTRY_MODE");
 	char why[FENTRY_ERR_MAX];
-	int live;
-
-	if (want && strcmp(want, "dispatch") == 0) {
-		use_dispatch("FENTRY_MODE=dispatch");
-		return;
-	}
-	if (want && *want && strcmp(want, "jump") != 0)
-		fprintf(stderr, "fentry: FENTRY_MODE=%s is not jump or dispatch; using jump mode "
-			"where possible\n", want);
+	int dispatch_wanted = want && strcmp(want, "dispatch") == 0;
 	/*
 	 * Normally no other thread exists yet and every site is written at once.  Otherwise
 	 * sites change in two harmless one-byte steps, which `ff 15` sites do not allow:
 	 * those stay calls, served by the table.
 	 */
-	live = thread_count() != 1;
+	int live = thread_count() != 1;
+
+	if (want && *want && !dispatch_wanted && strcmp(want, "jump") != 0)
+		fprintf(stderr, "fentry: FENTRY_MODE=%s is not jump or dispatch; using jump mode "
+			"where possible\n", want);
+	if (fentry_sites_prepared()) {
+		prepared_init(dispatch_wanted, live);
+		return;
+	}
+	if (dispatch_wanted) {
+		use_dispatch("FENTRY_MODE=dispatch");
+		return;
+	}
 	if (fentry_sites_load(live, why) < 0 || fentry_poke_init(why) < 0) {
 		use_dispatch(why);
 		return;
@@ -73,8 +116,14 @@ FENTRY_HIDDEN void fentry_mode_init(void)
 		use_dispatch("the program's code could not be rewritten through /proc/self/mem");
 		return;
 	}
+	sites_state = "runtime";
 	jump = 1;
 	reason[0] = '\0';
+}
+
+FENTRY_HIDDEN const char *fentry_sites_form(void)
+{
+	return sites_state;
 }
 
 FENTRY_HIDDEN const char *fentry_mode(void)
@@ -126,8 +175,16 @@ FENTRY_HIDDEN int fentry_activate(const struct fentry_redirect *r, size_t n, cha
 	size_t old_n = table_now_n;
 	int rc = -1;
 
-	if (!jump)
+	if (!jump) {
+		/* A site prepared at build time whose call was not put back never reaches the table. */
+		for (size_t i = 0; i < n; i++)
+			if (fentry_sites_unpatched_ending_at(r[i].site_end))
+				return fentry_fail(err, "the function whose site ends at %p cannot be "
+						   "patched: its site was prepared at build time and this "
+						   "process runs in dispatch mode without the calls (see "
+						   "status's mode_reason)", (void *)r[i].site_end);
 		return publish_table(r, n, err);
+	}
 
 	/*
 	 * Only the sites named by the new set or patched now can change: mark each with

@@ -16,6 +16,11 @@ FENTRY_HIDDEN const char *fentry_mode_reason(void);
 /* Jump mode only: why code cannot be rewritten any more (a seccomp filter installed
  * after start...), so apply and revert are refused; NULL while it can. */
 FENTRY_HIDDEN const char *fentry_rewrite_error(void);
+/*
+ * What the program's fentry sites hold: "prepared" (their unpatched form, written into the
+ * file by the build), "runtime" (written at start) or "calls" (dispatch mode).
+ */
+FENTRY_HIDDEN const char *fentry_sites_form(void);
 /* 1 in jump mode. */
 FENTRY_HIDDEN int fentry_jump_mode(void);
 /*

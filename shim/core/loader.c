@@ -243,6 +243,11 @@ static int entry_differs(const struct fentry_func *f, uintptr_t addr)
 	const struct fentry_site *s = fentry_jump_mode() ? fentry_site_at(addr + f->site_offset)
 							 : NULL;
 
+	if (s == NULL && (f->site_form == FENTRY_SITE_PREPARED_6 ||
+			  f->site_form == FENTRY_SITE_PREPARED_5)) /* the calls were put back */
+		return memcmp((const void *)addr, f->entry, f->site_offset) != 0 ||
+		       !fentry_site_bytes_match((const uint8_t *)addr + f->site_offset,
+						f->entry + f->site_offset, f->site_len);
 	if (s == NULL)
 		return memcmp((const void *)addr, f->entry, f->entry_len) != 0;
 	return s->len != f->site_len ||

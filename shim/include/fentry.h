@@ -56,13 +56,16 @@ extern "C" {
 
 /*
  * The forms gcc and the linker give the call to __fentry__ at a function's entry
- * (measured on gcc 12 / binutils 2.40: docs/measurements.md).  An optional endbr64
- * (f3 0f 1e fa, -fcf-protection) may come first; then site_offset is 4.
+ * (measured on gcc 12 / binutils 2.40: docs/measurements.md), and the unpatched forms a
+ * build writes over them when it prepares the sites (docs/how-it-works.md).  An optional
+ * endbr64 (f3 0f 1e fa, -fcf-protection) may come first; then site_offset is 4.
  */
 enum fentry_site_form {
 	FENTRY_SITE_CALL_REL32 = 1,  /* e8 <rel32>: -fno-pie, or via the PLT    (5 bytes) */
 	FENTRY_SITE_ADDR32_CALL = 2, /* 67 e8 <rel32>: relaxed, shim linked in  (6 bytes) */
 	FENTRY_SITE_CALL_GOT = 3,    /* ff 15 <rel32>: call *__fentry__@GOTPCREL(%rip) (6) */
+	FENTRY_SITE_PREPARED_6 = 4,  /* 67 a9 <imm32>: 67 e8 prepared at build time (6 bytes) */
+	FENTRY_SITE_PREPARED_5 = 5,  /* a9 <imm32>: e8 prepared at build time       (5 bytes) */
 };
 
 /*

@@ -165,6 +165,11 @@ const char *fentry_rewrite_error(void)
 	return NULL;
 }
 
+const char *fentry_sites_form(void)
+{
+	return "calls";
+}
+
 int fentry_module_main(struct fentry_module *out)
 {
 	uint32_t i;

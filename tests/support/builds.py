@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from fentry_build import paths
-from fentry_build.build import flags, meson_init, sharedshim
+from fentry_build.build import flags, ldwrap, meson_init, sharedshim
 
 TESTS = Path(__file__).resolve().parent.parent
 PROGRAMS = TESTS / "programs"
@@ -66,17 +66,30 @@ def build_program(
     ldflags: list[str] | None = None,
     with_shim: bool = True,
     shim_cflags: list[str] | None = None,
+    sites: str = "runtime",
 ) -> Path:
-    """Build an instrumented program: flags on compile lines only, shim linked, no -pg at link."""
+    """Build an instrumented program: flags on compile lines only, shim linked, no -pg at link.
+
+    `sites` "runtime" (compiled with -mrecord-mcount: the shim readies the sites at start)
+    or "prepared" (without it, linked through the linker wrapper of
+    fentry_build.build.ldwrap, which writes the sites' unpatched form into the file, as the
+    Meson subproject's default does).
+    """
+    instrument = INSTRUMENT if sites == "runtime" else list(flags.PREPARED_INSTRUMENT_ARGS)
+    link_extra: list[str] = []
+    if sites == "prepared":
+        wrap = out.parent / (out.name + ".ldwrap")
+        ldwrap.write(wrap)
+        link_extra = [f"-B{wrap}/"]
     objs: list[Path] = []
     for src in sources:
         obj = out.parent / (out.name + "." + src.name + ".o")
-        run(["gcc", "-O2", "-g", *INSTRUMENT, *(cflags or []), f"-I{paths.include_dir()}",
+        run(["gcc", "-O2", "-g", *instrument, *(cflags or []), f"-I{paths.include_dir()}",
              "-c", str(src), "-o", str(obj)])
         objs.append(obj)
     if with_shim:
         objs += build_shim_objects(out.parent / (out.name + ".shim"), shim_cflags)
-    run(["gcc", *(cflags or []), *(ldflags or []), *flags.PROGRAM_LINK_ARGS,
+    run(["gcc", *(cflags or []), *(ldflags or []), *flags.PROGRAM_LINK_ARGS, *link_extra,
          "-o", str(out), *map(str, objs),
          "-lpthread", "-ldl"])
     return out

@@ -141,6 +141,22 @@ __fentry__:
 	.size	__fentry__, .-__fentry__
 
 	/*
+	 * The probe site: never called, it holds one call of __fentry__ as every instrumented
+	 * function's entry does (e8 <rel32>: direct, __fentry__ is defined here).  A build that
+	 * prepares the sites (fentry_build/build/prepare.py) changes it with all the others,
+	 * so the shim reads here, at start, whether it has anything to write (sites.c).
+	 */
+	.text
+	.p2align 4
+	.type	fentry_probe_site, @function
+fentry_probe_site:
+	call	__fentry__
+	ret
+	.size	fentry_probe_site, .-fentry_probe_site
+	.hidden	fentry_probe_site
+	.globl	fentry_probe_site
+
+	/*
 	 * The site list for jump mode.  -mrecord-mcount makes gcc list the address of every
 	 * fentry call in a read-only section __mcount_loc; in a PIE those addresses need
 	 * run-time relocations, so a read-only section would mean DT_TEXTREL (a warning,

@@ -526,14 +526,13 @@ static void bits_set(struct tramp_area *a, size_t off, size_t len, int on)
 /* Map a new area within reach of a rel32 jump from every site. */
 static struct tramp_area *new_area(void)
 {
-	size_t n = fentry_sites_count();
-	unsigned len;
-	uintptr_t lo = fentry_sites_addr(0, &len), hi = fentry_sites_addr(n - 1, &len) + len;
+	uintptr_t lo, hi;
 	const uintptr_t step = 1u << 20, reach = (uintptr_t)1 << 30;
 	struct tramp_area *a = calloc(1, sizeof(*a));
 
-	if (!a)
-		return NULL;
+	fentry_sites_code(&lo, &hi);
+	if (!a || hi == 0)
+		return free(a), NULL;
 	/* Try 1 MiB steps above the code, then below it, up to 1 GiB away. */
 	for (int dir = 0; dir < 2; dir++)
 		for (uintptr_t d = step; d < reach; d += step) {
@@ -876,6 +875,49 @@ out:
 	stats.startup_ns = now_ns() - t0;
 	free(ops);
 	free(orig);
+	free(buf);
+	return rc;
+}
+
+/*
+ * A prepared program in dispatch mode: every site becomes the call gcc emitted again (its
+ * rel32 computed: the call of this shim's __fentry__), the reverse of prepare_all.
+ */
+extern void __fentry__(void);
+
+FENTRY_HIDDEN int fentry_poke_restore_calls(int live)
+{
+	size_t n = fentry_sites_count();
+	struct site_op *ops = calloc(n ? n : 1, sizeof(*ops));
+	uint8_t *buf = malloc(RUN_MAX);
+	uint64_t t0 = now_ns();
+	int rc = -1;
+
+	if (!ops || !buf)
+		goto out;
+	for (size_t i = 0; i < n; i++) {
+		unsigned len;
+		struct site_op *o = &ops[i];
+		int32_t rel;
+
+		o->addr = fentry_sites_addr(i, &len);
+		o->len = (uint8_t)len;
+		memcpy(o->now, (const void *)o->addr, len);
+		memcpy(o->to, o->now, len);
+		rel = (int32_t)((intptr_t)(uintptr_t)&__fentry__ - (intptr_t)(o->addr + len));
+		o->to[site_op_at(len)] = SITE_OP_CALL;
+		memcpy(o->to + site_op_at(len) + 1, &rel, 4);
+		/* Its tail must already be the call's (prepare.py kept it); else leave it be. */
+		if (memcmp(o->to + site_tail_at(len), o->now + site_tail_at(len), SITE_TAIL_LEN) != 0)
+			memcpy(o->to, o->now, len);
+	}
+	if (convert(ops, n, buf, live, 0) < 0 || sync_cores() < 0)
+		goto out;
+	stats.startup_sites = n;
+	rc = 0;
+out:
+	stats.startup_ns = now_ns() - t0;
+	free(ops);
 	free(buf);
 	return rc;
 }

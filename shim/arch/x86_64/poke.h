@@ -17,6 +17,12 @@ FENTRY_HIDDEN int fentry_poke_init(char *err);
  */
 FENTRY_HIDDEN int fentry_poke_prepare_all(int live);
 /*
+ * The reverse, for a program whose sites were prepared at build time and that must run
+ * in dispatch mode: every site of the list (fentry_sites_load_prepared()) becomes the call
+ * of __fentry__ again (`live`: in two harmless one-byte steps, operand then opcode).
+ */
+FENTRY_HIDDEN int fentry_poke_restore_calls(int live);
+/*
  * Point batch[i] at next[i] (0: unpatched), all or nothing, with the spin protocol of
  * poke.c; writes the trampolines the new targets need.  Blocks every signal in the
  * calling thread meanwhile.  Callers hold the loader's lock.  -1 with one line in err

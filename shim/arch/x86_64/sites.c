@@ -12,9 +12,18 @@
  * with the top bit set for 6-byte sites - sorted, and searched by bisection.  Per-site
  * state (struct fentry_site, sites.h) exists only for the sites a patch has named, in a
  * hash table keyed by address; a process that patches nothing holds none.
+ *
+ * Sites prepared at build time (fentry_build/build/prepare.py) are already in their
+ * unpatched form in the file, and the program has no __mcount_loc: no list is read at
+ * start.  A site is then recognised by its form where a validated patch says a function's
+ * site is; the list the build wrote into the non-loaded section .fentry_sites is read
+ * from the program's file only when the calls must come back (dispatch mode).
  */
+#include <elf.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "arch/x86_64/sites.h"
 #include "core/module.h"
@@ -22,6 +31,7 @@
 extern const uintptr_t __start___mcount_loc[] __attribute__((weak, visibility("hidden")));
 extern const uintptr_t __stop___mcount_loc[] __attribute__((weak, visibility("hidden")));
 extern void __fentry__(void);
+extern void fentry_probe_site(void); /* entry.S: a site that build-time preparation changes */
 
 #define LEN6_BIT 0x80000000u /* in a list entry: the site is 6 bytes long */
 #define OFFSET_MASK 0x7fffffffu
@@ -29,6 +39,9 @@ extern void __fentry__(void);
 static uint32_t *list; /* sorted by offset */
 static size_t nlist;
 static uintptr_t base; /* the main program's load base */
+static int prepared;   /* the sites were prepared at build time */
+static unsigned ncode; /* the main program's executable segments */
+static struct { uintptr_t start, end; } code[FENTRY_MODULE_SEGMENTS];
 
 /* Records: allocated in chunks (they never move), found through an address hash. */
 #define CHUNK 256
@@ -79,20 +92,60 @@ static int by_offset(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-FENTRY_HIDDEN int fentry_sites_load(int direct_only, char *err)
+static int in_code(uintptr_t addr, size_t len)
 {
-	size_t n = (size_t)(__stop___mcount_loc - __start___mcount_loc);
+	for (unsigned i = 0; i < ncode; i++)
+		if (addr >= code[i].start && addr + len <= code[i].end && addr + len > addr)
+			return 1;
+	return 0;
+}
+
+/* The length of the unpatched form at p (6 or 5), or 0. */
+static unsigned unpatched_length(const uint8_t *p)
+{
+	if (p[0] == SITE_OP_ADDR32 && p[1] == SITE_OP_TEST && p[2] == SITE_REL8_6)
+		return 6;
+	if (p[0] == SITE_OP_TEST && p[1] == SITE_REL8_5)
+		return 5;
+	return 0;
+}
+
+/* The main program's code, and whether its sites were prepared; once. */
+static int learn_program(char *err)
+{
+	static int learnt;
 	struct fentry_module main_mod;
 
+	if (learnt)
+		return 0;
 	if (fentry_module_main(&main_mod) < 0)
 		return fentry_fail(err, "the main program's segments were not found");
 	if (!fentry_module_contains_code(&main_mod, (uintptr_t)&__fentry__, 1))
 		return fentry_fail(err, "the shim is not linked into the program (preloaded or "
 				   "attached); jump mode needs the program built with dependency('fentry')");
+	base = main_mod.base;
+	ncode = main_mod.nexec;
+	for (unsigned i = 0; i < ncode; i++) {
+		code[i].start = main_mod.exec[i].start;
+		code[i].end = main_mod.exec[i].end;
+	}
+	/* entry.S's probe site: a call, unless the build prepared every site. */
+	prepared = unpatched_length((const uint8_t *)(uintptr_t)&fentry_probe_site) == 5;
+	learnt = 1;
+	return 0;
+}
+
+FENTRY_HIDDEN int fentry_sites_load(int direct_only, char *err)
+{
+	size_t n = (size_t)(__stop___mcount_loc - __start___mcount_loc);
+
+	if (learn_program(err) < 0)
+		return -1;
+	if (prepared)
+		return 0;
 	if (__start___mcount_loc == NULL || n == 0)
 		return fentry_fail(err, "the program has no fentry site list (build it with "
 				   "dependency('fentry'), which adds -mrecord-mcount)");
-	base = main_mod.base;
 	list = malloc(n * sizeof(*list));
 	if (!list)
 		return fentry_fail(err, "out of memory");
@@ -102,7 +155,7 @@ FENTRY_HIDDEN int fentry_sites_load(int direct_only, char *err)
 		unsigned len;
 
 		/* Only sites inside the program's own code, checked byte by byte. */
-		if (!fentry_module_contains_code(&main_mod, a, SITE_MAX_LEN) || a - base > OFFSET_MASK)
+		if (!in_code(a, SITE_MAX_LEN) || a - base > OFFSET_MASK)
 			continue;
 		len = call_length((const uint8_t *)a, direct_only);
 		if (len == 0)
@@ -132,6 +185,23 @@ FENTRY_HIDDEN uintptr_t fentry_sites_addr(size_t i, unsigned *len)
 {
 	*len = list[i] & LEN6_BIT ? 6 : 5;
 	return base + (list[i] & OFFSET_MASK);
+}
+
+FENTRY_HIDDEN int fentry_sites_prepared(void)
+{
+	char ignored[FENTRY_ERR_MAX];
+
+	return learn_program(ignored) == 0 && prepared;
+}
+
+FENTRY_HIDDEN void fentry_sites_code(uintptr_t *lo, uintptr_t *hi)
+{
+	*lo = ncode ? code[0].start : 0;
+	*hi = ncode ? code[0].end : 0;
+	for (unsigned i = 1; i < ncode; i++) {
+		*lo = code[i].start < *lo ? code[i].start : *lo;
+		*hi = code[i].end > *hi ? code[i].end : *hi;
+	}
 }
 
 /* The list entry of the site starting at addr, or -1. */
@@ -216,19 +286,33 @@ static void unpatched(unsigned len, const uint8_t *tail, uint8_t *out)
 	memcpy(out + site_tail_at(len), tail, SITE_TAIL_LEN);
 }
 
+/* The length of the site starting at addr (known to have no record yet), or 0. */
+static unsigned site_length(uintptr_t addr)
+{
+	long i;
+	unsigned len;
+
+	if (prepared) /* recognised by its form, inside the program's code */
+		return in_code(addr, SITE_MAX_LEN) ? unpatched_length((const uint8_t *)addr) : 0;
+	i = find(addr);
+	if (i < 0)
+		return 0;
+	fentry_sites_addr((size_t)i, &len);
+	return len;
+}
+
 FENTRY_HIDDEN struct fentry_site *fentry_site_at(uintptr_t addr)
 {
 	struct fentry_site **slot, *s;
-	long i = find(addr);
 	unsigned len;
 
-	if (i < 0)
-		return NULL;
 	if (map_cap && *(slot = map_find(addr)))
 		return *slot;
+	len = site_length(addr);
+	if (len == 0)
+		return NULL;
 	if ((2 * (map_n + 1) > map_cap && map_grow() < 0) || (s = new_record()) == NULL)
 		return NULL;
-	fentry_sites_addr((size_t)i, &len);
 	s->addr = addr;
 	s->len = (uint8_t)len;
 	/*
@@ -247,11 +331,12 @@ FENTRY_HIDDEN struct fentry_site *fentry_site_at(uintptr_t addr)
 FENTRY_HIDDEN struct fentry_site *fentry_site_ending_at(uintptr_t site_end, int *oom)
 {
 	for (unsigned len = 6; len >= 5; len--) {
-		long i = find(site_end - len);
-		unsigned l;
+		struct fentry_site **slot = map_cap ? map_find(site_end - len) : NULL;
 		struct fentry_site *s;
 
-		if (i < 0 || (fentry_sites_addr((size_t)i, &l), l != len))
+		if (slot && *slot && (*slot)->len == len)
+			return *oom = 0, *slot;
+		if (site_length(site_end - len) != len)
 			continue;
 		s = fentry_site_at(site_end - len);
 		*oom = s == NULL;
@@ -259,6 +344,112 @@ FENTRY_HIDDEN struct fentry_site *fentry_site_ending_at(uintptr_t site_end, int 
 	}
 	*oom = 0;
 	return NULL;
+}
+
+/*
+ * The list a build wrote into .fentry_sites (prepare.py: "FENTSITE", version, count, then
+ * count entries as our list's), read from the program's file, which must be the build
+ * that runs (same build-id).  For dispatch mode only, which needs every call back.
+ */
+#define SITES_SECTION ".fentry_sites"
+#define SITES_MAGIC "FENTSITE"
+
+static int read_at(int fd, void *buf, size_t len, off_t off)
+{
+	return pread(fd, buf, len, off) == (ssize_t)len ? 0 : -1;
+}
+
+static int file_build_id_matches(int fd, const Elf64_Shdr *sh, const struct fentry_module *m)
+{
+	uint8_t note[sizeof(Elf64_Nhdr) + 4 + FENTRY_BUILD_ID_MAX];
+	Elf64_Nhdr nh;
+
+	if (sh->sh_size < sizeof(nh) + 4 || sh->sh_size > sizeof(note) ||
+	    read_at(fd, note, sh->sh_size, (off_t)sh->sh_offset) < 0)
+		return 0;
+	memcpy(&nh, note, sizeof(nh));
+	return nh.n_type == NT_GNU_BUILD_ID && nh.n_namesz == 4 && nh.n_descsz == m->build_id_len &&
+	       sizeof(nh) + 4 + nh.n_descsz <= sh->sh_size &&
+	       memcmp(note + sizeof(nh) + 4, m->build_id, m->build_id_len) == 0;
+}
+
+FENTRY_HIDDEN int fentry_sites_load_prepared(char *err)
+{
+	struct fentry_module m;
+	Elf64_Ehdr eh;
+	Elf64_Shdr *sh = NULL;
+	char *names = NULL;
+	int fd = open("/proc/self/exe", O_RDONLY | O_CLOEXEC), rc = -1, id_ok = 0;
+	uint32_t head[2];
+	const Elf64_Shdr *found = NULL;
+
+	if (fd < 0)
+		return fentry_fail(err, "the program's file cannot be read (/proc/self/exe)");
+	if (fentry_module_main(&m) < 0 || read_at(fd, &eh, sizeof(eh), 0) < 0 ||
+	    eh.e_shentsize != sizeof(Elf64_Shdr) || eh.e_shnum == 0 || eh.e_shnum > 4096 ||
+	    eh.e_shstrndx >= eh.e_shnum) {
+		fentry_fail(err, "the program's file is not the ELF file expected");
+		goto out;
+	}
+	sh = calloc(eh.e_shnum, sizeof(*sh));
+	if (!sh || read_at(fd, sh, eh.e_shnum * sizeof(*sh), (off_t)eh.e_shoff) < 0 ||
+	    sh[eh.e_shstrndx].sh_size > (1u << 20) ||
+	    (names = calloc(1, sh[eh.e_shstrndx].sh_size + 1)) == NULL ||
+	    read_at(fd, names, sh[eh.e_shstrndx].sh_size, (off_t)sh[eh.e_shstrndx].sh_offset) < 0) {
+		fentry_fail(err, "the program's section headers cannot be read");
+		goto out;
+	}
+	for (unsigned i = 0; i < eh.e_shnum; i++) {
+		const char *name = sh[i].sh_name < sh[eh.e_shstrndx].sh_size ? names + sh[i].sh_name : "";
+
+		if (strcmp(name, SITES_SECTION) == 0)
+			found = &sh[i];
+		else if (sh[i].sh_type == SHT_NOTE && strcmp(name, ".note.gnu.build-id") == 0)
+			id_ok = file_build_id_matches(fd, &sh[i], &m);
+	}
+	if (!id_ok) {
+		fentry_fail(err, "the program's file on disk is not the build that runs (build-id)");
+		goto out;
+	}
+	if (!found || found->sh_size < 16) {
+		fentry_fail(err, "the program has no " SITES_SECTION " section (stripped?)");
+		goto out;
+	}
+	{
+		char magic[8];
+
+		if (read_at(fd, magic, 8, (off_t)found->sh_offset) < 0 ||
+		    memcmp(magic, SITES_MAGIC, 8) != 0 ||
+		    read_at(fd, head, sizeof(head), (off_t)found->sh_offset + 8) < 0 || head[0] != 1 ||
+		    (uint64_t)head[1] * 4 + 16 > found->sh_size) {
+			fentry_fail(err, "the program's " SITES_SECTION " section is not one this shim reads");
+			goto out;
+		}
+	}
+	free(list);
+	list = malloc((head[1] ? head[1] : 1) * sizeof(*list));
+	if (!list || read_at(fd, list, head[1] * sizeof(*list), (off_t)found->sh_offset + 16) < 0) {
+		fentry_fail(err, "out of memory");
+		goto out;
+	}
+	nlist = head[1];
+	for (size_t i = 0; i < nlist; i++) { /* only sites in the code, in their unpatched form */
+		unsigned len = list[i] & LEN6_BIT ? 6 : 5;
+		uintptr_t a = base + (list[i] & OFFSET_MASK);
+
+		if ((i && (list[i] & OFFSET_MASK) <= (list[i - 1] & OFFSET_MASK)) ||
+		    !in_code(a, len) || unpatched_length((const uint8_t *)a) != len) {
+			fentry_fail(err, "the program's " SITES_SECTION " does not match its code");
+			nlist = 0;
+			goto out;
+		}
+	}
+	rc = 0;
+out:
+	free(sh);
+	free(names);
+	close(fd);
+	return rc;
 }
 
 FENTRY_HIDDEN void fentry_site_unpatched_form(const uint8_t *call, unsigned len, uint8_t *out)
@@ -276,6 +467,23 @@ static int known_form(const uint8_t *b, unsigned len)
 	if (len == 6 && b[0] != SITE_OP_ADDR32)
 		return 0;
 	return b[op] == SITE_OP_CALL || (b[op] == SITE_OP_TEST && b[op + 1] == site_rel8(len));
+}
+
+FENTRY_HIDDEN int fentry_site_bytes_match(const uint8_t *a, const uint8_t *b, unsigned len)
+{
+	return (len == 5 || len == 6) && known_form(a, len) && known_form(b, len) &&
+	       memcmp(a + site_tail_at(len), b + site_tail_at(len), SITE_TAIL_LEN) == 0;
+}
+
+FENTRY_HIDDEN int fentry_sites_unpatched_ending_at(uintptr_t site_end)
+{
+	if (!prepared)
+		return 0;
+	for (unsigned len = 6; len >= 5; len--)
+		if (in_code(site_end - len, len) &&
+		    unpatched_length((const uint8_t *)(site_end - len)) == len)
+			return 1;
+	return 0;
 }
 
 FENTRY_HIDDEN int fentry_site_matches(const struct fentry_site *s, const uint8_t *bytes,

@@ -58,11 +58,22 @@ struct fentry_site {
 };
 
 /*
- * Read and check __mcount_loc: keep each recorded address that holds a call to this
+ * Learn the main program's code and whether its sites were prepared at build time; if not,
+ * read and check __mcount_loc: keep each recorded address that holds a call to this
  * shim's __fentry__ (e8, 67 e8; ff 15 too unless `direct_only`).  Writes nothing.
  * -1 with why in err if jump mode cannot use the list.
  */
 FENTRY_HIDDEN int fentry_sites_load(int direct_only, char *err);
+/* 1 if the build prepared the sites (fentry_build/build/prepare.py): nothing to write at start. */
+FENTRY_HIDDEN int fentry_sites_prepared(void);
+/*
+ * For a prepared program: read the site list its build wrote into the file (section
+ * .fentry_sites, checked against the running build and code), so that the calls can be
+ * put back (dispatch mode).  -1 with why in err.
+ */
+FENTRY_HIDDEN int fentry_sites_load_prepared(char *err);
+/* The lowest and highest address of the main program's code (trampolines go near it). */
+FENTRY_HIDDEN void fentry_sites_code(uintptr_t *lo, uintptr_t *hi);
 /* Number of sites, and the i-th (sorted by address) with its length. */
 FENTRY_HIDDEN size_t fentry_sites_count(void);
 FENTRY_HIDDEN uintptr_t fentry_sites_addr(size_t i, unsigned *len);
@@ -81,6 +92,15 @@ FENTRY_HIDDEN struct fentry_site *fentry_site_ending_at(uintptr_t site_end, int 
  */
 FENTRY_HIDDEN int fentry_site_matches(const struct fentry_site *s, const uint8_t *bytes,
 				      unsigned len);
+/*
+ * 1 if a and b (len bytes each, any of the call forms or the unpatched form) are the same
+ * site: the call gcc emitted and what the shim or the build made of it keep its last three
+ * bytes.  For comparing a site with what a generator saw in a prepared file.
+ */
+FENTRY_HIDDEN int fentry_site_bytes_match(const uint8_t *a, const uint8_t *b, unsigned len);
+/* 1 if the main program's sites were prepared and the site ending at site_end holds its
+ * unpatched form (it never calls __fentry__).  Reads only. */
+FENTRY_HIDDEN int fentry_sites_unpatched_ending_at(uintptr_t site_end);
 /* The unpatched form of a call site `call` of len bytes (any of the call forms). */
 FENTRY_HIDDEN void fentry_site_unpatched_form(const uint8_t *call, unsigned len, uint8_t *out);
 /* Heap bytes the site list and records hold. */
