@@ -75,11 +75,12 @@ class Programs:
             cflags = []
             extra: list[Path] = []
         elif flavour == "fentry":
-            cflags = [*self.b.instrument, f"-I{paths.include_dir()}", "-DFENTRY_SHIM"]
+            cflags = [*self.b.instrument, f"-I{paths.include_dir()}", "-DFENTRY_SHIM",
+                      f"-I{paths.shim_dir()}"]
             extra = self.b.shim_objects()
         elif flavour == "prepared":
             cflags = [*[f for f in self.b.instrument if f != "-mrecord-mcount"],
-                      f"-I{paths.include_dir()}", "-DFENTRY_SHIM"]
+                      f"-I{paths.include_dir()}", "-DFENTRY_SHIM", f"-I{paths.shim_dir()}"]
             extra = self.b.shim_objects()
             wrap = self.b.out / "ldwrap"
             ldwrap.write(wrap)
