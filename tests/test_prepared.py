@@ -230,6 +230,40 @@ def test_a_prepared_program_is_patched_in_both_modes(builds: Builds, procs: list
         assert smaps(p.pid)[0] > 0
 
 
+@pytest.mark.parametrize("mode", ["jump", "dispatch"])
+def test_costs_unload_history_and_the_patch_directory_work_on_a_prepared_program(
+        builds: Builds, procs: list[Proc], tmp_path: Path, mode: str) -> None:
+    p = start(procs, builds.prepared, tmp_path, FENTRY_MODE=mode)
+    pid = str(p.pid)
+    status = control.status(p.pid)
+    # Start-up: jump mode wrote no site; dispatch mode put every call back.
+    written = status["costs"]["startup"]["sites_written"]
+    assert written == 0 if mode == "jump" else written >= N
+    assert cli("apply", "--pid", pid, str(builds.patch)).returncode == 0
+    assert p.ask("c 1") == "1008"
+    assert cli("revert", "--pid", pid, "plus1000").returncode == 0
+    done = cli("unload", "--pid", pid, "plus1000")  # the stack check, then unmapped
+    assert done.returncode == 0, done.stderr
+    assert control.list_patches(p.pid)["patches"] == []
+    assert control.status(p.pid)["costs"]["last_unload"]["ok"] is True
+    assert p.ask("a") == f"original={N} patched=0"
+    # The audit trail has each of them.
+    trail = [(e["op"], e["name"], e["ok"]) for e in control.history(p.pid)["history"]]
+    assert trail == [("load", "plus1000", True), ("revert", "plus1000", True),
+                     ("unload", "plus1000", True)]
+    # A process started later loads the patch directory before main.
+    folder = tmp_path / "patchdir" / status["build_id"]
+    folder.mkdir(parents=True)
+    for d in (folder.parent, folder):
+        d.chmod(0o755)
+    shutil.copyfile(builds.patch, folder / "plus1000.so")
+    (folder / "plus1000.so").chmod(0o644)
+    later = start(procs, builds.prepared, tmp_path, FENTRY_MODE=mode,
+                  FENTRY_PATCH_DIR=str(folder.parent))
+    assert later.ask("a") == f"original={N - len(PATCHED)} patched={len(PATCHED)}"
+    assert control.status(later.pid)["sites"] == ("prepared" if mode == "jump" else "calls")
+
+
 def test_the_runtime_form_still_works_and_says_so(builds: Builds, procs: list[Proc],
                                                   tmp_path: Path) -> None:
     p = start(procs, builds.runtime, tmp_path)
