@@ -218,6 +218,8 @@ def test_a_prepared_program_is_patched_in_both_modes(builds: Builds, procs: list
     assert status["mode"] == mode
     # Jump mode runs the sites as the build left them; dispatch mode put the calls back.
     assert status["sites"] == ("prepared" if mode == "jump" else "calls")
+    if mode == "dispatch":  # the reason every program gives
+        assert status["mode_reason"] == "FENTRY_MODE=dispatch"
     assert p.ask("c 1") == "8"
     done = cli("apply", "--pid", str(p.pid), str(builds.patch))
     assert done.returncode == 0, done.stderr

@@ -80,9 +80,10 @@ static void prepared_init(int dispatch_wanted, int live)
 			 "cannot be patched", why);
 		return;
 	}
+	/* The reason is the one every program gives; status's "sites" and costs.startup say
+	 * that the calls were put back. */
 	sites_state = "calls";
-	use_dispatch("FENTRY_MODE=dispatch (the sites prepared at build time were made calls "
-		     "again at start)");
+	use_dispatch("FENTRY_MODE=dispatch");
 }
 
 FENTRY_HIDDEN void fentry_mode_init(void)
