@@ -317,7 +317,7 @@ static void op_status(struct fentry_buf *out)
 	put_string_member(out, "program", n >= 0 ? exe : NULL);
 	put_string_member(out, "build_id", have_id ? id : NULL);
 	put_string_member(out, "mode", fentry_mode());
-	put_string_member(out, "mode_reason", fentry_mode_reason());
+	put_string_member(out, "mode_reason", fentry_mode_reason()[0] ? fentry_mode_reason() : NULL);
 	put_string_member(out, "rewrite_error", fentry_rewrite_error());
 	put_string_member(out, "sites", fentry_sites_form());
 	fentry_buf_printf(out, ",\"patches_active\":%u,\"patches_loaded\":%u",
