@@ -35,9 +35,16 @@ _Static_assert(sizeof(struct fentry_redirect) == SLOT_SIZE, "layout");
 _Static_assert(offsetof(struct fentry_redirect, site_end) == SLOT_KEY, "layout");
 _Static_assert(offsetof(struct fentry_redirect, target) == SLOT_TARGET, "layout");
 
-/* Read by __fentry__ on every instrumented call; NULL when nothing is patched. */
+/*
+ * Read by __fentry__ on every instrumented call, on any program thread (and in signal
+ * handlers); NULL when nothing is patched.  Written only by fentry_table_publish(), with
+ * release stores; the partner loads are entry.S's two `movq fentry_active_table(%rip)`
+ * (a plain x86-64 load has acquire semantics).
+ */
 FENTRY_HIDDEN struct fentry_table *_Atomic fentry_active_table;
 
+/* Everything below is the writer's alone: callers of fentry_table_publish() and
+ * fentry_table_memory() hold the loader's lock, and no reader looks at these. */
 static struct fentry_table *tables[2]; /* the pair in use; tables[cur] is published */
 static int cur;
 static size_t capacity; /* slots per table, a power of two */
@@ -110,6 +117,8 @@ FENTRY_HIDDEN int fentry_table_publish(const struct fentry_redirect *redirects, 
 	uint64_t seq;
 
 	if (n == 0) {
+		/* Readers (__fentry__) that load NULL return at once; one still inside the
+		 * table published last keeps a table nobody rewrites before the next publish. */
 		atomic_store_explicit(&fentry_active_table, NULL, memory_order_release);
 		return 0;
 	}
@@ -122,16 +131,33 @@ FENTRY_HIDDEN int fentry_table_publish(const struct fentry_redirect *redirects, 
 	 * x86-64 stores are not reordered with other stores, and the readers' loads are
 	 * not reordered with other loads, so the release/acquire pairs below only need
 	 * to stop the compiler; the reader's partner is the seq check in __fentry__.
+	 *
+	 * Who reads these stores: only a stale reader - a program thread in __fentry__
+	 * that loaded this table's pointer one publish ago and is still looking into it
+	 * (entry.S: the seq load before its lookup, the slot loads, the seq load after).
+	 * Seeing any slot written here, it sees seq odd or changed, and starts again.
 	 */
-	seq = atomic_load_explicit(&next->seq, memory_order_relaxed);
+	seq = atomic_load_explicit(&next->seq, memory_order_relaxed); /* ours: no other writer */
+	/* Odd: relaxed is enough, the fence below keeps the slot stores after it. */
 	atomic_store_explicit(&next->seq, seq + 1, memory_order_relaxed);
+	/* For the compiler (GCC emits it as a compiler barrier, no instruction): the plain
+	 * slot stores below stay after the odd store; x86-64 keeps them in that order. */
 	atomic_thread_fence(memory_order_release);
 	memset(next->slot, 0, capacity * sizeof(struct fentry_redirect));
 	for (size_t i = 0; i < n; i++)
 		insert(next, &redirects[i]);
+	/* Even again; release: every slot store above is visible before it.  Partner: the
+	 * seq loads of entry.S's quick miss, .Lprobe, .Lhit and .Lmiss. */
 	atomic_store_explicit(&next->seq, seq + 2, memory_order_release);
 
-	/* The one store that switches every reader to the new set. */
+	/*
+	 * The one store that switches every reader to the new set.  Release: the table's
+	 * slots and its even seq are written before the pointer, so a thread that loads
+	 * the new pointer (entry.S, `movq fentry_active_table(%rip)`) reads the new set.
+	 * It also publishes what the loader wrote before calling here - a patch's
+	 * FENTRY_REF slots and FENTRY_ORIGINAL pointers (loader.c: bind_references()),
+	 * which the replacement reads once __fentry__ sent a program thread to it.
+	 */
 	atomic_store_explicit(&fentry_active_table, next, memory_order_release);
 	cur ^= 1;
 	return 0;

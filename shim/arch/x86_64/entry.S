@@ -45,6 +45,8 @@ __fentry__:
 #endif
 	/* No table: nothing is patched.  Only r11 and flags change; no argument register
 	 * (rdi rsi rdx rcx r8 r9, rax for varargs, r10 for the static chain, xmm0-7). */
+	/* Partner: the release stores of fentry_active_table in fentry_table_publish(); a
+	 * plain x86-64 load is an acquire, so the table's slots are read as published. */
 	movq	fentry_active_table(%rip), %r11
 	testq	%r11, %r11
 	jnz	.Lactive
@@ -58,7 +60,7 @@ __fentry__:
 	 */
 	movq	%rax, -8(%rsp)
 	.cfi_rel_offset rax, -8
-	movq	TABLE_SEQ(%r11), %rax
+	movq	TABLE_SEQ(%r11), %rax		/* partner: the seq stores of fentry_table_publish() */
 	movq	%rax, -16(%rsp)
 	testb	$1, %al
 	jnz	.Lquick_out			/* odd: being rewritten */
@@ -69,6 +71,7 @@ __fentry__:
 	cmpq	$0, TABLE_SLOTS+SLOT_KEY(%r11,%rax)
 	jne	.Lquick_out			/* occupied: a hit or a collision */
 	movq	-16(%rsp), %rax
+	/* Loads are not reordered with loads (x86-64): this seq is read after the slot. */
 	cmpq	TABLE_SEQ(%r11), %rax		/* the empty slot was read from a stable table */
 	jne	.Lquick_out
 	movq	-8(%rsp), %rax
@@ -92,7 +95,7 @@ __fentry__:
 	.cfi_rel_offset rdx, 0
 
 .Lretry:
-	movq	fentry_active_table(%rip), %r11	/* the table published now */
+	movq	fentry_active_table(%rip), %r11	/* the table published now (same partner) */
 	testq	%r11, %r11
 	jz	.Ldone				/* everything was reverted meanwhile */
 	movq	TABLE_SEQ(%r11), %rcx		/* rcx = seq seen before the lookup */
