@@ -59,17 +59,36 @@
 
 #include "arch/x86_64/poke.h"
 
+/*
+ * The state below is written at start (before the control thread exists: pthread_create()
+ * orders it), in a fork child (one thread), or by callers holding the loader's lock;
+ * fentry_poke_stats() is read under that lock (fentry_costs_snapshot()).
+ */
 static int mem_fd = -1; /* /proc/self/mem of this process */
 static struct fentry_poke_stats stats;
 /* Why live code cannot be rewritten any more ("" while it can): set when a call that worked
- * at start is refused later, e.g. by a seccomp filter the program installed (status shows it). */
+ * at start is refused later, e.g. by a seccomp filter the program installed (status shows it).
+ * Written by fentry_poke_batch() under the loader's lock. */
 static char rewrite_error[200];
 
+/*
+ * The barrier of every code write: each thread of the process executes a serialising
+ * instruction before it runs user code again, and passes a full memory barrier.  Partner:
+ * the instruction fetch of every thread that runs a site or trampoline written before it
+ * (no load in our code: the processor's own fetch), and the loads of data written before
+ * it (an indirect trampoline's 8-byte target, which its `jmp *0(%rip)` reads; a patch's
+ * FENTRY_REF slots, loader.c: bind_references()).
+ */
 static int sync_cores(void)
 {
 	return (int)syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE, 0, 0);
 }
 
+/*
+ * Code bytes other threads execute.  Another core sees the old or the new value of each
+ * byte; which bytes change when, and the sync_cores() after each step that makes every
+ * core fetch them anew, are run_protocol()'s (see the top).
+ */
 static int write_code(uintptr_t addr, const void *bytes, size_t len)
 {
 	return pwrite(mem_fd, bytes, len, (off_t)addr) == (ssize_t)len ? 0 : -1;
@@ -431,7 +450,9 @@ static int run_protocol(struct site_op *ops, size_t n, uint8_t *buf, int strict,
 				return *what = "membarrier", -1;
 		}
 	}
-	/* Last, the opcodes:  67 eb fd s1 s2 s3  ->  67 e9 fd s1 s2 s3  (or 67 a9 ...). */
+	/* Last, the opcodes:  67 eb fd s1 s2 s3  ->  67 e9 fd s1 s2 s3  (or 67 a9 ...).
+	 * After this sync no thread executes a site's old instruction any more (one that
+	 * spins there takes the new one). */
 	plan(ops, n, to_final);
 	if (write_step(ops, n, buf, strict, mismatch) < 0)
 		return *what = "pwrite", -1;
@@ -599,7 +620,11 @@ static void tramp_free(uintptr_t at, size_t len)
 /*
  * The trampoline to `target` at `residue` (mod 256): reused if it exists, written once
  * otherwise.  0 if none can be made.  Written bytes reach other cores before any site
- * jumps there: the batch syncs cores between writing a tail and flipping its opcode.
+ * jumps there: fentry_poke_batch() writes every trampoline before run_protocol(), which
+ * calls sync_cores() at least once (after the spin step, or after the tail of a lone
+ * site) before any site's final opcode flip - the partner is the fetch of the thread
+ * that takes that jump.  A reused address held a trampoline no thread runs any more
+ * (fentry_poke_trampolines_release(): after the unload check).
  */
 static uintptr_t trampoline_for(uintptr_t target, unsigned residue)
 {
@@ -779,6 +804,7 @@ FENTRY_HIDDEN int fentry_poke_batch(struct fentry_site **batch, const uintptr_t 
 	pthread_sigmask(SIG_SETMASK, &saved, NULL);
 
 	if (rc == 0) {
+		/* Site records: read and written only under the loader's lock (sites.h). */
 		for (size_t i = 0; i < n; i++) {
 			struct site_op *o = &ops[i];
 
@@ -831,6 +857,8 @@ static int convert(struct site_op *ops, size_t n, uint8_t *buf, int live, int fo
 		return write_step(ops, n, buf, 1, &mismatch);
 	}
 	plan(ops, n, forward ? to_test_opcode : back_operand);
+	/* The sync: no thread still runs the first step's old bytes when the second step
+	 * changes the next byte (partner: the fetch of threads running the sites). */
 	if (write_step(ops, n, buf, 1, &mismatch) < 0 || sync_cores() < 0)
 		return -1;
 	plan(ops, n, forward ? to_rel8 : to_final);
