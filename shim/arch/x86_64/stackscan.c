@@ -100,6 +100,11 @@ enum { ANSWER_NONE = 0, ANSWER_CLEAR = 1, ANSWER_HIT = 2, ANSWER_UNSURE = 3 };
 /*
  * What a round's handlers read.  Set up before the first signal; freed only when no
  * handler is in flight and the round is closed (gen 0), else kept forever (see top).
+ * Plain fields, written by the checker (under the loader's lock) while no round is open
+ * and published by its store of round_gen; a handler reads them only after it loaded
+ * that gen (on_check()), and the checker changes them only after the round is closed
+ * and no handler is in flight (or, in check_threads(), after every handler of the round
+ * answered: the answer's store orders the handler's reads before the checker's writes).
  */
 struct round {
 	const struct range *code;
@@ -111,12 +116,20 @@ struct round {
 	size_t nanswers;
 };
 
-static struct fentry_check_stats stats; /* written by the checker (under the loader's lock) */
+/* Written by the checker under the loader's lock; read under it (fentry_costs_snapshot()). */
+static struct fentry_check_stats stats;
 static struct round round;
 static struct round leftover;      /* a round's memory a late handler may still read */
+/*
+ * round_gen and in_flight: the checker and the handlers (signal handlers on program
+ * threads) meet here, Dekker-style - the checker stores round_gen = 0 then loads
+ * in_flight; a handler increments in_flight then loads round_gen.  All four are
+ * seq_cst (the atomic_* defaults), so at least one side sees the other's store: the
+ * handler leaves without touching the round, or the checker waits for it.
+ */
 static _Atomic unsigned round_gen; /* 0: no round open                               */
 static atomic_int in_flight;       /* handlers between their gen check and their exit */
-static unsigned last_gen;
+static unsigned last_gen;          /* the checker's alone, as is installed_sig        */
 static int installed_sig;
 
 /* ---- reading memory and checking words (async-signal-safe) ----------------------------- */
@@ -276,7 +289,12 @@ NO_SANITIZE static void on_check(int sig, siginfo_t *info, void *ctx)
 	(void)sig;
 	if (info->si_code != SI_QUEUE || gen == 0)
 		return;
-	/* Partner: the checker's store of round_gen = 0, then its load of in_flight. */
+	/*
+	 * Partner: the checker's store of round_gen = 0, then its load of in_flight
+	 * (check_threads(), fentry_threads_clear_of()); seq_cst on both sides (see
+	 * round_gen).  The load of round_gen is also the acquire that pairs with the
+	 * checker's store opening the round: round's plain fields are read after it.
+	 */
 	atomic_fetch_add(&in_flight, 1);
 	if (atomic_load(&round_gen) != gen || slot >= round.nanswers)
 		goto out;
@@ -295,8 +313,11 @@ NO_SANITIZE static void on_check(int sig, siginfo_t *info, void *ctx)
 		}
 		answer = hi ? check_stack(&round, sp, 1, lo, hi) : check_stack(&round, sp, 1, 1, 1);
 	}
+	/* Release (seq_cst); partner: check_threads()'s loads of answers.  Nothing of round
+	 * is read after it, so a checker that sees it may reuse round's fields. */
 	atomic_store(&round.answers[slot], (unsigned char)answer);
 out:
+	/* Partner: the checker's loads of in_flight before it frees or reuses round's memory. */
 	atomic_fetch_sub(&in_flight, 1);
 	errno = saved_errno;
 }
@@ -667,7 +688,10 @@ static void check_threads(const pid_t *tids, size_t n, int sig, int tsan, struct
 	gen = ++last_gen ? last_gen : ++last_gen;
 	round.answers = answers;
 	round.nanswers = n;
-	atomic_store(&round_gen, gen); /* partner: the handler's load of round_gen */
+	/* Opens the round.  Release (seq_cst): round's fields, written above and by
+	 * fentry_threads_clear_of(), are visible to a handler that loads this gen;
+	 * partner: on_check()'s load of round_gen.  The signal is sent after it. */
+	atomic_store(&round_gen, gen);
 	for (size_t k = 0; k < npending; k++) {
 		size_t i = pending[k];
 		siginfo_t si;
@@ -676,6 +700,7 @@ static void check_threads(const pid_t *tids, size_t n, int sig, int tsan, struct
 		/* One last look: a thread that blocked by now is checked from here. */
 		look_at(tids[i], &again, 1);
 		if (again.gone) {
+			/* The checker's own answers: no handler writes slot i (not signalled). */
 			atomic_store(&answers[i], ANSWER_CLEAR);
 			continue;
 		}
@@ -707,13 +732,15 @@ static void check_threads(const pid_t *tids, size_t n, int sig, int tsan, struct
 	for (;;) {
 		size_t answered = 0;
 
-		for (size_t k = 0; k < npending; k++)
+		for (size_t k = 0; k < npending; k++) /* partner: on_check()'s answer store */
 			answered += atomic_load(&answers[pending[k]]) != ANSWER_NONE;
 		if (answered == npending || elapsed_ns(&start) >= ANSWER_TIMEOUT_NS)
 			break;
 		pause_ns(200000);
 	}
-	/* Close the round; partner: the handler's increment of in_flight, then its load. */
+	/* Close the round; partner: the handler's increment of in_flight, then its load of
+	 * round_gen (on_check()).  seq_cst: this store precedes the loads of in_flight below
+	 * and in fentry_threads_clear_of() - no handler that missed it is left uncounted. */
 	atomic_store(&round_gen, 0);
 	for (size_t k = 0; k < npending && v->answer == ANSWER_CLEAR; k++) {
 		size_t i = pending[k];
@@ -729,7 +756,8 @@ static void check_threads(const pid_t *tids, size_t n, int sig, int tsan, struct
 					    "(signal blocked, or stopped?)" : NULL;
 	}
 out:
-	/* What handlers may read is freed only once none is left in flight (see top). */
+	/* What handlers may read is freed only once none is left in flight (see top);
+	 * partner: on_check()'s decrement of in_flight, its last access. */
 	for (int t = 0; t < 100 && atomic_load(&in_flight) != 0; t++)
 		pause_ns(1000000);
 	if (atomic_load(&in_flight) == 0)
@@ -777,6 +805,8 @@ FENTRY_HIDDEN int fentry_threads_clear_of(const uintptr_t (*ranges)[2], size_t n
 
 	if (!code)
 		return fentry_fail(err, "out of memory");
+	/* Partner: on_check()'s increment of in_flight; a handler of an earlier round that
+	 * has not incremented yet will find round_gen changed and touch nothing. */
 	if (atomic_load(&in_flight) != 0) {
 		free(code);
 		return fentry_fail(err, "busy: a thread is still answering an earlier check "
@@ -869,6 +899,7 @@ FENTRY_HIDDEN int fentry_threads_clear_of(const uintptr_t (*ranges)[2], size_t n
 		fentry_fail(err, "busy: threads kept being created during the check; %s stays "
 			    "loaded, retry later", what);
 out:
+	/* The round is closed (check_threads()); partner: on_check()'s decrement. */
 	if (atomic_load(&in_flight) == 0) {
 		if (round.mem_fd >= 0)
 			close(round.mem_fd);
