@@ -301,7 +301,7 @@ static void op_history(struct fentry_buf *out)
 static void op_status(struct fentry_buf *out)
 {
 	static struct fentry_module main_module; /* 4 KiB: only one thread answers requests */
-	char exe[4096], id[2 * FENTRY_BUILD_ID_MAX + 1];
+	char exe[4096], id[2 * FENTRY_BUILD_ID_MAX + 1], rewrite[FENTRY_ERR_MAX];
 	unsigned loaded = 0;
 	ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
 	int have_id = fentry_module_main(&main_module) == 0 && main_module.build_id_len > 0 &&
@@ -318,7 +318,8 @@ static void op_status(struct fentry_buf *out)
 	put_string_member(out, "build_id", have_id ? id : NULL);
 	put_string_member(out, "mode", fentry_mode());
 	put_string_member(out, "mode_reason", fentry_mode_reason()[0] ? fentry_mode_reason() : NULL);
-	put_string_member(out, "rewrite_error", fentry_rewrite_error());
+	put_string_member(out, "rewrite_error",
+			  fentry_loader_rewrite_error(rewrite, sizeof rewrite));
 	put_string_member(out, "sites", fentry_sites_form());
 	fentry_buf_printf(out, ",\"patches_active\":%u,\"patches_loaded\":%u",
 			  fentry_active_count(), loaded);

@@ -14,7 +14,8 @@ FENTRY_HIDDEN const char *fentry_mode(void);
 /* Why the process runs in dispatch mode ("" in jump mode). */
 FENTRY_HIDDEN const char *fentry_mode_reason(void);
 /* Jump mode only: why code cannot be rewritten any more (a seccomp filter installed
- * after start...), so apply and revert are refused; NULL while it can. */
+ * after start...), so apply and revert are refused; NULL while it can.  Callers hold the
+ * loader's lock (the text changes with every batch): fentry_loader_rewrite_error(). */
 FENTRY_HIDDEN const char *fentry_rewrite_error(void);
 /*
  * What the program's fentry sites hold: "prepared" (their unpatched form, written into the

@@ -973,6 +973,19 @@ FENTRY_HIDDEN void fentry_costs_snapshot(struct fentry_costs *out)
 	pthread_mutex_unlock(&loader_lock);
 }
 
+FENTRY_HIDDEN const char *fentry_loader_rewrite_error(char *buf, size_t size)
+{
+	const char *why;
+
+	/* Partner: fentry_poke_batch() writes the text under this lock (poke.c). */
+	pthread_mutex_lock(&loader_lock);
+	why = fentry_rewrite_error();
+	if (why)
+		snprintf(buf, size, "%s", why);
+	pthread_mutex_unlock(&loader_lock);
+	return why ? buf : NULL;
+}
+
 FENTRY_HIDDEN unsigned fentry_active_count(void)
 {
 	unsigned n = 0;

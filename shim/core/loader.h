@@ -2,6 +2,7 @@
 #ifndef FENTRY_LOADER_H
 #define FENTRY_LOADER_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "core/codes.h"
@@ -88,5 +89,11 @@ FENTRY_HIDDEN void fentry_loader_lock_for_fork(void);
 FENTRY_HIDDEN void fentry_loader_unlock_after_fork(void);
 /* Number of patches in state FENTRY_ACTIVE. */
 FENTRY_HIDDEN unsigned fentry_active_count(void);
+/*
+ * fentry_rewrite_error() copied into buf (size bytes) under the loader's lock - a code
+ * rewrite on another thread (a program's fentry_apply()) may be writing it meanwhile -
+ * and buf returned; NULL while code can be rewritten (or in dispatch mode).
+ */
+FENTRY_HIDDEN const char *fentry_loader_rewrite_error(char *buf, size_t size);
 
 #endif /* FENTRY_LOADER_H */

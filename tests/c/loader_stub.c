@@ -160,8 +160,10 @@ const char *fentry_mode_reason(void)
 	return "stub loader";
 }
 
-const char *fentry_rewrite_error(void)
+const char *fentry_loader_rewrite_error(char *buf, size_t size)
 {
+	(void)buf;
+	(void)size;
 	return NULL;
 }
 

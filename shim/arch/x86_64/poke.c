@@ -68,7 +68,8 @@ static int mem_fd = -1; /* /proc/self/mem of this process */
 static struct fentry_poke_stats stats;
 /* Why live code cannot be rewritten any more ("" while it can): set when a call that worked
  * at start is refused later, e.g. by a seccomp filter the program installed (status shows it).
- * Written by fentry_poke_batch() under the loader's lock. */
+ * Written by fentry_poke_batch() under the loader's lock; read only under it, through
+ * fentry_rewrite_error() (loader.c: fentry_loader_rewrite_error() copies it). */
 static char rewrite_error[200];
 
 /*
