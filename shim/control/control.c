@@ -70,10 +70,14 @@ struct ctl_client {
 
 /*
  * The connections of this process.  Written by fentry_control_start() before the thread
- * exists, then by the thread only; the fork child reads the snapshot fork() left.  A
- * slot's fd is set to -1 before it is closed, so that a snapshot never names a closed
- * (perhaps reused) descriptor.  1 MiB of buffers: zero-initialised, so .bss, not .data
- * in every program's file (the listening descriptor, -1 when off, is endpoint.c's).
+ * exists, then by the thread only; the fork child reads the snapshot fork() left
+ * (fentry_control_after_fork_child(), on the thread that forked).  A slot's fd is set to
+ * -1 before it is closed, so that a snapshot never names a closed (perhaps reused)
+ * descriptor: the plain store precedes the close() system call (an external call: the
+ * compiler keeps it before), whose locked update of the descriptor table makes it
+ * visible; fork() copies that table under the same lock, before it copies memory.
+ * 1 MiB of buffers: zero-initialised, so .bss, not .data in every program's file (the
+ * listening descriptor, -1 when off, is endpoint.c's).
  */
 static int ctl_listen_fd = -1;
 

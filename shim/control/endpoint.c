@@ -34,6 +34,13 @@
 #define OFF_PREFIX "fentry-control-off: "
 #define MEMFD_NAME_MAX 249 /* NAME_MAX minus the kernel's "memfd:" */
 
+/*
+ * Written at start (before the control thread exists), in a fork child (one thread) and,
+ * for the "off" marker, by the control thread as it stops; read by the thread that
+ * calls exit() (unlink_at_exit(): ep.owner and ep.path, written before the control
+ * thread and the program's threads were created) and by a fork child (the snapshot, as
+ * control.c's `ctl`).  No reader runs concurrently with a writer.
+ */
 /* -1 when this process serves no channel (kept out of `ep`: see control.c's `ctl`). */
 static int listen_fd = -1;
 static int off_fd = -1; /* the memfd saying why there is no channel, or -1 */

@@ -19,6 +19,13 @@
 #include "core/activate.h"
 #include "core/table.h"
 
+/*
+ * jump, reason and sites_state are written once, by fentry_mode_init() in the shim's
+ * constructor, before fentry_control_start() creates the control thread (pthread_create()
+ * orders them for it: status reads them) and before the program's threads can call
+ * fentry_current_mode(); never written again.  The state further down is the loader's
+ * (under its lock).
+ */
 static int jump;
 static char reason[FENTRY_ERR_MAX] = "not initialised";
 

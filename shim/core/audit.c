@@ -41,6 +41,8 @@ struct stored {
 	char text[]; /* the entry's strings, back to back */
 };
 
+/* ring, last_seq and dropped: written and read only under this lock (the control thread,
+ * program threads' fentry_apply()); log_path is written once, at start, before either. */
 static pthread_mutex_t audit_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct stored *ring[FENTRY_AUDIT_KEEP]; /* entry seq lives at (seq - 1) % KEEP */
 static uint64_t last_seq;                      /* entries recorded so far              */

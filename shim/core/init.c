@@ -123,5 +123,8 @@ __attribute__((constructor)) static void fentry_init(void)
 	fentry_mode_init();
 	fentry_patchdir_load(apply_one); /* the installed patches first ...      */
 	apply_env_patches();             /* ... then FENTRY_PATCHES, on top of them */
+	/* Last: what the calls above wrote without a lock (the mode, audit.c's log_path)
+	 * reaches the control thread through the pthread_create() in here, as control.c's
+	 * `ctl` does. */
 	fentry_control_start();
 }

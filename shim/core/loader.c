@@ -59,7 +59,16 @@ struct loaded_patch {
 	double apply_seconds;            /* how long the apply that activated it last took */
 };
 
-/* Serialises every change and every reader of the records below. */
+/*
+ * Serialises every change and every reader of the records below.  Callers come from any
+ * thread (the control thread, a program thread's fentry_apply(), start-up): every store
+ * to these records, and to the other units' state the verbs change (activate.c, table.c's
+ * writer side, sites.c, poke.c, stackscan.c's stats), is made under this lock and read
+ * under it - the mutex's unlock/lock is the barrier.  The stores other threads read
+ * without it - the table (fentry_table_publish()), the code and trampolines (poke.c), a
+ * patch's bindings (bind_references()), the unload check's round (stackscan.c) - each
+ * name their partner where they are made.
+ */
 static pthread_mutex_t loader_lock = PTHREAD_MUTEX_INITIALIZER;
 /* The frame of the verb being run: the calling thread's stack is checked from there up
  * (its caller may be a program thread; the shim's own frames below hold the ranges). */
@@ -454,6 +463,12 @@ static int publish(struct loaded_patch *extra, char *err)
 /*
  * Before a patch's code can run: let replacements reach the original bodies (the
  * instruction after each site) and bind FENTRY_REF references to the running program.
+ * Plain stores into the patch's data, read by its replacements on program threads (and
+ * by its callbacks' threads, created after: pthread_create() orders them).  Published
+ * with the activation that follows: in dispatch mode by the release store of
+ * fentry_active_table (table.c: fentry_table_publish()), whose partner is __fentry__'s
+ * load; in jump mode also by sync_cores()'s barrier before any site jumps (poke.c).  No
+ * thread can run the replacement before then: it is reachable only through them.
  */
 static void bind_references(const struct loaded_patch *p)
 {
@@ -473,7 +488,7 @@ static void bind_references(const struct loaded_patch *p)
 struct callback_call {
 	pthread_mutex_t lock;
 	pthread_cond_t done_cv;
-	int done, abandoned, rc;
+	int done, abandoned, rc;   /* under `lock`: the callback's thread writes, the loader reads */
 	fentry_pre_patch_fn pre;   /* either this (may veto) ...            */
 	fentry_callback_fn plain;  /* ... or this                            */
 	char why[FENTRY_ERR_MAX / 2];

@@ -365,7 +365,11 @@ static int fresh_name(int fd, char *name, size_t size)
  * name once, at the dynamic linker's event, as /proc/self/fd/N: N is at least
  * FD_NAME_MIN, a descriptor gdb does not have, so it warns instead of hanging, and its
  * `sharedlibrary` command reads the new name.  The pointer store is atomic: readers see
- * the old or the new string, both valid.
+ * the old or the new string, both valid.  Readers: any thread in dladdr(),
+ * dl_iterate_phdr() (dlpi_name) or backtrace_symbols() - glibc loads l_name under its
+ * own locks, which we do not take - and debuggers while the process is stopped.
+ * Release: the string is written (strdup) before the pointer; glibc's plain load of
+ * l_name then of the string is ordered on x86-64 (and by the address dependency).
  */
 static void show_as(struct fentry_patchfile *pf, struct link_map *lm, const char *path)
 {
@@ -425,7 +429,8 @@ FENTRY_HIDDEN void fentry_patchfile_close(struct fentry_patchfile *pf)
 	struct link_map *lm = NULL;
 
 	if (pf->handle) {
-		/* glibc frees l_name in dlclose(): give it back its own string first. */
+		/* glibc frees l_name in dlclose(): give it back its own string first (release,
+		 * for the same readers as show_as(); glibc's string was written long before). */
 		if (pf->loader_name && dlinfo(pf->handle, RTLD_DI_LINKMAP, &lm) == 0 && lm)
 			__atomic_store_n(&lm->l_name, pf->loader_name, __ATOMIC_RELEASE);
 		dlclose(pf->handle);

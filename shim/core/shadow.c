@@ -23,6 +23,8 @@ struct shadow {
 	max_align_t data[]; /* what fentry_shadow_* return: aligned for any type */
 };
 
+/* Every store to the chains and every read of them is made under this lock (any thread:
+ * the patches' code); a shadow's data is published with its link, under the lock. */
 static pthread_mutex_t shadow_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct shadow *buckets[SHADOW_BUCKETS];
 

@@ -90,7 +90,9 @@ struct fentry_func {
 
 /*
  * One reference from a patch to a variable or function of the target module
- * (FENTRY_REF): the loader stores the running address in *slot before activation.
+ * (FENTRY_REF): the loader stores the running address in *slot before activation; the
+ * activation's publish orders that store (and *original's) before any thread can run
+ * the replacement (the shim's loader.c: bind_references()).
  */
 struct fentry_ref {
 	const char *name;   /* symbol name in the target's .symtab                       */
