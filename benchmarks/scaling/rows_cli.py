@@ -112,7 +112,8 @@ def reference_note(ctx: Context, rounds: list[dict[str, float]]) -> str:
 
 
 # What `apply`, `status` and `list` import before they send anything (cli.py imports
-# fleet.command inside the command's function).
+# fleet.command inside the command's function).  Run with -P, as the command's script runs:
+# the installed package, not a checkout in the working folder.
 IMPORTS = "import fentry_build.cli, fentry_build.fleet.command"
 
 
@@ -127,8 +128,9 @@ def cli_help(ctx: Context) -> Result:
         return t
 
     rounds = interleave(ctx, {REF: lambda: reference(ctx), "help": help_,
-                              "imports": lambda: timed(ctx, [sys.executable, "-c", IMPORTS])[0]})
-    return Result(f"{ms(ctx, rounds, 'help')}; `python -c '{IMPORTS}'` {ms(ctx, rounds, 'imports')}",
+                              "imports": lambda: timed(ctx, [sys.executable, "-P", "-c", IMPORTS])[0]})
+    return Result(f"{ms(ctx, rounds, 'help')}; `python -P -c '{IMPORTS}'` "
+                  f"{ms(ctx, rounds, 'imports')}",
                   None, reference_note(ctx, rounds))
 
 
