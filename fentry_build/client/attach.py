@@ -71,7 +71,8 @@ def run_gdb(plan: AttachPlan, timeout: float = GDB_TIMEOUT) -> dict[str, Any]:
         env["FENTRY_ATTACH_PLAN"] = str(plan_path)
         cmd = [gdb, "-nx", "-nh", "-q", "-batch", "-x", str(GDB_SCRIPT)]
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, errors="replace",
+                                  timeout=timeout,
                                   stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise FentryError(f"gdb did not finish attaching to process {plan.pid} within "

@@ -201,7 +201,8 @@ def find_database(build_dir: Path | None, binary: Path) -> Path:
 
 
 def run_compiler(command: Sequence[str], cwd: Path, what: str) -> None:
-    proc = subprocess.run(list(command), cwd=cwd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(list(command), cwd=cwd, capture_output=True, text=True, errors="replace",
+                          timeout=600)
     if proc.returncode != 0:
         first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip())
         raise FentryError(f"{what} failed: {first.strip() or 'exit ' + str(proc.returncode)}")

@@ -150,7 +150,7 @@ class PatchCompile:
         env = {**os.environ, "LC_ALL": "C"}  # the compiler's messages in ASCII quotes
         try:
             proc = subprocess.run(self.command(extra), cwd=self.cwd, capture_output=True,
-                                  text=True, env=env, timeout=600)
+                                  text=True, errors="replace", env=env, timeout=600)
         except OSError as e:
             raise FentryError(f"cannot run the compiler {self.compiler} ({e.strerror or e}); the "
                               "generator compiles the patch to find its FENTRY_* uses") from None

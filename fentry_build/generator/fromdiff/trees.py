@@ -59,7 +59,7 @@ def _git_apply(folder: Path, diff: Path, *options: str) -> subprocess.CompletedP
     # The copy is not a repository; never let git find one in a folder above it.
     env["GIT_CEILING_DIRECTORIES"] = str(folder.parent)
     return subprocess.run(["git", "apply", *options, str(diff)], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, errors="replace", timeout=300)
 
 
 def _first_line(proc: subprocess.CompletedProcess[str]) -> str:
