@@ -432,6 +432,7 @@ def test_inlined_static_function_warns_naming_the_caller(inline_prog: Path, tmp_
     assert "inlined copies of it into add_two" in w
     assert "replace add_two too" in w and "noinline" in w
     assert "inline-only-static" not in w  # it would not stop inlining a static function
+    assert "records no inlined copy" not in w  # DWARF records the copy
 
 
 def test_inlined_global_function_suggests_the_flag(inline_prog: Path, tmp_path: Path) -> None:
@@ -464,6 +465,48 @@ def test_inlined_copy_is_an_error_when_strict(inline_prog: Path, tmp_path: Path)
 def test_function_inlined_everywhere_names_its_callers(inline_prog: Path, tmp_path: Path) -> None:
     message = generate_error(inline_prog, replace_patch(tmp_path, "tiny"))
     assert "tiny has no body of its own in inl: GCC inlined every call of it, into use_tiny" in message
+
+
+def dwarf_inlined_unrecorded(binary: Path, name: str) -> bool:
+    """Does binary's DWARF say `name` was inlined (DW_AT_inline 1) with no inlined copy of it?"""
+    with open(binary, "rb") as stream:
+        dwarf = ELFFile(stream).get_dwarf_info()
+        abstract, copies = set(), set()
+        for cu in dwarf.iter_CUs():
+            for d in cu.iter_DIEs():
+                if d.tag == "DW_TAG_subprogram" and "DW_AT_name" in d.attributes \
+                        and d.attributes["DW_AT_name"].value == name.encode() \
+                        and d.attributes.get("DW_AT_inline") is not None \
+                        and d.attributes["DW_AT_inline"].value == 1:
+                    abstract.add(d.offset)
+                elif d.tag == "DW_TAG_inlined_subroutine":
+                    copies.add(d.get_DIE_from_attribute("DW_AT_abstract_origin").offset)
+        return bool(abstract) and not abstract & copies
+
+
+@pytest.fixture(scope="module")
+def folded_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scale inlined into limit and folded there to a constant: DWARF records no copy."""
+    d = tmp_path_factory.mktemp("folded")
+    prog = build_program(copy_programs(d, "authoring_folded.c"), d / "fold", with_shim=False)
+    if not {"scale", "limit"} <= function_names(prog) or not dwarf_inlined_unrecorded(prog, "scale"):
+        pytest.skip("gcc did not leave scale inlined with no inlined copy recorded")
+    return prog
+
+
+def test_inlined_copy_dwarf_does_not_record_is_a_warning(folded_prog: Path, tmp_path: Path) -> None:
+    patch = replace_patch(tmp_path, "scale")
+    _, warnings = generate(folded_prog, patch)
+    assert len(warnings) == 1, warnings
+    (w,) = warnings
+    assert w.startswith(f"{patch}:3: patching scale may not reach all of its code: its DWARF says "
+                        "GCC inlined it, yet records no inlined copy")
+    assert "replace each function that calls scale too" in w and "noinline" in w
+    out = tmp_path / "reg.c"
+    proc = gen_cli(folded_prog, patch, out, FENTRY_STRICT="1")
+    assert proc.returncode == 1 and not out.exists()
+    assert proc.stderr.startswith("fentry-gen: error: ") and proc.stderr.count("\n") == 1
+    assert "records no inlined copy" in proc.stderr and "--strict" in proc.stderr
 
 
 def test_no_dwarf_is_said_once(tmp_path: Path) -> None:

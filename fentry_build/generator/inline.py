@@ -9,8 +9,14 @@ warns (or, strict, fails) with their names and the fix.
 Inlined copies are DW_TAG_inlined_subroutine entries whose origin is f's (dwarf.origin);
 the function holding one is found by its code address in .symtab, so a copy inside a
 clone is named by the clone's symbol and one in a `.cold` part by its function.  A
-clone's callers are the DW_TAG_call_site entries that name the clone.  The
--fdump-ipa-clones files are not read: see docs/patch-authoring.md, "Why DWARF".
+clone's callers are the DW_TAG_call_site entries that name the clone.
+
+DWARF does not record every inlined copy: a copy that left no code of its own (GCC folded
+its result into a constant, or merged its code into the caller's) has no
+DW_TAG_inlined_subroutine, while f's abstract instance still says DW_AT_inline (inlined).
+Where DWARF says so and no copy is found, the finding is that copies may run unseen
+(CodeCopies.inlined_unseen), and the warning says so: docs/patch-authoring.md, "Copies
+DWARF does not record".
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ from elftools.dwarf.die import DIE
 
 from fentry_build.binary.dwarf import (
     CALL_PC_ATTRIBUTES, CALL_SITE_TAGS, CALL_TARGET_ATTRIBUTES, DWARF_ERRORS, ProgramDwarf,
-    die_name, may_be_inlined, origin, unit_name, unit_of,
+    attribute, die_name, may_be_inlined, origin, unit_name, unit_of,
 )
 from fentry_build.binary.elf import BinaryInfo, FunctionInfo, file_matches
 
 CLONE_FIX = "build the program with -flive-patching=inline-only-static so GCC keeps {name} whole"
 NOINLINE_FIX = "mark {name} __attribute__((noinline, noclone)) in the program and rebuild it"
+UNSEEN_FIX = "replace each function that calls {name} too in this patch (FENTRY_REPLACE each)"
 NO_DWARF = "cannot check for inlined copies or the patch's types: {program} has no DWARF; build with -g"
 NO_UNIT_DWARF = ("cannot check {name} for inlined copies or its prototype: the program's DWARF does "
                  "not describe it; compile {where} with -g (and without -gsplit-dwarf)")
@@ -81,6 +88,17 @@ class CodeCopies:
     clones: list[FunctionInfo] = field(default_factory=list)        # IPA clones with a site
     clone_callers: dict[str, list[FunctionInfo]] = field(default_factory=dict)  # by clone name
     checked: bool = True  # False: f's unit has no DWARF, inlined copies were not looked for
+    inlined_unseen: bool = False  # DWARF says f was inlined, yet it records no inlined copy
+
+
+# DW_AT_inline values saying GCC inlined the function (DW_INL_inlined,
+# DW_INL_declared_inlined); 0 and 2 say it did not.
+INLINED = (1, 3)
+
+
+def says_inlined(die: DIE) -> bool:
+    """Does the DWARF of this function say GCC inlined it somewhere (DW_AT_inline)?"""
+    return attribute(die, "DW_AT_inline") in INLINED
 
 
 class CopyFinder:
@@ -136,19 +154,22 @@ class CopyFinder:
         f, root = found.function, origin(die).offset
         clone_addrs = {c.addr: c for c in found.clones}
         inlined: dict[int, FunctionInfo] = {}
+        recorded = False  # a copy with code of its own, wherever it is
         callers: dict[str, dict[int, FunctionInfo]] = {}
         for cu in self._dwarf.units_sharing_code_with(unit_of(die)):
             for d in cu.iter_DIEs():
                 if d.tag == "DW_TAG_inlined_subroutine":
-                    if origin(d).offset == root and (holder := self._holder(d)) is not None \
-                            and not self._own(f, holder):
-                        inlined.setdefault(holder.addr, holder)
+                    if origin(d).offset == root and (holder := self._holder(d)) is not None:
+                        recorded = True
+                        if not self._own(f, holder):
+                            inlined.setdefault(holder.addr, holder)
                 elif d.tag in CALL_SITE_TAGS and clone_addrs:
                     clone = self._called_clone(d, clone_addrs)
                     if clone is not None and (holder := self._call_site_holder(d)) is not None \
                             and not self._own(f, holder):
                         callers.setdefault(clone.name, {}).setdefault(holder.addr, holder)
         found.inlined_into = sorted(inlined.values(), key=lambda g: g.name)
+        found.inlined_unseen = not recorded and says_inlined(die)
         found.clone_callers = {name: sorted(c.values(), key=lambda g: g.name)
                                for name, c in callers.items()}
 
@@ -212,6 +233,10 @@ def describe(copies: CodeCopies, replaced: set[int], program: str, has_dwarf: bo
     if inlined:
         problems.append(f"GCC inlined copies of it into {_names(inlined)}, which keep running "
                         "the old code")
+    if copies.inlined_unseen:
+        problems.append("its DWARF says GCC inlined it, yet records no inlined copy: a copy whose "
+                        "code GCC folded into its caller (a result computed at build time) "
+                        "keeps running the old code unseen")
     if missed_clones:
         described = []
         for clone in missed_clones:
@@ -224,6 +249,8 @@ def describe(copies: CodeCopies, replaced: set[int], program: str, has_dwarf: bo
     if callers:
         fixes.append(f"replace {_names(sorted(callers.values(), key=lambda g: g.name))} too in "
                      "this patch (FENTRY_REPLACE each)")
+    elif copies.inlined_unseen:
+        fixes.append(UNSEEN_FIX.format(name=f.name))
     fixes.append(NOINLINE_FIX.format(name=f.name))
     if missed_clones or not f.local:  # the flag keeps global functions whole, not static ones
         fixes.append(CLONE_FIX.format(name=f.name))
@@ -234,7 +261,8 @@ def describe(copies: CodeCopies, replaced: set[int], program: str, has_dwarf: bo
         unchecked = ""
     if not problems:
         return unchecked or None
-    message = f"patching {f.name} does not reach all of its code: {'; '.join(problems)}; " \
+    verb = "does not" if inlined or missed_clones else "may not"  # unseen copies: DWARF's word only
+    message = f"patching {f.name} {verb} reach all of its code: {'; '.join(problems)}; " \
               f"fix: {'; or '.join(fixes)}"
     return message + (f" ({unchecked})" if unchecked else "")
 
