@@ -11,9 +11,11 @@ from __future__ import annotations
 # lists the sites for jump mode; -flive-patching=inline-clone keeps GCC from making copies
 # a patch cannot reach (docs/how-it-works.md, "IPA clones"); -g whatever the build type:
 # the generator reads prototypes, inlined copies and variables from DWARF, and -g never
-# changes the code GCC emits.
+# changes the code GCC emits; -fdump-ipa-clones writes beside each object the inline
+# decisions GCC made, which name the callers of an inlined copy DWARF does not record
+# (binary/ipaclones.py), and changes no code either.
 LINKED_INSTRUMENT_ARGS = ["-pg", "-mfentry", "-mrecord-mcount", "-flive-patching=inline-clone",
-                          "-g"]
+                          "-g", "-fdump-ipa-clones"]
 
 # On the program's link line: the build-id the generator and the loader match on, and the
 # exports patches (the shadow-variable API) and instrumented libraries (__fentry__) need.
