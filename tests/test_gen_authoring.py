@@ -22,13 +22,15 @@ from elftools.elf.sections import SymbolTableSection
 
 from fentry_build import paths
 from fentry_build.binary.elf import read_binary
+from fentry_build.binary.ipaclones import DUMP_SUFFIX
+from fentry_build.build.flags import PROGRAM_LINK_ARGS
 from fentry_build.build import meson_init
 from fentry_build.errors import FentryError
 from fentry_build.generator import main as gen
 from fentry_build.generator import newpatch
 from fentry_build.generator.scan import PatchCompile
 
-from support.builds import PROGRAMS, build_patch, build_program, run
+from support.builds import INSTRUMENT, PROGRAMS, build_patch, build_program, run
 from support.patches import scan_text
 from support.cli import python
 
@@ -486,27 +488,77 @@ def dwarf_inlined_unrecorded(binary: Path, name: str) -> bool:
 
 @pytest.fixture(scope="module")
 def folded_prog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """scale inlined into limit and folded there to a constant: DWARF records no copy."""
-    d = tmp_path_factory.mktemp("folded")
-    prog = build_program(copy_programs(d, "authoring_folded.c"), d / "fold", with_shim=False)
+    """scale inlined into limit and folded there to a constant: DWARF records no copy.  Built
+    as SCons builds (the object beside its source, so gcc writes authoring_folded.c's
+    -fdump-ipa-clones file beside it too), with the instrumentation flags."""
+    return build_folded(tmp_path_factory.mktemp("folded"))
+
+
+def build_folded(d: Path) -> Path:
+    (src,) = copy_programs(d, "authoring_folded.c")
+    run(["gcc", "-O2", *INSTRUMENT, f"-I{paths.include_dir()}", "-c", src.name,
+         "-o", "authoring_folded.o"], cwd=d)
+    prog = d / "fold"
+    run(["gcc", *PROGRAM_LINK_ARGS, "-o", str(prog), "authoring_folded.o"], cwd=d)
     if not {"scale", "limit"} <= function_names(prog) or not dwarf_inlined_unrecorded(prog, "scale"):
         pytest.skip("gcc did not leave scale inlined with no inlined copy recorded")
     return prog
 
 
-def test_inlined_copy_dwarf_does_not_record_is_a_warning(folded_prog: Path, tmp_path: Path) -> None:
+def folded_dump(prog: Path) -> Path:
+    return prog.parent / ("authoring_folded.c" + DUMP_SUFFIX)
+
+
+def test_copy_dwarf_does_not_record_is_named_from_the_builds_ipa_clones(
+        folded_prog: Path, tmp_path: Path) -> None:
+    assert "Callgraph clone;scale;" in folded_dump(folded_prog).read_text()
     patch = replace_patch(tmp_path, "scale")
     _, warnings = generate(folded_prog, patch)
     assert len(warnings) == 1, warnings
     (w,) = warnings
     assert w.startswith(f"{patch}:3: patching scale may not reach all of its code: its DWARF says "
-                        "GCC inlined it, yet records no inlined copy")
-    assert "replace each function that calls scale too" in w and "noinline" in w
+                        "GCC inlined it, yet records no inlined copy; the build's "
+                        "-fdump-ipa-clones says it was inlined into limit, which may keep running "
+                        "the old code")
+    assert "fix: replace limit too in this patch" in w and "noinline" in w
     out = tmp_path / "reg.c"
     proc = gen_cli(folded_prog, patch, out, FENTRY_STRICT="1")
     assert proc.returncode == 1 and not out.exists()
     assert proc.stderr.startswith("fentry-gen: error: ") and proc.stderr.count("\n") == 1
-    assert "records no inlined copy" in proc.stderr and "--strict" in proc.stderr
+    assert "inlined into limit" in proc.stderr and "--strict" in proc.stderr
+
+
+def test_replacing_the_callers_the_dump_names_too_silences_it(folded_prog: Path, tmp_path: Path) -> None:
+    patch = write(tmp_path / "p.c", "#include <fentry.h>\n"
+                  "static int scale_new(int x) { return x; }\nFENTRY_REPLACE(scale, scale_new);\n"
+                  "static int limit_new(void) { return 1; }\nFENTRY_REPLACE(limit, limit_new);\n")
+    _, warnings = generate(folded_prog, patch)
+    assert warnings == []
+
+
+def test_without_a_dump_of_this_build_the_warning_names_no_caller(folded_prog: Path,
+                                                                 tmp_path: Path) -> None:
+    # The program with a dump written after it was linked (a later build's), then without
+    # its dump: neither is believed; the warning stays, naming no caller.
+    prog = build_folded(tmp_path / "b")
+    dump = folded_dump(prog)
+    patch = replace_patch(tmp_path, "scale")
+    for case in ("newer", "missing"):
+        if case == "newer":
+            later = prog.stat().st_mtime + 60
+            os.utime(dump, (later, later))
+        else:
+            dump.unlink()
+        _, warnings = generate(prog, patch)
+        assert len(warnings) == 1, (case, warnings)
+        (w,) = warnings
+        assert w.startswith(f"{patch}:3: patching scale may not reach all of its code: its DWARF "
+                            "says GCC inlined it, yet records no inlined copy: a copy whose code "
+                            "GCC folded into its caller"), case
+        assert "limit" not in w and "replace each function that calls scale too" in w, case
+        proc = gen_cli(prog, patch, tmp_path / "reg.c", FENTRY_STRICT="1")
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+        assert "records no inlined copy" in proc.stderr, case
 
 
 def test_no_dwarf_is_said_once(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from fentry_build.binary.elf import SiteForm, read_binary
 from fentry_build.build import meson_init
 from fentry_build.errors import FentryError
 
-from support.builds import copy_example, meson, meson_cmd, setup_and_compile
+from support.builds import PROGRAMS, copy_example, meson, meson_cmd, setup_and_compile
 
 CLI = [sys.executable, "-m", "fentry_build"]
 
@@ -280,6 +281,28 @@ def test_the_generator_sees_the_patch_as_its_meson_compile_line_does(tmp_path: P
     assert failed.returncode != 0
     assert "no FENTRY_REPLACE(old, new) in this patch (as its build compiles it: none under a " \
            "false #if either)" in failed.stdout + failed.stderr
+
+
+FOLDED_PATCH = """#include <fentry.h>
+static int scale_new(int x) { return x; }
+FENTRY_REPLACE(scale, scale_new);
+"""
+
+
+@pytest.mark.slow
+def test_the_generator_names_the_callers_of_a_copy_dwarf_does_not_record(tmp_path: Path) -> None:
+    # scale is folded into limit at -O2: DWARF records no copy; dependency('fentry') has gcc
+    # write the unit's -fdump-ipa-clones file beside its object, and the generator finds it
+    # through compile_commands.json and names limit.
+    project = copy_example("hello", tmp_path / "hello")
+    shutil.copy(PROGRAMS / "authoring_folded.c", project / "hello.c")
+    (project / "patches" / "my_patch.c").write_text(FOLDED_PATCH)
+    build = setup_and_compile(project, "-Doptimization=2")
+    dumps = list((build / "hello.p").glob("*.000i.ipa-clones"))
+    assert [d.name for d in dumps] == ["hello.c.c.000i.ipa-clones"]
+    done = meson("compile", "-C", "build", "patches", cwd=project)
+    assert "patching scale may not reach all of its code" in done.stdout
+    assert "-fdump-ipa-clones says it was inlined into limit" in done.stdout
 
 
 @pytest.mark.slow

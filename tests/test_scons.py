@@ -21,6 +21,8 @@ from fentry_build.binary.elf import SiteForm, read_binary
 from fentry_build.build import flags, sharedshim
 from fentry_build.build import scons as fscons
 
+from support.builds import PROGRAMS
+
 SCons = pytest.importorskip("SCons", reason="scons is not installed (pip install scons)")
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
@@ -182,6 +184,28 @@ def test_a_patch_can_call_the_shadow_api_of_the_program(hello: Path) -> None:
         "{'my_patch': 'patches/my_patch.c'}", "{'my_patch': 'patches/my_patch.c', 'shadow': 'patches/shadow.c'}"))
     scons(hello, "patches")
     assert run_program(hello / "hello", hello / "shadow.so") == "counted: 123 (1)"
+
+
+FOLDED_PATCH = """#include <fentry.h>
+static int scale_new(int x) { return x; }
+FENTRY_REPLACE(scale, scale_new);
+"""
+
+
+@pytest.mark.slow
+def test_the_generator_names_the_callers_of_a_copy_dwarf_does_not_record(hello: Path) -> None:
+    # scale is folded into limit at -O2: DWARF records no copy; $FENTRY_CFLAGS has gcc write
+    # hello.c's -fdump-ipa-clones file beside hello.o, where the generator finds it.
+    shutil.copy(PROGRAMS / "authoring_folded.c", hello / "hello.c")
+    (hello / "patches" / "my_patch.c").write_text(FOLDED_PATCH)
+    sconstruct = hello / "SConstruct"
+    sconstruct.write_text(sconstruct.read_text().replace(
+        "fentry_build.scons.generate])\n", "fentry_build.scons.generate])\nenv.Append(CCFLAGS=['-O2'])\n"))
+    assert "-O2" in sconstruct.read_text()
+    done = scons(hello, "patches")
+    assert (hello / "hello.c.000i.ipa-clones").is_file()
+    assert "patching scale may not reach all of its code" in done.stdout + done.stderr
+    assert "-fdump-ipa-clones says it was inlined into limit" in done.stdout + done.stderr
 
 
 @pytest.mark.slow

@@ -15,8 +15,10 @@ DWARF does not record every inlined copy: a copy that left no code of its own (G
 its result into a constant, or merged its code into the caller's) has no
 DW_TAG_inlined_subroutine, while f's abstract instance still says DW_AT_inline (inlined).
 Where DWARF says so and no copy is found, the finding is that copies may run unseen
-(CodeCopies.inlined_unseen), and the warning says so: docs/patch-authoring.md, "Copies
-DWARF does not record".
+(CodeCopies.inlined_unseen), and the warning says so; the callers that may hold them come
+from the build's -fdump-ipa-clones file of f's unit, when one is tied to this binary
+(binary/ipaclones.py), and are named.  GCC also says DW_AT_inline of a function it only
+cloned: a dump that shows no inlining, or (without a dump) an IPA clone of f, explains it.  docs/patch-authoring.md, "Copies DWARF does not record".
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from elftools.dwarf.die import DIE
 
 from fentry_build.binary.dwarf import (
     CALL_PC_ATTRIBUTES, CALL_SITE_TAGS, CALL_TARGET_ATTRIBUTES, DWARF_ERRORS, ProgramDwarf,
-    attribute, die_name, may_be_inlined, origin, unit_name, unit_of,
+    attribute, die_name, may_be_inlined, origin, text, unit_name, unit_of,
 )
 from fentry_build.binary.elf import BinaryInfo, FunctionInfo, file_matches
+from fentry_build.binary.ipaclones import callers_in_build
 
 CLONE_FIX = "build the program with -flive-patching=inline-only-static so GCC keeps {name} whole"
 NOINLINE_FIX = "mark {name} __attribute__((noinline, noclone)) in the program and rebuild it"
@@ -89,6 +92,9 @@ class CodeCopies:
     clone_callers: dict[str, list[FunctionInfo]] = field(default_factory=dict)  # by clone name
     checked: bool = True  # False: f's unit has no DWARF, inlined copies were not looked for
     inlined_unseen: bool = False  # DWARF says f was inlined, yet it records no inlined copy
+    # The callers the build's -fdump-ipa-clones says f was inlined into, if DWARF records no
+    # copy; None when no dump of f's unit is tied to this binary.
+    unseen_callers: list[FunctionInfo] | None = None
 
 
 # DW_AT_inline values saying GCC inlined the function (DW_INL_inlined,
@@ -169,9 +175,36 @@ class CopyFinder:
                             and not self._own(f, holder):
                         callers.setdefault(clone.name, {}).setdefault(holder.addr, holder)
         found.inlined_into = sorted(inlined.values(), key=lambda g: g.name)
-        found.inlined_unseen = not recorded and says_inlined(die)
         found.clone_callers = {name: sorted(c.values(), key=lambda g: g.name)
                                for name, c in callers.items()}
+        if recorded or not says_inlined(die):
+            return
+        # DWARF says inlined, yet records no copy.  The build's dump, when one is tied to this
+        # binary, says where (or that GCC inlined f nowhere: DW_AT_inline came with a clone);
+        # without one, a clone of f explains DW_AT_inline too, and its warning is given.
+        found.unseen_callers = self._dump_callers(f, die)
+        found.inlined_unseen = bool(found.unseen_callers) or \
+            (found.unseen_callers is None and not found.clones)
+
+    def _dump_callers(self, f: FunctionInfo, die: DIE) -> list[FunctionInfo] | None:
+        """The functions of the binary the build's -fdump-ipa-clones says f was inlined into."""
+        assert self._dwarf is not None
+        name, decl_file = die_name(die), self._dwarf.decl_file(die)
+        line, column = attribute(die, "DW_AT_decl_line"), attribute(die, "DW_AT_decl_column")
+        top = unit_of(die).get_top_DIE().attributes
+        comp_dir = text(top["DW_AT_comp_dir"].value) if "DW_AT_comp_dir" in top else None
+        source = unit_name(unit_of(die))
+        if name is None or decl_file is None or not isinstance(line, int) \
+                or not isinstance(column, int) or comp_dir is None or source is None:
+            return None
+        names = callers_in_build(name, decl_file, line, column, comp_dir, source, self._binary.path)
+        if names is None:
+            return None
+        wanted = set(names)
+        return sorted((g for g in self._binary.functions
+                       if g.name in wanted and (not g.local or _same_file(g, f))
+                       and not g.clone.is_cold_part and not self._own(f, g)),
+                      key=lambda g: g.name)
 
     def _called_clone(self, site: DIE, clone_addrs: dict[int, FunctionInfo]) -> FunctionInfo | None:
         assert self._dwarf is not None
@@ -233,7 +266,15 @@ def describe(copies: CodeCopies, replaced: set[int], program: str, has_dwarf: bo
     if inlined:
         problems.append(f"GCC inlined copies of it into {_names(inlined)}, which keep running "
                         "the old code")
-    if copies.inlined_unseen:
+    unseen = None if copies.unseen_callers is None else \
+        [g for g in copies.unseen_callers if g.addr not in replaced]
+    if copies.inlined_unseen and unseen:
+        problems.append("its DWARF says GCC inlined it, yet records no inlined copy; the build's "
+                        f"-fdump-ipa-clones says it was inlined into {_names(unseen)}, which may "
+                        "keep running the old code (a copy GCC folded into its caller)")
+        callers.update((g.addr, g) for g in unseen)
+    elif copies.inlined_unseen and not (copies.unseen_callers and unseen == []):
+        # (every caller the dump names is replaced too: nothing is left running the old copy)
         problems.append("its DWARF says GCC inlined it, yet records no inlined copy: a copy whose "
                         "code GCC folded into its caller (a result computed at build time) "
                         "keeps running the old code unseen")
