@@ -209,6 +209,28 @@ def _timeout_option(s: argparse.ArgumentParser) -> None:
                         "has not come to by then expires and is never carried out")
 
 
+PS_EXAMPLE = """\
+examples:
+  fentry-build ps                                  # every patchable process you may see
+  fentry-build ps --program /usr/sbin/server --json
+  fentry-build ps --missing build/fix_parse.so     # is every process of that build patched?
+"""
+
+INSTALL_EXAMPLE = """\
+examples:
+  fentry-build install build/fix_parse.so          # processes started from now on load it
+  fentry-build install --apply build/fix_parse.so  # ... and every running one gets it too
+  fentry-build uninstall fix_parse --revert        # undo both
+See docs/fleet.md.
+"""
+
+NEW_PATCH_EXAMPLE = """\
+example:
+  fentry-build new-patch fix_parse --function parse_request --binary build/server
+  $EDITOR patches/fix_parse.c && meson compile -C build patches
+"""
+
+
 MULTI_EPILOG = """\
 processes: --pid PID, repeated for several, or --all with --program PATH or --build-id ID
 (apply, and revert or unload given the patch file: --all alone means every process
@@ -261,7 +283,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=MULTI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _processes_option(s, apply=True)
     s.add_argument("patch", help="the patch .so (its name is the file name without .so)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
     _dry_run_option(s)
     _timeout_option(s)
     s.set_defaults(func=_cmd_apply)
@@ -272,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="the patch: its name (fix), file name (fix.so) or the path applied")
     s.add_argument("--if-applied", action="store_true",
                    help="a patch that is not applied is no error: nothing changes (for automation)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
     _dry_run_option(s)
     _timeout_option(s)
     s.set_defaults(func=_cmd_revert)
@@ -282,7 +304,7 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _processes_option(s)
     s.add_argument("name", help="the patch: its name (fix), file name (fix.so) or the path applied")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
     _timeout_option(s)
     s.set_defaults(func=_cmd_unload)
 
@@ -291,18 +313,19 @@ def _parser() -> argparse.ArgumentParser:
     _processes_option(s)
     s.add_argument("--history", action="store_true",
                    help="its audit trail instead: every apply, revert and unload since it started")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
     _timeout_option(s)
     s.set_defaults(func=_cmd_list)
 
     s = sub.add_parser("status", help="pid, program, build-id and mode of running processes",
                        epilog=MULTI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _processes_option(s)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
     _timeout_option(s)
     s.set_defaults(func=_cmd_status)
 
-    s = sub.add_parser("ps", help="every process with the fentry shim: build, mode, patches")
+    s = sub.add_parser("ps", help="every process with the fentry shim: build, mode, patches",
+                       epilog=PS_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--program", metavar="PATH", help="only the processes running this executable")
     s.add_argument("--build-id", metavar="ID", help="only the processes running this build "
                    "(of the executable or of a library they load)")
@@ -318,16 +341,18 @@ def _parser() -> argparse.ArgumentParser:
                        "<dir>/<build-id>/NAME.so, where <dir> is $FENTRY_PATCH_DIR, else "
                        "/var/lib/fentry for root, else $XDG_DATA_HOME/fentry "
                        "(~/.local/share/fentry).  Processes of that build started from then on "
-                       "load it before main.")
+                       "load it before main.", epilog=INSTALL_EXAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("patch", help="the patch .so")
     s.add_argument("--apply", action="store_true",
                    help="also apply it to every running process of that build")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
     _dry_run_option(s)
     _timeout_option(s)
     s.set_defaults(func=_cmd_install)
 
-    s = sub.add_parser("uninstall", help="remove a patch from the patch directory")
+    s = sub.add_parser("uninstall", help="remove a patch from the patch directory",
+                       epilog=INSTALL_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("name", help="the patch's name (fix) or file name (fix.so)")
     s.add_argument("--build-id", metavar="ID", help="only from this build's folder (default: "
                    "from every build's)")
@@ -335,7 +360,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also revert it in every running process of that build")
     s.add_argument("--if-installed", action="store_true",
                    help="a patch that is not installed is no error: nothing changes")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
     _dry_run_option(s)
     _timeout_option(s)
     s.set_defaults(func=_cmd_uninstall)
@@ -348,10 +373,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pid", type=int, required=True)
     s.add_argument("--tries", type=int, default=60,
                    help="times to look for a moment safe to load the shim before giving up")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_attach)
 
-    s = sub.add_parser("new-patch", help="write a patch skeleton for one function of a built program")
+    s = sub.add_parser("new-patch", help="write a patch skeleton for one function of a built program",
+                       epilog=NEW_PATCH_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("name", help="the patch's name: writes patches/NAME.c, builds build/NAME.so")
     s.add_argument("--function", required=True, help="the function to replace")
     s.add_argument("--binary", required=True, help="the built program (with -g: the prototype "

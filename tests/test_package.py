@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import fentry_build
 from fentry_build import paths
 
@@ -102,3 +104,17 @@ def test_the_gdb_script_needs_only_the_standard_library() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             imported.add(node.module.split(".")[0])
     assert imported - {"gdb", "__future__"} <= set(sys.stdlib_module_names), imported
+
+
+@pytest.mark.parametrize("command", ["apply", "revert", "unload", "list", "status", "ps", "install",
+                                     "uninstall", "archive", "new-patch", "patch-from-diff"])
+def test_each_command_a_user_types_shows_an_example_and_documents_json(command: str) -> None:
+    """--help of each command: an example (or, for the verbs on processes, how to name them),
+    and every option, --json included, says what it does."""
+    shown = subprocess.run([sys.executable, "-m", "fentry_build", command, "--help"],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "example" in shown.stdout or "processes: --pid PID" in shown.stdout
+    if "--json" in shown.stdout:
+        assert any(line.strip().startswith("--json ") for line in shown.stdout.splitlines()), \
+            shown.stdout
