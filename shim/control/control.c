@@ -65,8 +65,11 @@ struct ctl_client {
 	struct fentry_buf out;     /* the reply being sent ...                          */
 	size_t out_off;            /* ... and how much of it went out already            */
 	size_t in_len;
-	char in[FENTRY_LINE_MAX + 1]; /* received bytes: one line and its '\n' fit       */
+	char *in;                  /* received bytes (CTL_IN_SIZE): ctl.in[slot]         */
 };
+
+/* One line and its '\n' fit. */
+#define CTL_IN_SIZE (FENTRY_LINE_MAX + 1)
 
 /*
  * The connections of this process.  Written by fentry_control_start() before the thread
@@ -77,7 +80,9 @@ struct ctl_client {
  * compiler keeps it before), whose locked update of the descriptor table makes it
  * visible; fork() copies that table under the same lock, before it copies memory.
  * 1 MiB of buffers: zero-initialised, so .bss, not .data in every program's file (the
- * listening descriptor, -1 when off, is endpoint.c's).
+ * listening descriptor, -1 when off, is endpoint.c's).  The slots are small and the
+ * input buffers apart: marking every slot free writes one page, not one page per
+ * slot, so an idle process keeps the untouched buffers shared with the zero page.
  */
 static int ctl_listen_fd = -1;
 
@@ -85,6 +90,7 @@ static struct {
 	int request_ms;
 	int64_t accept_paused_until;
 	struct ctl_client clients[CTL_MAX_CLIENTS];
+	char in[CTL_MAX_CLIENTS][CTL_IN_SIZE];
 } ctl;
 
 static int64_t now_ms(void)
@@ -159,8 +165,8 @@ static void read_input(struct ctl_client *c)
 {
 	ssize_t n;
 
-	while (c->in_len < sizeof c->in) {
-		n = recv(c->fd, c->in + c->in_len, sizeof c->in - c->in_len, 0);
+	while (c->in_len < CTL_IN_SIZE) {
+		n = recv(c->fd, c->in + c->in_len, CTL_IN_SIZE - c->in_len, 0);
 		if (n > 0) {
 			c->in_len += (size_t)n; /* never extends the deadline */
 		} else if (n < 0 && errno == EAGAIN) {
@@ -433,8 +439,10 @@ static void start(int sweep)
 	}
 	if (fentry_endpoint_is_open())
 		return;
-	for (i = 0; i < CTL_MAX_CLIENTS; i++)
+	for (i = 0; i < CTL_MAX_CLIENTS; i++) {
 		ctl.clients[i].fd = -1;
+		ctl.clients[i].in = ctl.in[i];
+	}
 	ctl.request_ms = request_ms_from_env();
 	ctl.accept_paused_until = 0;
 	ctl_listen_fd = fentry_endpoint_open(sweep, why);
