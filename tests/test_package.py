@@ -12,6 +12,10 @@ import pytest
 import fentry_build
 from fentry_build import paths
 
+from support.builds import ServerBuild
+from support.cli import cli
+from support.servers import Server, start_server
+
 
 def test_tests_run_against_the_installed_wheel_when_asked() -> None:
     if os.environ.get("FENTRY_TEST_INSTALLED") != "1":
@@ -71,6 +75,36 @@ def test_import_fentry_build_imports_nothing_else() -> None:
     proc = _fresh("import sys, fentry_build; print('SCons' in sys.modules, 'elftools' in sys.modules, "
                   "'jinja2' in sys.modules)")
     assert proc.stdout.strip() == "False False False"
+
+
+# What a command aimed at one process must not import: the fleet's thread pool (and the
+# logging it brings), dataclasses (and inspect), patch-file reading (hashlib, pyelftools),
+# the build and generator layers.  Start-up time is measured in benchmarks/ (rows_cli.py);
+# this is the behaviour that keeps it low.
+_HEAVY = ("concurrent.futures", "dataclasses", "inspect", "hashlib", "elftools", "jinja2", "SCons",
+          "fentry_build.fleet.multi", "fentry_build.fleet.patchdir", "fentry_build.binary",
+          "fentry_build.build", "fentry_build.generator")
+
+
+@pytest.mark.parametrize("argv", [["status"], ["list"], ["list", "--history"], ["apply", "PATCH"],
+                                  ["revert", "fix_parse"], ["unload", "fix_parse"]])
+def test_a_command_for_one_process_imports_only_its_client(built: ServerBuild,
+                                                           started: list[Server],
+                                                           argv: list[str]) -> None:
+    srv = start_server(built.binary, "jump")
+    started.append(srv)
+    argv = [str(built.patches["fix_parse"]) if a == "PATCH" else a for a in argv]
+    if argv[0] in ("revert", "unload"):  # something to revert or unload
+        assert cli("apply", "--pid", str(srv.pid), str(built.patches["fix_parse"])).returncode == 0
+        if argv[0] == "unload":
+            assert cli("revert", "--pid", str(srv.pid), "fix_parse").returncode == 0
+    code = ("import sys\nfrom fentry_build.cli import main\n"
+            f"rc = main({[*argv, '--pid', str(srv.pid)]!r})\n"
+            f"heavy = sorted(m for m in sys.modules if m.startswith({_HEAVY!r}))\n"
+            "print('exit', rc, 'heavy', heavy, file=sys.stderr)")
+    proc = _fresh(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "exit 0 heavy []", proc.stderr
 
 
 def test_every_module_imports_first_in_a_fresh_interpreter() -> None:

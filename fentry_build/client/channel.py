@@ -31,8 +31,8 @@ import socket
 import stat
 import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from fentry_build.client import procfs
 from fentry_build.errors import FentryError
@@ -50,8 +50,7 @@ class NoChannel(FentryError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """A process as the client sees it (read from /proc once)."""
 
     pid: int       # in our pid namespace
@@ -91,8 +90,7 @@ class Target:
                               "cannot answer; continue it in the debugger and retry")
 
 
-@dataclass(frozen=True)
-class Place:
+class Place(NamedTuple):
     """Where a target's socket is: its path as the target sees it, and how we reach it."""
 
     path: str            # e.g. /tmp/fentry-0/1234.sock, in the target's mount namespace

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from fentry_build.errors import FentryError
 
 
-@dataclass(frozen=True)
-class Mapping:
+class Mapping(NamedTuple):
     """One line of /proc/PID/maps."""
 
     start: int
@@ -31,8 +30,7 @@ class Mapping:
         return "x" in self.perms
 
 
-@dataclass(frozen=True)
-class ProcStatus:
+class ProcStatus(NamedTuple):
     """What /proc/PID/status says about who the process is and what state it is in."""
 
     name: str
@@ -168,8 +166,7 @@ def socket_inodes(links: list[tuple[int, str]]) -> set[int]:
             if target.startswith("socket:[") and target.endswith("]")}
 
 
-@dataclass(frozen=True)
-class UnixListener:
+class UnixListener(NamedTuple):
     """A listening unix stream socket bound to a path (a line of /proc/PID/net/unix)."""
 
     inode: int

@@ -8,13 +8,20 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fentry_build.binary.patchinfo import read_patch
 from fentry_build.client import control
 from fentry_build.errors import FentryError
-from fentry_build.fleet import multi, ops, patchdir, targets
+from fentry_build.fleet import targets
 from fentry_build.fleet.targets import Selection
+
+if TYPE_CHECKING:
+    from fentry_build.fleet import multi, patchdir
+
+# A command aimed at one process (--pid PID) imports only the client of that process:
+# the fleet's modules (threads, patch files, the patch directory) are imported where a
+# command needs them, so that `fentry-build status --pid PID` starts fast (benchmarks/
+# scaling/rows_cli.py measures it).
 
 Reply = dict[str, Any]
 
@@ -43,6 +50,8 @@ def format_revert(reply: Reply) -> str:
 
 
 def _finish(outcomes: list[multi.Outcome], fmt: Callable[[Reply], str], verb: str, as_json: bool) -> int:
+    from fentry_build.fleet import multi
+
     print(multi.report(outcomes, fmt, as_json=as_json), flush=True)
     line = multi.summary(outcomes, verb)
     if line:
@@ -80,6 +89,9 @@ def apply(sel: Selection, patch: Path, *, as_json: bool, dry_run: bool, timeout:
     targets.check(sel, patch_build=True)
     if sel.single and not dry_run:  # as it always was
         return _print_single(_apply_one(sel.pids[0], patch, timeout), format_apply, as_json)
+    from fentry_build.binary.patchinfo import read_patch
+    from fentry_build.fleet import multi, ops
+
     info = read_patch(patch)  # a file that is no patch is refused before any process is asked
     pids = targets.choose(sel, patch_build=info.build_id)
     if sel.single:
@@ -94,6 +106,8 @@ def _by_patch_file(sel: Selection, name: str) -> tuple[str, str | None]:
     """revert/unload --all PATCH.so (no --program, --build-id): the patch's name, and its
     build as the processes to ask."""
     if sel.all and not (sel.program or sel.build_id) and name.endswith(".so") and Path(name).is_file():
+        from fentry_build.binary.patchinfo import read_patch
+
         info = read_patch(Path(name))
         return info.name, info.build_id
     return name, None
@@ -105,6 +119,8 @@ def revert(sel: Selection, name: str, *, as_json: bool, if_applied: bool, dry_ru
     targets.check(sel, patch_build=build is not None)
 
     def op(pid: int) -> Reply:
+        from fentry_build.fleet import ops
+
         return ops.revert(pid, name, if_applied=if_applied, dry_run=dry_run, timeout=timeout)
 
     if sel.single:
@@ -112,6 +128,8 @@ def revert(sel: Selection, name: str, *, as_json: bool, if_applied: bool, dry_ru
             return _print_single(control.revert(sel.pids[0], name, timeout=timeout), format_revert,
                                  as_json)
         return _print_single(op(sel.pids[0]), format_revert, as_json)
+    from fentry_build.fleet import multi
+
     return _finish(multi.run_each(targets.choose(sel, patch_build=build), op), format_revert,
                    "revert", as_json)
 
@@ -122,6 +140,8 @@ def unload(sel: Selection, name: str, *, as_json: bool, timeout: float) -> int:
     if sel.single:
         return _print_single(control.unload(sel.pids[0], name, timeout=timeout),
                              control.format_unload, as_json)
+    from fentry_build.fleet import multi, ops
+
     outcomes = multi.run_each(targets.choose(sel, patch_build=build),
                               lambda pid: ops.unload(pid, name, timeout=timeout))
     return _finish(outcomes, control.format_unload, "unload", as_json)
@@ -133,6 +153,8 @@ def list_patches(sel: Selection, *, history: bool, as_json: bool, timeout: float
     fmt = control.format_history if history else control.format_list
     if sel.single:
         return _print_single(fetch(sel.pids[0], timeout=timeout), fmt, as_json)
+    from fentry_build.fleet import multi
+
     outcomes = multi.run_each(targets.choose(sel), lambda pid: dict(fetch(pid, timeout=timeout)))
     return _finish(outcomes, fmt, "list", as_json)
 
@@ -141,6 +163,8 @@ def status(sel: Selection, *, as_json: bool, timeout: float) -> int:
     targets.check(sel)
     if sel.single:
         return _print_single(control.status(sel.pids[0], timeout=timeout), control.format_status, as_json)
+    from fentry_build.fleet import multi, ops
+
     outcomes = multi.run_each(targets.choose(sel), lambda pid: ops.status(pid, timeout=timeout))
     return _finish(outcomes, control.format_status, "status", as_json)
 
@@ -151,6 +175,7 @@ def status(sel: Selection, *, as_json: bool, timeout: float) -> int:
 def ps(*, program: str | None, build_id: str | None, missing: Path | None, as_json: bool,
        timeout: float) -> int:
     """Exit status 0; with --missing, 1 when some process of that build lacks the version."""
+    from fentry_build.binary.patchinfo import read_patch
     from fentry_build.fleet import ps as ps_mod
 
     info = read_patch(missing) if missing is not None else None
@@ -194,6 +219,8 @@ def _running(build_ids: list[str]) -> list[int]:
 
 
 def install(patch: Path, *, apply_now: bool, as_json: bool, dry_run: bool, timeout: float) -> int:
+    from fentry_build.fleet import multi, ops, patchdir
+
     done = patchdir.install(patch, dry_run=dry_run)
     print(json.dumps({"op": "install", "ok": True, "dry_run": dry_run, **done.as_json()}, sort_keys=True)
           if as_json else _format_installed(done, dry_run), flush=True)
@@ -215,6 +242,8 @@ def install(patch: Path, *, apply_now: bool, as_json: bool, dry_run: bool, timeo
 
 def uninstall(name: str, *, build_id: str | None, revert_now: bool, if_installed: bool, as_json: bool,
               dry_run: bool, timeout: float) -> int:
+    from fentry_build.fleet import multi, ops, patchdir
+
     wanted = targets.check_build_id(build_id) if build_id else None
     removed = patchdir.uninstall(name, build_id=wanted, if_installed=if_installed, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"

@@ -4,7 +4,7 @@ with ``--program PATH`` / ``--build-id ID`` (or, for a patch, the build it is fo
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from fentry_build.errors import FentryError
 
@@ -24,8 +24,7 @@ def check_build_id(text: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class Selection:
+class Selection(NamedTuple):
     """What the command line asked for."""
 
     pids: tuple[int, ...] = ()
