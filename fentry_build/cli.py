@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fentry_build import __version__
 from fentry_build.errors import FentryError
+
+if TYPE_CHECKING:
+    _Sub = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _print_json(value: Any) -> None:
@@ -257,28 +260,30 @@ def _dry_run_option(s: argparse.ArgumentParser) -> None:
                    help="say what would change (\"changed\" in --json) and change nothing")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fentry-build",
-        description="Userspace live patching for C programs built with gcc -pg -mfentry.",
-    )
-    p.add_argument("--version", action="version", version=f"fentry-build {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_check(sub: _Sub) -> None:
     s = sub.add_parser("check", help="is a binary instrumented; its build-id and patchable functions")
     s.add_argument("binary")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_check)
 
+
+
+def _add_meson_init(sub: _Sub) -> None:
     s = sub.add_parser("meson-init", help="put the fentry subproject into a Meson project")
     s.add_argument("project_dir", nargs="?", default=".")
     s.set_defaults(func=_cmd_meson_init)
 
+
+
+def _add_init(sub: _Sub) -> None:
     s = sub.add_parser("init", help="scaffold a new live-patchable Meson project")
     s.add_argument("dir")
     s.add_argument("--name", help="program name (default: the folder's name)")
     s.set_defaults(func=_cmd_init)
 
+
+
+def _add_apply(sub: _Sub) -> None:
     s = sub.add_parser("apply", help="load a patch .so into running processes",
                        epilog=MULTI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _processes_option(s, apply=True)
@@ -288,6 +293,9 @@ def _parser() -> argparse.ArgumentParser:
     _timeout_option(s)
     s.set_defaults(func=_cmd_apply)
 
+
+
+def _add_revert(sub: _Sub) -> None:
     s = sub.add_parser("revert", help="revert a patch of running processes by name",
                        epilog=MULTI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _processes_option(s)
@@ -299,6 +307,9 @@ def _parser() -> argparse.ArgumentParser:
     _timeout_option(s)
     s.set_defaults(func=_cmd_revert)
 
+
+
+def _add_unload(sub: _Sub) -> None:
     s = sub.add_parser("unload", help="unload a patch's reverted or replaced versions once no "
                        "thread runs their code", epilog=MULTI_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -308,6 +319,9 @@ def _parser() -> argparse.ArgumentParser:
     _timeout_option(s)
     s.set_defaults(func=_cmd_unload)
 
+
+
+def _add_list(sub: _Sub) -> None:
     s = sub.add_parser("list", help="the patches of running processes",
                        epilog=MULTI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _processes_option(s)
@@ -317,6 +331,9 @@ def _parser() -> argparse.ArgumentParser:
     _timeout_option(s)
     s.set_defaults(func=_cmd_list)
 
+
+
+def _add_status(sub: _Sub) -> None:
     s = sub.add_parser("status", help="pid, program, build-id and mode of running processes",
                        epilog=MULTI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _processes_option(s)
@@ -324,6 +341,9 @@ def _parser() -> argparse.ArgumentParser:
     _timeout_option(s)
     s.set_defaults(func=_cmd_status)
 
+
+
+def _add_ps(sub: _Sub) -> None:
     s = sub.add_parser("ps", help="every process with the fentry shim: build, mode, patches",
                        epilog=PS_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--program", metavar="PATH", help="only the processes running this executable")
@@ -336,6 +356,9 @@ def _parser() -> argparse.ArgumentParser:
     _timeout_option(s)
     s.set_defaults(func=_cmd_ps)
 
+
+
+def _add_install(sub: _Sub) -> None:
     s = sub.add_parser("install", help="put a patch into the patch directory new processes load "
                        "at start", description="Check PATCH.so and put it, atomically, into "
                        "<dir>/<build-id>/NAME.so, where <dir> is $FENTRY_PATCH_DIR, else "
@@ -351,6 +374,9 @@ def _parser() -> argparse.ArgumentParser:
     _timeout_option(s)
     s.set_defaults(func=_cmd_install)
 
+
+
+def _add_uninstall(sub: _Sub) -> None:
     s = sub.add_parser("uninstall", help="remove a patch from the patch directory",
                        epilog=INSTALL_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("name", help="the patch's name (fix) or file name (fix.so)")
@@ -365,10 +391,16 @@ def _parser() -> argparse.ArgumentParser:
     _timeout_option(s)
     s.set_defaults(func=_cmd_uninstall)
 
+
+
+def _add_shim_path(sub: _Sub) -> None:
     s = sub.add_parser("shim-path", help="build (once) and print the shared shim, for LD_PRELOAD")
     s.add_argument("--rebuild", action="store_true", help="build it again even if cached")
     s.set_defaults(func=_cmd_shim_path)
 
+
+
+def _add_attach(sub: _Sub) -> None:
     s = sub.add_parser("attach", help="load the shim into a running instrumented process")
     s.add_argument("--pid", type=int, required=True)
     s.add_argument("--tries", type=int, default=60,
@@ -376,6 +408,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_attach)
 
+
+
+def _add_new_patch(sub: _Sub) -> None:
     s = sub.add_parser("new-patch", help="write a patch skeleton for one function of a built program",
                        epilog=NEW_PATCH_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("name", help="the patch's name: writes patches/NAME.c, builds build/NAME.so")
@@ -387,6 +422,9 @@ def _parser() -> argparse.ArgumentParser:
                    "share its name")
     s.set_defaults(func=_cmd_new_patch)
 
+
+
+def _add_patch_from_diff(sub: _Sub) -> None:
     s = sub.add_parser("patch-from-diff", help="write the live patch a source fix makes (from a diff)",
                        description="Write patches/NAME.c: the functions the fix changes, read from "
                        "the fixed sources, as a live patch of the running build; add it to the "
@@ -403,6 +441,9 @@ def _parser() -> argparse.ArgumentParser:
                    "binary or above it)")
     s.set_defaults(func=_cmd_patch_from_diff)
 
+
+
+def _add_archive(sub: _Sub) -> None:
     s = sub.add_parser("archive", help="keep released builds by build-id, to build patches for them later",
                        description="Copy each PROGRAM (with its symbols and DWARF) into the store "
                        "under its build-id, or list the store.",
@@ -414,14 +455,60 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_archive)
 
+
+
+def _add_demo(sub: _Sub) -> None:
     s = sub.add_parser("demo", help="build the server example, fix its bug live, revert it")
     s.add_argument("--keep", action="store_true", help="keep the temporary build directory")
     s.set_defaults(func=_cmd_demo)
+
+
+
+_COMMANDS: dict[str, Callable[[_Sub], None]] = {
+    "check": _add_check,
+    "meson-init": _add_meson_init,
+    "init": _add_init,
+    "apply": _add_apply,
+    "revert": _add_revert,
+    "unload": _add_unload,
+    "list": _add_list,
+    "status": _add_status,
+    "ps": _add_ps,
+    "install": _add_install,
+    "uninstall": _add_uninstall,
+    "shim-path": _add_shim_path,
+    "attach": _add_attach,
+    "new-patch": _add_new_patch,
+    "patch-from-diff": _add_patch_from_diff,
+    "archive": _add_archive,
+    "demo": _add_demo,
+}
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; given `command`, with only that command's subparser
+    (what parsing a command line of it needs: every call would otherwise build all of them)."""
+    p = argparse.ArgumentParser(
+        prog="fentry-build",
+        description="Userspace live patching for C programs built with gcc -pg -mfentry.",
+    )
+    p.add_argument("--version", action="version", version=f"fentry-build {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, add in _COMMANDS.items():
+        if command is None or name == command:
+            add(sub)
     return p
 
 
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command a command line names, when its parser alone can parse it: the first
+    word is a command (options of the top level such as --help come before it)."""
+    return argv[0] if argv and argv[0] in _COMMANDS else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(_command_of(words)).parse_args(words)
     try:
         return int(args.func(args))
     except FentryError as e:

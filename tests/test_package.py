@@ -152,3 +152,25 @@ def test_each_command_a_user_types_shows_an_example_and_documents_json(command: 
     if "--json" in shown.stdout:
         assert any(line.strip().startswith("--json ") for line in shown.stdout.splitlines()), \
             shown.stdout
+
+
+def test_a_command_line_parses_the_same_with_its_command_alone() -> None:
+    """main() builds only the named command's parser; it must mean what the full one means,
+    and the top level (--help, a misspelt command) still knows every command."""
+    from fentry_build import cli as cli_mod
+
+    lines = [["apply", "--pid", "7", "--pid", "8", "p.so", "--json", "--dry-run", "--timeout", "3"],
+             ["revert", "--all", "--program", "/srv/x", "fix", "--if-applied"],
+             ["status", "--pid", "7"], ["list", "--pid", "7", "--history"],
+             ["ps", "--build-id", "ab12"], ["check", "prog", "--json"], ["meson-init"],
+             ["archive", "--list"], ["new-patch", "n", "--function", "f", "--binary", "b"]]
+    for words in lines:
+        full, alone = (vars(cli_mod._parser(c).parse_args(words)) for c in (None, words[0]))
+        assert full == alone, words
+    for words in (["--help"], ["--version"], ["nosuch", "--pid", "1"]):
+        shown = subprocess.run([sys.executable, "-m", "fentry_build", *words], capture_output=True,
+                               text=True, timeout=120)
+        assert shown.returncode == (2 if words[0] == "nosuch" else 0)
+        if words[0] != "--version":
+            out = shown.stdout + shown.stderr
+            assert all(name in out for name in cli_mod._COMMANDS), out
