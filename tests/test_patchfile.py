@@ -241,24 +241,34 @@ def test_the_shim_names_no_file_of_its_own_through_its_pid() -> None:
 
 
 def test_the_sha256_of_the_shim_matches_pythons(tmp_path: Path) -> None:
-    """The shim's own SHA-256 (shim/core/sha256.c) against hashlib, on edge lengths."""
+    """The shim's own SHA-256 (shim/core/sha256.c; with the SHA instructions of
+    arch/x86_64/sha256_ni.c where the CPU has them) against hashlib, on edge lengths, fed
+    whole blocks and byte by byte; the portable rounds alone too."""
     shim = paths.shim_dir()
     driver = tmp_path / "sha.c"
     driver.write_text('#include <stdio.h>\n#include "core/sha256.h"\n'
+                      '#include "arch/x86_64/sha256_ni.h"\n'
                       'int main(int c, char **v) { struct fentry_sha256 s; unsigned char d[32], '
                       'b[1000]; size_t n; FILE *f = fopen(v[1], "rb"); fentry_sha256_init(&s);\n'
                       'while ((n = fread(b, 1, 1 + (size_t)(c > 2 ? 0 : 700), f)) > 0) '
                       'fentry_sha256_update(&s, b, n);\n'
                       'fentry_sha256_final(&s, d); for (int i = 0; i < 32; i++) '
-                      'printf("%02x", d[i]); return 0; }\n')
-    exe = tmp_path / "sha"
-    run(["gcc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{shim}",
-         f"-I{paths.include_dir()}", "-o", str(exe), str(driver), str(shim / "core" / "sha256.c")])
-    for n in (0, 1, 55, 56, 63, 64, 65, 119, 120, 1000, 100_003):
+                      'printf("%02x", d[i]); printf(" ni=%d", fentry_sha256_ni_usable()); return 0; }\n')
+    flags = {"dispatch": [], "portable": ["-DFENTRY_SHA256_PORTABLE"]}
+    exes = {}
+    for way, extra_flags in flags.items():
+        exes[way] = tmp_path / f"sha_{way}"
+        run(["gcc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", *extra_flags, f"-I{shim}",
+             f"-I{paths.include_dir()}", "-o", str(exes[way]), str(driver),
+             str(shim / "core" / "sha256.c"), str(shim / "arch" / "x86_64" / "sha256_ni.c")])
+    cpu_has_sha = " sha_ni " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    for n in (0, 1, 55, 56, 63, 64, 65, 119, 120, 128, 1000, 100_003):
         data = os.urandom(n)
         f = tmp_path / f"d{n}"
         f.write_bytes(data)
-        for extra in ([], ["bytewise"]):
-            out = run([str(exe), str(f), *extra]).stdout
-            assert out == hashlib.sha256(data).hexdigest(), n
+        for way, exe in exes.items():
+            for extra in ([], ["bytewise"]):
+                digest, ni = run([str(exe), str(f), *extra]).stdout.split()
+                assert digest == hashlib.sha256(data).hexdigest(), (n, way, extra)
+                assert ni == f"ni={int(cpu_has_sha)}"
 

@@ -17,6 +17,9 @@ struct fentry_sha256 {
 	size_t used;
 };
 
+/* The round constants (FIPS 180-4 section 4.2.2), for both implementations. */
+FENTRY_HIDDEN extern const uint32_t fentry_sha256_k[64];
+
 FENTRY_HIDDEN void fentry_sha256_init(struct fentry_sha256 *s);
 FENTRY_HIDDEN void fentry_sha256_update(struct fentry_sha256 *s, const void *data, size_t len);
 /* The digest; `s` must be initialised again before reuse. */
