@@ -61,14 +61,18 @@ def startup_prepared(ctx: Context) -> Result:
     return startup_row(ctx, "prepared", 0.002)
 
 
-def private_dirty_kib(pid: int) -> int:
+def anonymous_kib(pid: int) -> int:
+    """The memory the process keeps for itself: its anonymous pages (heap, stacks, .bss, and
+    every page of a file mapping it wrote: a private copy).  Not Private_Dirty: that also
+    counts page cache not yet written back of a file only this process maps (a program
+    linked moments ago), which is the kernel's, not the process's."""
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Private_Dirty:"):
+        if line.startswith("Anonymous:"):
             return int(line.split()[1])
-    raise BenchError(f"no Private_Dirty in /proc/{pid}/smaps_rollup")
+    raise BenchError(f"no Anonymous in /proc/{pid}/smaps_rollup")
 
 
-def idle_private_dirty(ctx: Context, prog: Path, mode: str | None) -> float:
+def idle_anonymous(ctx: Context, prog: Path, mode: str | None) -> float:
     proc = subprocess.Popen([str(prog), "idle"], env=ctx.env(mode), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -76,12 +80,12 @@ def idle_private_dirty(ctx: Context, prog: Path, mode: str | None) -> float:
         line = proc.stdout.readline()
         if "ready=1" not in line or (mode and f"mode={mode}" not in line):
             raise BenchError(f"{prog} idle: {line!r}")
-        return float(private_dirty_kib(proc.pid))
+        return float(anonymous_kib(proc.pid))
     finally:
         proc.communicate(timeout=30)
 
 
-@row("memory_idle_runtime", "private dirty memory of an idle instrumented process of N "
+@row("memory_idle_runtime", "anonymous (private) memory of an idle instrumented process of N "
      "functions, jump mode, nothing patched, sites readied at start (/proc/PID/smaps_rollup)",
      "(the prepared row's reference)")
 def memory_idle_runtime(ctx: Context) -> Result:
@@ -89,7 +93,7 @@ def memory_idle_runtime(ctx: Context) -> Result:
     return Result(r.now, None, r.detail)
 
 
-@row("memory_idle_prepared", "private dirty memory of an idle instrumented process of N "
+@row("memory_idle_prepared", "anonymous (private) memory of an idle instrumented process of N "
      "functions, jump mode, nothing patched, sites prepared at build time "
      "(/proc/PID/smaps_rollup)", "≤ 1.10× plain")
 def memory_idle_prepared(ctx: Context) -> Result:
@@ -99,8 +103,8 @@ def memory_idle_prepared(ctx: Context) -> Result:
 def memory_row(ctx: Context, flavour: str) -> Result:
     plain = ctx.programs.program(ctx.n, "plain")
     inst = ctx.programs.program(ctx.n, flavour)
-    rounds = ctx.interleave({"plain": lambda: idle_private_dirty(ctx, plain, None),
-                             "jump": lambda: idle_private_dirty(ctx, inst, "jump")})
+    rounds = ctx.interleave({"plain": lambda: idle_anonymous(ctx, plain, None),
+                             "jump": lambda: idle_anonymous(ctx, inst, "jump")})
     ratio = ctx.median_of(rounds, lambda r: r["jump"] / r["plain"])
     kib = ctx.median_of(rounds, lambda r: r["jump"])
     base = ctx.median_of(rounds, lambda r: r["plain"])
