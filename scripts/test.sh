@@ -5,21 +5,23 @@
 #
 #   bash scripts/test.sh            everything (what CI runs)
 #   bash scripts/test.sh --fast     the everyday lane: without the tests marked slow or
-#                                   stress (pyproject.toml lists the markers), on two
-#                                   pytest-xdist workers (one test file per worker)
-# Other arguments go to pytest (e.g. -x, -k NAME, tests/test_gen.py).
+#                                   stress (pyproject.toml lists the markers)
+# Both run on two pytest-xdist workers, one test file per worker (the tests build and run
+# real programs; they are written to pass on a loaded machine).  Naming test files runs
+# them in this process, one after another; other arguments go to pytest (-x, -k NAME).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 lane=()
 args=()
 where=(tests)   # every test, unless some test files or folders are named
+workers=(-n 2 --dist loadfile)
 for arg in "$@"; do
   if [ "$arg" = "--fast" ]; then
-    lane=(-m "not slow and not stress" -n 2 --dist loadfile)
+    lane=(-m "not slow and not stress")
   else
     args+=("$arg")
-    case "$arg" in tests/*) where=() ;; esac
+    case "$arg" in tests/*) where=(); workers=() ;; esac
   fi
 done
 
@@ -50,4 +52,4 @@ export FENTRY_TEST_INSTALLED=1
 # this, python -m would put it first on sys.path and import the checkout, not the wheel.
 export PYTHONSAFEPATH=1
 export PATH="$PWD/.venv/bin:$PATH"
-exec .venv/bin/pytest -q -p no:cacheprovider ${lane[@]+"${lane[@]}"} ${args[@]+"${args[@]}"} ${where[@]+"${where[@]}"}
+exec .venv/bin/pytest -q -p no:cacheprovider ${workers[@]+"${workers[@]}"} ${lane[@]+"${lane[@]}"} ${args[@]+"${args[@]}"} ${where[@]+"${where[@]}"}
