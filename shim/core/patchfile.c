@@ -245,7 +245,9 @@ static int hash_and_check(struct fentry_patchfile *pf, const char *path, char *e
 
 	if (pf->size == 0)
 		return fail(err, "%s: not an ELF file (it is empty)", path);
-	m = mmap(NULL, pf->size, PROT_READ, MAP_PRIVATE, pf->memfd, 0);
+	/* Populated: the copy's pages exist already (shmem); mapped in one call instead of
+	 * one page fault per 4 KiB read (1,200 for a 4.8 MiB patch). */
+	m = mmap(NULL, pf->size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, pf->memfd, 0);
 	if (m == MAP_FAILED)
 		return fail(err, "%s: cannot map its private copy: %s", path, strerror(errno));
 	fentry_sha256_init(&h);
