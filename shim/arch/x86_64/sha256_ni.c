@@ -11,7 +11,8 @@
  *
  * Register layout (the instructions' own): the state is split as ABEF and CDGH, A in the
  * highest lane; sha256rnds2(cdgh, abef, wk) runs two rounds with the low two lanes of wk
- * (message word + round constant, fentry_sha256_k) and returns the new ABEF, the old ABEF becoming CDGH.
+ * (message word + round constant, fentry_sha256_k) and returns the new ABEF, the old ABEF
+ * becoming CDGH.
  * Only this file is compiled for the SHA and SSE4.1 instruction sets (the target attribute),
  * so the rest of the shim runs on any x86-64.
  */
@@ -43,12 +44,13 @@ FENTRY_HIDDEN int fentry_sha256_ni_usable(void)
 	return state > 0;
 }
 
-/* Four rounds: the message words m (big-endian words already swapped) plus K[4g..4g+3]. */
-#define ROUNDS4(m, g)                                                                    \
-	do {                                                                             \
-		__m128i wk = _mm_add_epi32((m), _mm_load_si128((const __m128i *)&fentry_sha256_k[4 * (g)])); \
-		cdgh = _mm_sha256rnds2_epu32(cdgh, abef, wk);                             \
-		abef = _mm_sha256rnds2_epu32(abef, cdgh, _mm_shuffle_epi32(wk, 0x0e));     \
+/* Rounds 4g..4g+3: the message words m (bytes already swapped) plus their constants. */
+#define ROUNDS4(m, g)                                                                      \
+	do {                                                                               \
+		const __m128i *k4 = (const __m128i *)&fentry_sha256_k[4 * (g)];            \
+		__m128i wk = _mm_add_epi32((m), _mm_load_si128(k4));                       \
+		cdgh = _mm_sha256rnds2_epu32(cdgh, abef, wk);                               \
+		abef = _mm_sha256rnds2_epu32(abef, cdgh, _mm_shuffle_epi32(wk, 0x0e));       \
 	} while (0)
 
 /*
