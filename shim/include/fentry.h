@@ -307,6 +307,9 @@ FENTRY__RECORD("fentry.h", "", "", ""); /* the patch includes this header */
  *
  * ctor and dtor run under the API's lock: they must not call the API themselves.
  * A ctor that returns non-zero refuses the allocation (NULL is returned).
+ * The data returned stays valid until that shadow is freed; the lock guards the table,
+ * not the data: free a shadow where no other thread can still use it (where its object
+ * dies), and guard data several threads update yourself (docs/patch-authoring.md).
  */
 typedef int (*fentry_shadow_ctor)(void *obj, void *data, void *arg);
 typedef void (*fentry_shadow_dtor)(void *obj, void *data);
