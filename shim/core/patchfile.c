@@ -115,8 +115,14 @@ static int same_contents_state(const struct stat *a, const struct stat *b)
 	       a->st_mtim.tv_nsec == b->st_mtim.tv_nsec;
 }
 
-/* Copy the file behind `fd` (st: its state when checked) into memfd; -1 if it changed. */
-static int copy_into(int fd, const struct stat *st, int memfd, const char *path, char *err)
+/*
+ * Copy the file behind `fd` (st: its state when checked) into memfd, hashing each chunk
+ * while it is in the cache: `h` ends as the SHA-256 of exactly the bytes written, which the
+ * seal then fixes (nobody else holds the memfd; whoever could write it through
+ * /proc/PID/fd may ptrace the process anyway).  -1 if the file changed meanwhile.
+ */
+static int copy_into(int fd, const struct stat *st, int memfd, struct fentry_sha256 *h,
+		     const char *path, char *err)
 {
 	char *buf = malloc(COPY_CHUNK);
 	uint64_t done = 0;
@@ -126,6 +132,7 @@ static int copy_into(int fd, const struct stat *st, int memfd, const char *path,
 	if (!buf)
 		return fail(err, "%s: out of memory", path);
 	while ((n = pread(fd, buf, COPY_CHUNK, (off_t)done)) > 0) {
+		fentry_sha256_update(h, buf, (size_t)n);
 		for (ssize_t off = 0; off < n;) {
 			ssize_t w = write(memfd, buf + off, (size_t)(n - off));
 
@@ -236,25 +243,17 @@ static int check_descriptor_symbol(const uint8_t *m, uint64_t size, const char *
 		       FENTRY_PATCH_SYMBOL);
 }
 
-/* Hash the sealed copy and check it (it cannot change or shrink any more). */
-static int hash_and_check(struct fentry_patchfile *pf, const char *path, char *err)
+/* Check the sealed copy (it cannot change or shrink any more). */
+static int check_copy(struct fentry_patchfile *pf, const char *path, char *err)
 {
-	struct fentry_sha256 h;
 	const uint8_t *m;
 	int rc;
 
 	if (pf->size == 0)
 		return fail(err, "%s: not an ELF file (it is empty)", path);
-	/* Populated: the copy's pages exist already (shmem); mapped in one call instead of
-	 * one page fault per 4 KiB read (1,200 for a 4.8 MiB patch). */
-	m = mmap(NULL, pf->size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, pf->memfd, 0);
+	m = mmap(NULL, pf->size, PROT_READ, MAP_PRIVATE, pf->memfd, 0);
 	if (m == MAP_FAILED)
 		return fail(err, "%s: cannot map its private copy: %s", path, strerror(errno));
-	fentry_sha256_init(&h);
-	fentry_sha256_update(&h, m, pf->size);
-	fentry_sha256_final(&h, pf->sha256);
-	for (int i = 0; i < FENTRY_SHA256_BYTES; i++)
-		snprintf(pf->sha256_hex + 2 * i, 3, "%02x", pf->sha256[i]);
 	rc = check_headers(m, pf->size, path, err);
 	if (rc == 0)
 		rc = check_descriptor_symbol(m, pf->size, path, err);
@@ -264,6 +263,7 @@ static int hash_and_check(struct fentry_patchfile *pf, const char *path, char *e
 
 FENTRY_HIDDEN int fentry_patchfile_copy(const char *path, struct fentry_patchfile *pf, char *err)
 {
+	struct fentry_sha256 h;
 	struct stat st;
 	int fd, rc;
 
@@ -273,8 +273,9 @@ FENTRY_HIDDEN int fentry_patchfile_copy(const char *path, struct fentry_patchfil
 	if (fd < 0)
 		return fd;
 	rc = pf->memfd = new_memfd(path, err);
+	fentry_sha256_init(&h);
 	if (rc >= 0)
-		rc = copy_into(fd, &st, pf->memfd, path, err);
+		rc = copy_into(fd, &st, pf->memfd, &h, path, err);
 	close(fd);
 	if (rc < 0)
 		goto bad;
@@ -285,7 +286,10 @@ FENTRY_HIDDEN int fentry_patchfile_copy(const char *path, struct fentry_patchfil
 	}
 	pf->size = (uint64_t)st.st_size;
 	pf->mtime = st.st_mtim;
-	rc = hash_and_check(pf, path, err);
+	fentry_sha256_final(&h, pf->sha256);
+	for (int i = 0; i < FENTRY_SHA256_BYTES; i++)
+		snprintf(pf->sha256_hex + 2 * i, 3, "%02x", pf->sha256[i]);
+	rc = check_copy(pf, path, err);
 	if (rc < 0)
 		goto bad;
 	return 0;
