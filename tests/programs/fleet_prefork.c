@@ -12,6 +12,7 @@
  * the master stops its workers and exits 0.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
@@ -78,6 +79,9 @@ static void worker(int listener)
 		record();
 		FD_ZERO(&fds);
 		FD_SET(listener, &fds);
+		/* Every worker waits on the one listener: all wake for a connection and one gets
+		 * it.  The listener is non-blocking, so the others' accept() fails (EAGAIN)
+		 * instead of blocking them, without recording, until the next connection. */
 		if (select(listener + 1, &fds, NULL, NULL, &tv) > 0) {
 			int conn = accept(listener, NULL, NULL);
 			if (conn >= 0)
@@ -119,7 +123,8 @@ int main(int argc, char **argv)
 	listener = socket(AF_INET, SOCK_STREAM, 0);
 	addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 	setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (listener < 0 || bind(listener, (struct sockaddr *)&addr, sizeof(addr)) != 0 ||
+	if (listener < 0 || fcntl(listener, F_SETFL, O_NONBLOCK) != 0 ||
+	    bind(listener, (struct sockaddr *)&addr, sizeof(addr)) != 0 ||
 	    listen(listener, 64) != 0 || getsockname(listener, (struct sockaddr *)&addr, &len) != 0) {
 		perror("listen");
 		return 1;
