@@ -16,7 +16,7 @@ from fentry_build.fleet import targets
 from fentry_build.fleet.targets import Selection
 
 if TYPE_CHECKING:
-    from fentry_build.fleet import multi, patchdir
+    from fentry_build.fleet import patchdir
 
 # A command aimed at one process (--pid PID) imports only the client of that process:
 # the fleet's modules (threads, patch files, the patch directory) are imported where a
@@ -49,9 +49,13 @@ def format_revert(reply: Reply) -> str:
     return control.format_revert(reply)
 
 
-def _finish(outcomes: list[multi.Outcome], fmt: Callable[[Reply], str], verb: str, as_json: bool) -> int:
+def _each(pids: list[int], op: Callable[[int], Reply], fmt: Callable[[Reply], str], verb: str,
+          as_json: bool) -> int:
+    """`op` in each process (fleet/multi.py, imported here: one-process commands never need
+    it), one line each, the summary, the exit status."""
     from fentry_build.fleet import multi
 
+    outcomes = multi.run_each(pids, op)
     print(multi.report(outcomes, fmt, as_json=as_json), flush=True)
     line = multi.summary(outcomes, verb)
     if line:
@@ -90,16 +94,15 @@ def apply(sel: Selection, patch: Path, *, as_json: bool, dry_run: bool, timeout:
     if sel.single and not dry_run:  # as it always was
         return _print_single(_apply_one(sel.pids[0], patch, timeout), format_apply, as_json)
     from fentry_build.binary.patchinfo import read_patch
-    from fentry_build.fleet import multi, ops
+    from fentry_build.fleet import ops
 
     info = read_patch(patch)  # a file that is no patch is refused before any process is asked
     pids = targets.choose(sel, patch_build=info.build_id)
     if sel.single:
         return _print_single(ops.apply(pids[0], patch, info, dry_run=dry_run, timeout=timeout),
                              format_apply, as_json)
-    outcomes = multi.run_each(pids, lambda pid: ops.apply(pid, patch, info, dry_run=dry_run,
-                                                          timeout=timeout))
-    return _finish(outcomes, format_apply, "apply", as_json)
+    return _each(pids, lambda pid: ops.apply(pid, patch, info, dry_run=dry_run, timeout=timeout),
+                 format_apply, "apply", as_json)
 
 
 def _by_patch_file(sel: Selection, name: str) -> tuple[str, str | None]:
@@ -128,10 +131,7 @@ def revert(sel: Selection, name: str, *, as_json: bool, if_applied: bool, dry_ru
             return _print_single(control.revert(sel.pids[0], name, timeout=timeout), format_revert,
                                  as_json)
         return _print_single(op(sel.pids[0]), format_revert, as_json)
-    from fentry_build.fleet import multi
-
-    return _finish(multi.run_each(targets.choose(sel, patch_build=build), op), format_revert,
-                   "revert", as_json)
+    return _each(targets.choose(sel, patch_build=build), op, format_revert, "revert", as_json)
 
 
 def unload(sel: Selection, name: str, *, as_json: bool, timeout: float) -> int:
@@ -140,11 +140,10 @@ def unload(sel: Selection, name: str, *, as_json: bool, timeout: float) -> int:
     if sel.single:
         return _print_single(control.unload(sel.pids[0], name, timeout=timeout),
                              control.format_unload, as_json)
-    from fentry_build.fleet import multi, ops
+    from fentry_build.fleet import ops
 
-    outcomes = multi.run_each(targets.choose(sel, patch_build=build),
-                              lambda pid: ops.unload(pid, name, timeout=timeout))
-    return _finish(outcomes, control.format_unload, "unload", as_json)
+    return _each(targets.choose(sel, patch_build=build), lambda pid: ops.unload(pid, name, timeout=timeout),
+                 control.format_unload, "unload", as_json)
 
 
 def list_patches(sel: Selection, *, history: bool, as_json: bool, timeout: float) -> int:
@@ -153,20 +152,18 @@ def list_patches(sel: Selection, *, history: bool, as_json: bool, timeout: float
     fmt = control.format_history if history else control.format_list
     if sel.single:
         return _print_single(fetch(sel.pids[0], timeout=timeout), fmt, as_json)
-    from fentry_build.fleet import multi
-
-    outcomes = multi.run_each(targets.choose(sel), lambda pid: dict(fetch(pid, timeout=timeout)))
-    return _finish(outcomes, fmt, "list", as_json)
+    return _each(targets.choose(sel), lambda pid: dict(fetch(pid, timeout=timeout)), fmt, "list",
+                 as_json)
 
 
 def status(sel: Selection, *, as_json: bool, timeout: float) -> int:
     targets.check(sel)
     if sel.single:
         return _print_single(control.status(sel.pids[0], timeout=timeout), control.format_status, as_json)
-    from fentry_build.fleet import multi, ops
+    from fentry_build.fleet import ops
 
-    outcomes = multi.run_each(targets.choose(sel), lambda pid: ops.status(pid, timeout=timeout))
-    return _finish(outcomes, control.format_status, "status", as_json)
+    return _each(targets.choose(sel), lambda pid: ops.status(pid, timeout=timeout),
+                 control.format_status, "status", as_json)
 
 
 # ---- ps -------------------------------------------------------------------------------------
@@ -219,7 +216,7 @@ def _running(build_ids: list[str]) -> list[int]:
 
 
 def install(patch: Path, *, apply_now: bool, as_json: bool, dry_run: bool, timeout: float) -> int:
-    from fentry_build.fleet import multi, ops, patchdir
+    from fentry_build.fleet import ops, patchdir
 
     done = patchdir.install(patch, dry_run=dry_run)
     print(json.dumps({"op": "install", "ok": True, "dry_run": dry_run, **done.as_json()}, sort_keys=True)
@@ -235,14 +232,13 @@ def install(patch: Path, *, apply_now: bool, as_json: bool, dry_run: bool, timeo
     # The running processes get the installed file itself: the same bytes, the same version.
     source = patch if dry_run else done.path
     info = done.info
-    outcomes = multi.run_each(pids, lambda pid: ops.apply(pid, source, info, dry_run=dry_run,
-                                                          timeout=timeout))
-    return _finish(outcomes, format_apply, "apply", as_json)
+    return _each(pids, lambda pid: ops.apply(pid, source, info, dry_run=dry_run, timeout=timeout),
+                 format_apply, "apply", as_json)
 
 
 def uninstall(name: str, *, build_id: str | None, revert_now: bool, if_installed: bool, as_json: bool,
               dry_run: bool, timeout: float) -> int:
-    from fentry_build.fleet import multi, ops, patchdir
+    from fentry_build.fleet import ops, patchdir
 
     wanted = targets.check_build_id(build_id) if build_id else None
     removed = patchdir.uninstall(name, build_id=wanted, if_installed=if_installed, dry_run=dry_run)
@@ -262,9 +258,9 @@ def uninstall(name: str, *, build_id: str | None, revert_now: bool, if_installed
     if not pids:
         return 0
     patch = patchdir.file_name_of(name)[:-3]
-    outcomes = multi.run_each(pids, lambda pid: ops.revert(pid, patch, if_applied=True, dry_run=dry_run,
-                                                           timeout=timeout))
-    return _finish(outcomes, format_revert, "revert", as_json)
+    return _each(pids, lambda pid: ops.revert(pid, patch, if_applied=True, dry_run=dry_run,
+                                              timeout=timeout),
+                 format_revert, "revert", as_json)
 
 
 __all__ = ["apply", "format_apply", "format_revert", "install", "list_patches", "ps", "revert", "status",
