@@ -16,6 +16,7 @@
 #include "core/audit.h"
 #include "core/loader.h"
 #include "core/patchdir.h"
+#include "core/patchfile.h"
 
 static void apply_one(const char *path)
 {
@@ -119,6 +120,7 @@ static void after_fork_child(void)
 __attribute__((constructor)) static void fentry_init(void)
 {
 	pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+	fentry_patchfile_init();
 	fentry_audit_init();
 	fentry_mode_init();
 	fentry_patchdir_load(apply_one); /* the installed patches first ...      */

@@ -34,6 +34,8 @@ struct fentry_patchfile {
 	                                             dlclose()                              */
 };
 
+/* At start, before any thread of the shim: makes the first copy's descriptor cheap. */
+FENTRY_HIDDEN void fentry_patchfile_init(void);
 /*
  * Check the file at the absolute `path` and make its sealed copy in pf (memfd, size,
  * sha256, mtime; handle NULL).  -code (core/codes.h) with one line in err: nothing kept.
