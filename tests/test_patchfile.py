@@ -93,6 +93,31 @@ def test_overwriting_truncating_or_deleting_the_applied_file_changes_nothing(
     assert listing(srv)[0]["sha256"] == sha256(v1)
 
 
+def fd_size(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("FDSize:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no FDSize in /proc/{pid}/status")
+
+
+def test_the_descriptor_table_is_grown_before_threads_so_a_first_apply_never_waits(
+        built: ServerBuild, started: list[Server]) -> None:
+    """The copy's descriptor is 1000 or above (debuggers meet nothing there).  Growing the
+    table of a process with threads (the control thread) waits for an RCU grace period in
+    the kernel; the shim grows it at start, while the process has one thread, so the
+    table already holds 1000 when the first patch comes and does not grow for it."""
+    srv = start_server(built.binary, "dispatch")
+    started.append(srv)
+    before = fd_size(srv.pid)
+    assert before > 1000
+    assert apply(srv, built.patches["fix_parse"]).returncode == 0
+    assert_fixed(srv)
+    copies = [int(fd.name) for fd in Path(f"/proc/{srv.pid}/fd").iterdir()
+              if "memfd:fentry:" in os.readlink(fd)]
+    assert copies and min(copies) >= 1000
+    assert fd_size(srv.pid) == before
+
+
 @pytest.mark.stress
 @pytest.mark.parametrize("mode", MODES)
 def test_a_file_rewritten_while_it_is_being_loaded_is_loaded_whole_or_refused(
