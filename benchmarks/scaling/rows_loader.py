@@ -16,7 +16,9 @@ def first_apply_us(ctx: Context, prog: Path, patch: Path, mode: str) -> float:
 
 
 @row("first_apply_dispatch_10k", "first apply of a K-function patch, dispatch mode: the "
-     "private copy and its SHA-256, dlopen, validation, one publish", "≤ 20 ms at K = 10,000")
+     "private copy and its SHA-256, dlopen, validation, one publish (and jump mode, which "
+     "also writes the trampolines and sites)",
+     "≤ 20 ms at K = 10,000; jump mode ≤ 30 ms (the 10 ms site-write target + 20 ms)")
 def first_apply_dispatch(ctx: Context) -> Result:
     prog = ctx.programs.program(ctx.n, "fentry")
     k = ctx.scale.ks[-1]
@@ -26,7 +28,7 @@ def first_apply_dispatch(ctx: Context) -> Result:
     d = ctx.median_of(rounds, lambda r: r["dispatch"]) / 1e3
     j = ctx.median_of(rounds, lambda r: r["jump"]) / 1e3
     size = patch.stat().st_size
-    return Result(f"K = {k:,}: {d:.1f} ms (jump mode {j:.1f} ms)", d <= 20,
+    return Result(f"K = {k:,}: {d:.1f} ms (jump mode {j:.1f} ms)", d <= 20 and j <= 30,
                   f"`fentry_apply()` of a patch never loaded before ({size / 1024:,.0f} KiB) in "
                   f"an idle program of N = {ctx.n:,}, one per process, timed from the call to "
                   "its return.")
@@ -74,21 +76,32 @@ def stacked_apply(ctx: Context) -> Result:
      "before main), against the plain build", "≤ plain + 30 ms at K = 10,000")
 def startup_patches(ctx: Context) -> Result:
     plain = ctx.programs.program(ctx.n, "plain")
-    inst = ctx.programs.program(ctx.n, "fentry")
+    # The default build (sites prepared as it is linked) is what the target is for; the
+    # build with -Dfentry:sites=runtime also pays for readying every site at start
+    # (startup_runtime), reported beside it.
+    builds = {"": ctx.programs.program(ctx.n, "prepared"),
+              "runtime ": ctx.programs.program(ctx.n, "fentry")}
     k = ctx.scale.ks[-1]
-    patch = ctx.programs.patch(inst, ctx.n, k, "adjacent")
-    out = ctx.run([inst, "calls", "1"], mode="dispatch", FENTRY_PATCHES=str(patch))
-    if int(out.get("patched_seen", -1)) != k:
-        raise BenchError(f"FENTRY_PATCHES={patch}: {out} (expected {k} patched)")
-    rounds = ctx.interleave({
-        "plain": lambda: ctx.wall([plain, "start"]),
-        "jump": lambda: ctx.wall([inst, "start"], mode="jump", FENTRY_PATCHES=str(patch)),
-        "dispatch": lambda: ctx.wall([inst, "start"], mode="dispatch", FENTRY_PATCHES=str(patch)),
-    })
-    j = ctx.median_of(rounds, lambda r: r["jump"] - r["plain"])
-    d = ctx.median_of(rounds, lambda r: r["dispatch"] - r["plain"])
-    return Result(f"K = {k:,}: jump mode plain + {j * 1e3:.1f} ms, dispatch mode plain + "
-                  f"{d * 1e3:.1f} ms", max(j, d) <= 0.030,
+    variants = {"plain": lambda: ctx.wall([plain, "start"])}
+    for label, inst in builds.items():
+        patch = ctx.programs.patch(inst, ctx.n, k, "adjacent")
+        out = ctx.run([inst, "calls", "1"], mode="dispatch", FENTRY_PATCHES=str(patch))
+        if int(out.get("patched_seen", -1)) != k:
+            raise BenchError(f"FENTRY_PATCHES={patch}: {out} (expected {k} patched)")
+        for mode in ("jump", "dispatch"):
+            variants[f"{label}{mode}"] = (
+                lambda i=inst, m=mode, p=patch: ctx.wall([i, "start"], mode=m,
+                                                         FENTRY_PATCHES=str(p)))
+    rounds = ctx.interleave(variants)
+    over = {key: ctx.median_of(rounds, lambda r, key=key: r[key] - r["plain"])
+            for key in variants if key != "plain"}
+    return Result(f"K = {k:,}: jump mode plain + {over['jump'] * 1e3:.1f} ms, dispatch mode "
+                  f"plain + {over['dispatch'] * 1e3:.1f} ms (sites readied at start: jump "
+                  f"plain + {over['runtime jump'] * 1e3:.1f} ms, dispatch plain + "
+                  f"{over['runtime dispatch'] * 1e3:.1f} ms)",
+                  max(over["jump"], over["dispatch"]) <= 0.030,
                   f"`scale start` of N = {ctx.n:,} timed from fork to exit, interleaved with "
                   "the plain build; the patch is copied, hashed, loaded, validated and "
-                  "activated before main.")
+                  "activated before main.  The target is judged on the default build (sites "
+                  "prepared as it is linked); the build with `-Dfentry:sites=runtime` also "
+                  "readies every site at start.")
