@@ -51,8 +51,8 @@ Edit = tuple[str, str, str]  # file, old text, new text
 
 
 @pytest.fixture(scope="module")
-def shim_objects(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return build_shim_objects(tmp_path_factory.mktemp("shim"))
+def shim_objects() -> list[Path]:
+    return build_shim_objects()
 
 
 def build_calc(root: Path, shim: list[Path], extra: list[str] | None = None) -> Path:

@@ -8,10 +8,12 @@ interpreter on a user-style project.
 
 from __future__ import annotations
 
+import atexit
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,17 +47,26 @@ def shim_includes() -> list[str]:
     return [f"-I{d}" for d in paths.shim_include_dirs()]
 
 
-def build_shim_objects(out_dir: Path, extra_cflags: list[str] | None = None) -> list[Path]:
-    """Compile the shim (never instrumented) into objects in out_dir; `extra_cflags` as a
-    build that adds flags to every compile line would (e.g. -fsanitize=address)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    objs = []
-    for src in shim_sources():
-        obj = out_dir / (src.name + ".o")
-        run(["gcc", *SHIM_CFLAGS, *(extra_cflags or []), *shim_includes(), "-c", str(src),
-             "-o", str(obj)])
-        objs.append(obj)
-    return objs
+# The shim's objects for each set of extra flags, compiled once per test process: every
+# program a test builds links the same shim, and compiling it (22 files) took 7 s each time.
+_shim_cache: dict[tuple[str, ...], list[Path]] = {}
+
+
+def build_shim_objects(extra_cflags: list[str] | None = None) -> list[Path]:
+    """The shim (never instrumented) compiled to objects, as a build that adds
+    `extra_cflags` to every compile line would (e.g. -fsanitize=address); compiled the first
+    time these flags are asked for in this process, into a folder removed at exit."""
+    key = tuple(extra_cflags or [])
+    if key not in _shim_cache:
+        out_dir = Path(tempfile.mkdtemp(prefix="fentry-test-shim-"))
+        atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
+        objs = []
+        for src in shim_sources():
+            obj = out_dir / (src.name + ".o")
+            run(["gcc", *SHIM_CFLAGS, *key, *shim_includes(), "-c", str(src), "-o", str(obj)])
+            objs.append(obj)
+        _shim_cache[key] = objs
+    return _shim_cache[key]
 
 
 def build_program(
@@ -88,7 +99,7 @@ def build_program(
              "-c", str(src), "-o", str(obj)])
         objs.append(obj)
     if with_shim:
-        objs += build_shim_objects(out.parent / (out.name + ".shim"), shim_cflags)
+        objs += build_shim_objects(shim_cflags)
     run(["gcc", *(cflags or []), *(ldflags or []), *flags.PROGRAM_LINK_ARGS, *link_extra,
          "-o", str(out), *map(str, objs),
          "-lpthread", "-ldl"])
@@ -147,9 +158,7 @@ _built: dict[str, Any] = {}
 
 
 def _shim_objects(factory: pytest.TempPathFactory) -> list[Path]:
-    if "shim" not in _built:
-        _built["shim"] = build_shim_objects(factory.mktemp("rel_shim"))
-    return list(_built["shim"])
+    return list(build_shim_objects())
 
 
 def build_rel_program(factory: pytest.TempPathFactory, sources: list[Path], out: Path, *,
