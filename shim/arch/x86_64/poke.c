@@ -698,6 +698,8 @@ static int write_trampolines(uint8_t *buf)
 	size_t i = 0;
 	int rc = 0;
 
+	if (npending == 0)
+		return 0;
 	qsort(pending, npending, sizeof(*pending), by_at);
 	while (i < npending && rc == 0) {
 		uintptr_t start = pending[i].at, area = start & ~(uintptr_t)(TRAMP_AREA - 1);
