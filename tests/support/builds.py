@@ -157,10 +157,6 @@ def setup_and_compile(project: Path, *options: str) -> Path:
 _built: dict[str, Any] = {}
 
 
-def _shim_objects(factory: pytest.TempPathFactory) -> list[Path]:
-    return list(build_shim_objects())
-
-
 def build_rel_program(factory: pytest.TempPathFactory, sources: list[Path], out: Path, *,
                       cflags: list[str] | None = None, ldflags: list[str] | None = None) -> Path:
     """build_program, with the shim compiled once per session."""
@@ -171,7 +167,7 @@ def build_rel_program(factory: pytest.TempPathFactory, sources: list[Path], out:
              f"-I{EXAMPLE}", "-c", str(src), "-o", str(obj)])
         objs.append(obj)
     run(["gcc", *(cflags or []), *(ldflags or []), "-Wl,--export-dynamic-symbol=fentry_shadow_*",
-         "-o", str(out), *map(str, objs), *map(str, _shim_objects(factory)), "-lpthread", "-ldl"])
+         "-o", str(out), *map(str, objs), *map(str, build_shim_objects()), "-lpthread", "-ldl"])
     return out
 
 
