@@ -34,12 +34,15 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need[@]}"
 fi
 
-python3 -m venv .venv
+[ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip build
 rm -rf dist
 .venv/bin/python -m build -q --wheel --outdir dist . >/dev/null
 wheel=$(ls dist/fentry_build-*.whl)
-.venv/bin/python -m pip install -q --force-reinstall "${wheel}[test]"
+# The dependencies as the wheel asks for them (kept when already there), then this
+# checkout's build of the package itself, always (its version number does not change).
+.venv/bin/python -m pip install -q "${wheel}[test]"
+.venv/bin/python -m pip install -q --force-reinstall --no-deps "${wheel}"
 
 # The code itself: lint and strict typing (configured in pyproject.toml); silent when clean.
 .venv/bin/ruff check -q fentry_build tests benchmarks ansible
