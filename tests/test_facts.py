@@ -138,8 +138,9 @@ def test_the_scan_records_fentry_h_writes_are_the_ones_the_generator_reads() -> 
     read = {"replace", "replace_unchecked", "original", "declare_original", "ref", "replace_all",
             "fentry.h", *patchsrc.CALLBACK_KINDS}
     assert written == read
-    assert f'section("{scan.SECTION}")' in text and "fentry_scan__" in text
-    assert scan.RECORD_SYMBOL.pattern.startswith("fentry_scan__")
+    assert f'section("{scan.SECTION}")' in text and scan.RECORD_MARK_C in text
+    assert scan.RECORD_MARK == scan.RECORD_MARK_C.strip('"').encode().decode(
+        "unicode_escape").encode("latin-1")
 
 
 def test_callback_macros_are_the_headers() -> None:

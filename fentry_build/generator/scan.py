@@ -3,7 +3,7 @@
 The generator never reads C itself.  It compiles the patch with the patch's own compile
 line (compile_commands.json: Meson writes it; SCons passes the line after ``--``), our
 fentry.h first on the include path, and -DFENTRY_GEN_SCAN: fentry.h's macros then leave
-records of their uses in the object's section .fentry.scan (read with pyelftools), so
+records of their uses in the object's section .fentry.scan (its bytes read with pyelftools), so
 #if 0, #ifdef and macros that expand to ours are seen exactly as the compiler sees them.
 The prototype check compiles it once more with -DFENTRY_GEN_CHECK (generator/protocheck.py).
 Diagnostics are read as GCC's JSON (-fdiagnostics-format=json), never scraped from text.
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
 
 from fentry_build import paths
 from fentry_build.binary.elf import ELF_ERRORS
@@ -27,7 +26,12 @@ from fentry_build.errors import FentryError
 from fentry_build.generator import compile_db
 
 SECTION = ".fentry.scan"
-RECORD_SYMBOL = re.compile(r"fentry_scan__(\d+)")
+# Each record starts with this mark (fentry.h, FENTRY__RECORD_N, writes it as the C string
+# RECORD_MARK_C; tests/test_facts.py checks the two agree).  Splitting the section there
+# reads records without the symbol table: pyelftools parsing one symbol at a time was a
+# sixth of a 10,000-function patch's generator run.
+RECORD_MARK = b"\x01fentry-scan\x00"
+RECORD_MARK_C = r'"\001fentry-scan\0"'
 DEFAULT_COMPILER = "gcc"
 # No compile line given (no `--`) and none in a compile_commands.json: what older Meson
 # snippets and hand-run generators get.  The patch's own folder is searched for its
@@ -214,23 +218,16 @@ def scan(patch: Path, compile: PatchCompile, work: Path) -> Scanned:
 
 def read_records(elf: ELFFile, compile: PatchCompile) -> list[Record]:
     section = elf.get_section_by_name(SECTION)
-    symtab = elf.get_section_by_name(".symtab")
-    if section is None or not isinstance(symtab, SymbolTableSection):
+    if section is None:
         return []
-    index = next(i for i, s in enumerate(elf.iter_sections()) if s.name == SECTION)
-    data = section.data()
     records = []
-    for sym in symtab.iter_symbols():
-        m = RECORD_SYMBOL.match(sym.name)
-        if m is None or sym["st_shndx"] != index:
+    for chunk in section.data().split(RECORD_MARK)[1:]:
+        # order, kind, file, line, three arguments; then the array's NUL and any padding
+        fields = chunk.decode("utf-8", "replace").split("\0")
+        if len(fields) < 7 or not fields[0].isdigit() or not fields[3].isdigit():
             continue
-        start = int(sym["st_value"])
-        raw = data[start:start + int(sym["st_size"]) - 1]  # the array less its terminating NUL
-        fields = raw.decode("utf-8", "replace").split("\0")
-        if len(fields) != 6 or not fields[2].isdigit():
-            continue
-        kind, file, line, a, b, c = fields
-        records.append(Record(kind, compile.file_of(file), int(line), (a, b, c), int(m.group(1))))
+        order, kind, file, line, a, b, c = fields[:7]
+        records.append(Record(kind, compile.file_of(file), int(line), (a, b, c), int(order)))
     return sorted(records, key=lambda r: r.order)
 
 

@@ -209,7 +209,8 @@ struct fentry_patch {
  * own compile line plus one of these, and never links what it gets.
  *
  * FENTRY_GEN_SCAN: each macro also leaves a record of its use in the section .fentry.scan:
- * "kind\0file\0line\0arg\0arg\0arg", the arguments as written (stringized).  The generator
+ * "\001fentry-scan\0order\0kind\0file\0line\0arg\0arg\0arg", the arguments as written
+ * (stringized).  The generator
  * reads the records from the object, so the macros are found as the compiler sees them:
  * not under #if 0 or a false #ifdef, and through macros that expand to them.
  *
@@ -243,9 +244,13 @@ struct fentry_patch {
 #endif
 
 #ifdef FENTRY_GEN_SCAN
-#define FENTRY__RECORD(kind, a, b, c)                                                 \
+/* A record: the mark, its source order (__COUNTER__, one value for both uses below), then
+ * the fields.  The generator splits the section's bytes at each mark (the compiler may pad
+ * the arrays apart), so it reads no symbol table. */
+#define FENTRY__RECORD(kind, a, b, c) FENTRY__RECORD_N(__COUNTER__, kind, a, b, c)
+#define FENTRY__RECORD_N(n, kind, a, b, c)                                            \
 	__attribute__((used, section(".fentry.scan"))) static const char                 \
-		FENTRY__CAT(fentry_scan__, __COUNTER__)[] =                                    \
+		FENTRY__CAT(fentry_scan__, n)[] = "\001fentry-scan\0" FENTRY__STR(n) "\0"       \
 			kind "\0" __FILE__ "\0" FENTRY__STR(__LINE__) "\0" a "\0" b "\0" c
 /* Records only: the generator checks the names first, then the compiler (FENTRY_GEN_CHECK). */
 #define FENTRY__USE(kind, fn, type) FENTRY__RECORD(kind, #fn, "", "")
