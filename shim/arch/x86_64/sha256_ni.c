@@ -70,6 +70,15 @@ FENTRY_HIDDEN int fentry_sha256_ni_usable(void)
 		ROUNDS4(w0, g);                      \
 	} while (0)
 
+/* Groups g..g+3: each step's new words replace the oldest group, m0 to m3 in turn. */
+#define STEP4(g)                                     \
+	do {                                         \
+		STEP((g), m0, m1, m2, m3);           \
+		STEP((g) + 1, m1, m2, m3, m0);       \
+		STEP((g) + 2, m2, m3, m0, m1);       \
+		STEP((g) + 3, m3, m0, m1, m2);       \
+	} while (0)
+
 /*
  * The sixteen groups are written out, the four message registers rotating by name: a loop
  * indexing w[g % 4] kept them in memory, and the store-to-load forwarding that put into the
@@ -100,18 +109,9 @@ NI_TARGET FENTRY_HIDDEN void fentry_sha256_blocks_ni(uint32_t h[8], const uint8_
 		ROUNDS4(m2, 2);
 		m3 = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 48)), bswap);
 		ROUNDS4(m3, 3);
-		STEP(4, m0, m1, m2, m3);
-		STEP(5, m1, m2, m3, m0);
-		STEP(6, m2, m3, m0, m1);
-		STEP(7, m3, m0, m1, m2);
-		STEP(8, m0, m1, m2, m3);
-		STEP(9, m1, m2, m3, m0);
-		STEP(10, m2, m3, m0, m1);
-		STEP(11, m3, m0, m1, m2);
-		STEP(12, m0, m1, m2, m3);
-		STEP(13, m1, m2, m3, m0);
-		STEP(14, m2, m3, m0, m1);
-		STEP(15, m3, m0, m1, m2);
+		STEP4(4);
+		STEP4(8);
+		STEP4(12);
 	abef = _mm_add_epi32(abef, abef0);
 		cdgh = _mm_add_epi32(cdgh, cdgh0);
 	}
