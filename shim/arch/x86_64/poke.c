@@ -504,6 +504,7 @@ struct tramp {
 struct tramp_write {
 	uintptr_t target;
 	uintptr_t at;
+	uint8_t len;
 };
 
 static struct tramp_write *pending;
@@ -642,17 +643,17 @@ static void tramp_free(uintptr_t at, size_t len)
 		}
 }
 
-/* A trampoline's bytes, from what its record says (the jump's form is its length). */
-static void tramp_code(const struct tramp *t, uint8_t *code)
+/* A staged trampoline's bytes (the jump's form is its length). */
+static void tramp_code(const struct tramp_write *w, uint8_t *code)
 {
-	if (t->len == TRAMP_DIRECT_LEN) {
-		int32_t rel = (int32_t)((int64_t)t->target - (int64_t)(t->addr + TRAMP_DIRECT_LEN));
+	if (w->len == TRAMP_DIRECT_LEN) {
+		int32_t rel = (int32_t)((int64_t)w->target - (int64_t)(w->at + TRAMP_DIRECT_LEN));
 
 		code[0] = OP_JMP_REL32;
 		memcpy(code + 1, &rel, 4);
 	} else {
 		memcpy(code, JMP_RIP_INDIRECT, sizeof(JMP_RIP_INDIRECT));
-		memcpy(code + sizeof(JMP_RIP_INDIRECT), &t->target, 8);
+		memcpy(code + sizeof(JMP_RIP_INDIRECT), &w->target, 8);
 	}
 }
 
@@ -670,6 +671,7 @@ static int stage(const struct tramp *t)
 	}
 	pending[npending].target = t->target;
 	pending[npending].at = t->addr;
+	pending[npending].len = t->len;
 	npending++;
 	return 0;
 }
@@ -679,11 +681,6 @@ static int by_at(const void *a, const void *b)
 	uintptr_t x = ((const struct tramp_write *)a)->at, y = ((const struct tramp_write *)b)->at;
 
 	return x < y ? -1 : x > y;
-}
-
-static struct tramp *staged(const struct tramp_write *w)
-{
-	return tmap_find(w->target, (unsigned)(w->at % TRAMP_ROW));
 }
 
 /*
@@ -703,11 +700,11 @@ static int write_trampolines(uint8_t *buf)
 	qsort(pending, npending, sizeof(*pending), by_at);
 	while (i < npending && rc == 0) {
 		uintptr_t start = pending[i].at, area = start & ~(uintptr_t)(TRAMP_AREA - 1);
-		uintptr_t end = start + staged(&pending[i])->len;
+		uintptr_t end = start + pending[i].len;
 		size_t j;
 
 		for (j = i + 1; j < npending; j++) {
-			uintptr_t at = pending[j].at, stop = at + staged(&pending[j])->len;
+			uintptr_t at = pending[j].at, stop = at + pending[j].len;
 
 			if ((at & ~(uintptr_t)(TRAMP_AREA - 1)) != area || stop - start > RUN_MAX ||
 			    at > end + RUN_GAP)
@@ -715,14 +712,11 @@ static int write_trampolines(uint8_t *buf)
 			end = stop > end ? stop : end;
 		}
 		memcpy(buf, (const void *)start, end - start);
-		for (size_t k = i; k < j; k++) {
-			const struct tramp *t = staged(&pending[k]);
-
-			tramp_code(t, buf + (t->addr - start));
-		}
+		for (size_t k = i; k < j; k++)
+			tramp_code(&pending[k], buf + (pending[k].at - start));
 		rc = write_code(start, buf, end - start);
 		for (size_t k = i; k < j && rc == 0; k++)
-			staged(&pending[k])->written = 1;
+			tmap_find(pending[k].target, (unsigned)(pending[k].at % TRAMP_ROW))->written = 1;
 		i = j;
 	}
 	npending = 0;
