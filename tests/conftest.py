@@ -66,5 +66,5 @@ def loadclient(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gdb_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """tests/programs/rel_gdb.c and its patch, for the tests beside a debugger."""
     d = tmp_path_factory.mktemp("gdbprog")
-    prog = build_rel_program(tmp_path_factory, [PROGRAMS / "rel_gdb.c"], d / "rel_gdb")
+    prog = build_rel_program([PROGRAMS / "rel_gdb.c"], d / "rel_gdb")
     return prog, build_rel_patch(prog, PROGRAMS / "rel_gdb_patch.c", d)

@@ -420,7 +420,7 @@ def judge_findings(what: str, findings: Counter[str], examples: dict[str, str]) 
 def small_program(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A small instrumented program with DWARF, and a patch of it."""
     d = tmp_path_factory.mktemp("genfuzz")
-    prog = build_rel_program(tmp_path_factory, [PROGRAMS / "rel_crash.c"], d / "rel_crash")
+    prog = build_rel_program([PROGRAMS / "rel_crash.c"], d / "rel_crash")
     return prog, build_rel_patch(prog, PROGRAMS / "rel_crash_patch.c", d)
 
 

@@ -34,7 +34,7 @@ from fentry_build.errors import FentryError
 
 from support.builds import PROGRAMS, build_patch, build_program, meson, run
 from support.cli import CLI_TIMEOUT, NOBODY, cli
-from support.servers import BUSY, ModesServer, _read_line
+from support.servers import BUSY, ModesServer, _read_line, proc_status
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 needs_gdb = pytest.mark.needs_gdb
@@ -114,14 +114,6 @@ def start(servers: list[ModesServer], binary: Path, rundir: Path, **kw: Any) -> 
     s = ModesServer(binary, rundir, **kw)
     servers.append(s)
     return s
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        k, _, v = line.partition(":")
-        out[k] = v.strip()
-    return out
 
 
 def thread_masks(pid: int) -> dict[str, tuple[str, str]]:

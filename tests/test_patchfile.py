@@ -25,7 +25,8 @@ from fentry_build import paths
 from support.builds import EXAMPLE, ServerBuild, build_patch, run
 from support.cli import cli
 from support.servers import (BUG_REQUEST, BUGGY, FIXED, LOWER, LOWER_OLD, LOWER_V2, MODES,
-                             Server, ask, assert_buggy, assert_fixed, assert_v2, start_server)
+                             Server, ask, assert_buggy, assert_fixed, assert_v2, proc_status,
+                             start_server)
 
 
 def sha256(path: Path) -> str:
@@ -93,13 +94,6 @@ def test_overwriting_truncating_or_deleting_the_applied_file_changes_nothing(
     assert listing(srv)[0]["sha256"] == sha256(v1)
 
 
-def fd_size(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("FDSize:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no FDSize in /proc/{pid}/status")
-
-
 def test_the_descriptor_table_is_grown_before_threads_so_a_first_apply_never_waits(
         built: ServerBuild, started: list[Server]) -> None:
     """The copy's descriptor is 1000 or above (debuggers meet nothing there).  Growing the
@@ -108,14 +102,14 @@ def test_the_descriptor_table_is_grown_before_threads_so_a_first_apply_never_wai
     table already holds 1000 when the first patch comes and does not grow for it."""
     srv = start_server(built.binary, "dispatch")
     started.append(srv)
-    before = fd_size(srv.pid)
+    before = int(proc_status(srv.pid)["FDSize"])
     assert before > 1000
     assert apply(srv, built.patches["fix_parse"]).returncode == 0
     assert_fixed(srv)
     copies = [int(fd.name) for fd in Path(f"/proc/{srv.pid}/fd").iterdir()
               if "memfd:fentry:" in os.readlink(fd)]
     assert copies and min(copies) >= 1000
-    assert fd_size(srv.pid) == before
+    assert int(proc_status(srv.pid)["FDSize"]) == before
 
 
 @pytest.mark.stress

@@ -271,7 +271,7 @@ def test_a_pre_patch_callback_that_hangs_times_out_and_leaves_nothing_applied(
 @pytest.fixture(scope="module")
 def forker(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("forker")
-    prog = build_rel_program(tmp_path_factory, [PROGRAMS / "rel_forker.c"], d / "rel_forker")
+    prog = build_rel_program([PROGRAMS / "rel_forker.c"], d / "rel_forker")
     return prog, build_rel_patch(prog, PROGRAMS / "rel_forker_patch.c", d)
 
 
@@ -364,7 +364,7 @@ def frames(out: str) -> list[str]:
 @pytest.fixture(scope="module")
 def crash_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("crash")
-    prog = build_rel_program(tmp_path_factory, [PROGRAMS / "rel_crash.c"], d / "rel_crash")
+    prog = build_rel_program([PROGRAMS / "rel_crash.c"], d / "rel_crash")
     return prog, build_rel_patch(prog, PROGRAMS / "rel_crash_patch.c", d)
 
 

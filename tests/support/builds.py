@@ -157,9 +157,10 @@ def setup_and_compile(project: Path, *options: str) -> Path:
 _built: dict[str, Any] = {}
 
 
-def build_rel_program(factory: pytest.TempPathFactory, sources: list[Path], out: Path, *,
-                      cflags: list[str] | None = None, ldflags: list[str] | None = None) -> Path:
-    """build_program, with the shim compiled once per session."""
+def build_rel_program(sources: list[Path], out: Path, *, cflags: list[str] | None = None,
+                      ldflags: list[str] | None = None) -> Path:
+    """build_program for the reliability designs: the example's headers on the include path
+    and the shadow API's symbols exported."""
     objs = []
     for src in sources:
         obj = out.parent / f"{out.name}.{src.name}.o"
@@ -203,10 +204,10 @@ def server_build(factory: pytest.TempPathFactory) -> ServerBuild:
     if "server" not in _built:
         d = factory.mktemp("rel_server")
         sources = server_sources()
-        binary = build_rel_program(factory, sources, d / "server")
+        binary = build_rel_program(sources, d / "server")
         patches = {src.stem: build_rel_patch(binary, src, d) for src in SERVER_PATCHES}
         (d / "other").mkdir()
-        other = build_rel_program(factory, sources, d / "other" / "server", cflags=["-O1"])
+        other = build_rel_program(sources, d / "other" / "server", cflags=["-O1"])
         other_fix = build_rel_patch(other, EXAMPLE / "patches" / "fix_parse.c", d / "other")
         _built["server"] = ServerBuild(binary, patches, other, other_fix)
     build: ServerBuild = _built["server"]

@@ -27,20 +27,19 @@ def unique_build() -> list[str]:
     return [f"-Wl,--build-id=0x{secrets.token_hex(20)}"]
 
 
-def build_program(factory: pytest.TempPathFactory, sources: list[Path], out: Path,
-                  cflags: list[str] | None = None) -> Path:
-    return build_rel_program(factory, sources, out, cflags=cflags, ldflags=unique_build())
+def build_program(sources: list[Path], out: Path, cflags: list[str] | None = None) -> Path:
+    return build_rel_program(sources, out, cflags=cflags, ldflags=unique_build())
 
 
 def server_build(factory: pytest.TempPathFactory) -> ServerBuild:
     """The server example (with fix_parse and fix_parse_v2) and another build of it (-O1,
     with its fix_parse), each with a build-id of its own."""
     d = factory.mktemp("fleet_server")
-    binary = build_program(factory, server_sources(), d / "server")
+    binary = build_program(server_sources(), d / "server")
     patches = {src.stem: build_rel_patch(binary, src, d)
                for src in (EXAMPLE / "patches" / "fix_parse.c", EXAMPLE / "patches" / "fix_parse_v2.c")}
     (d / "other").mkdir()
-    other = build_program(factory, server_sources(), d / "other" / "server", cflags=["-O1"])
+    other = build_program(server_sources(), d / "other" / "server", cflags=["-O1"])
     other_fix = build_rel_patch(other, EXAMPLE / "patches" / "fix_parse.c", d / "other")
     return ServerBuild(binary, patches, other, other_fix)
 
@@ -48,7 +47,7 @@ def server_build(factory: pytest.TempPathFactory) -> ServerBuild:
 def prefork_build(factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """tests/programs/fleet_prefork.c and its patch."""
     d = factory.mktemp("prefork")
-    prog = build_program(factory, [PROGRAMS / "fleet_prefork.c"], d / "fleet_prefork")
+    prog = build_program([PROGRAMS / "fleet_prefork.c"], d / "fleet_prefork")
     return prog, build_rel_patch(prog, PROGRAMS / "fleet_prefork_patch.c", d)
 
 

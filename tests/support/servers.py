@@ -319,3 +319,12 @@ class ModesServer:
         for pipe in (self.proc.stdout, self.proc.stderr):
             if pipe:
                 pipe.close()
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict (e.g. TracerPid, FDSize)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
