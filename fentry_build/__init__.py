@@ -7,9 +7,11 @@ only does ``import fentry_build`` reaches it.
 
 from __future__ import annotations
 
-import importlib
 import os
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not imported at run time (fentry_build/record.py says why)
+    from typing import Any
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,8 @@ _LAZY_SUBMODULES = frozenset({"scons"})
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY_SUBMODULES:
+        import importlib
+
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

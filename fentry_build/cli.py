@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from fentry_build import __version__
 from fentry_build.errors import FentryError
 
-if TYPE_CHECKING:
-    _Sub = argparse._SubParsersAction[argparse.ArgumentParser]
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not imported at run time (fentry_build/record.py says why)
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+    _Sub = argparse._SubParsersAction["_Parser"]
 
 
 def _print_json(value: Any) -> None:
@@ -21,6 +23,8 @@ def _print_json(value: Any) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fentry_build.binary import check
 
     report = check.check_binary(Path(args.binary))
@@ -32,6 +36,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_meson_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fentry_build.build import meson_init
 
     result = meson_init.meson_init(Path(args.project_dir))
@@ -40,6 +46,8 @@ def _cmd_meson_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fentry_build.build import scaffold
 
     created = scaffold.project(Path(args.dir), name=args.name)
@@ -61,7 +69,7 @@ def _timeout(args: argparse.Namespace, default: float = 10.0) -> float:
 def _cmd_apply(args: argparse.Namespace) -> int:
     from fentry_build.fleet import command
 
-    return command.apply(_selection(args), Path(args.patch), as_json=args.json,
+    return command.apply(_selection(args), args.patch, as_json=args.json,
                          dry_run=args.dry_run, timeout=_timeout(args, 60.0))
 
 
@@ -92,6 +100,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_ps(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fentry_build.fleet import command
 
     return command.ps(program=args.program, build_id=args.build_id,
@@ -100,6 +110,8 @@ def _cmd_ps(args: argparse.Namespace) -> int:
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fentry_build.fleet import command
 
     return command.install(Path(args.patch), apply_now=args.apply, as_json=args.json,
@@ -136,6 +148,8 @@ def _cmd_attach(args: argparse.Namespace) -> int:
 
 
 def _cmd_new_patch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fentry_build.generator import newpatch
 
     result = newpatch.new_patch(args.name, args.function, Path(args.binary), Path(args.project),
@@ -145,6 +159,8 @@ def _cmd_new_patch(args: argparse.Namespace) -> int:
 
 
 def _cmd_patch_from_diff(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fentry_build.generator.fromdiff import command
 
     result = command.patch_from_diff(
@@ -156,6 +172,8 @@ def _cmd_patch_from_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_archive(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from fentry_build.binary import store
 
     if args.list == bool(args.programs):
@@ -485,10 +503,39 @@ _COMMANDS: dict[str, Callable[[_Sub], None]] = {
 }
 
 
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size() finds it: $COLUMNS, else the
+    terminal of standard output, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, its help formatted to the terminal's width as argparse does it -
+    without argparse importing shutil for that width on every add_argument (with bz2, lzma
+    and zlib: about 4 ms of every command's start on the 2-core test machine)."""
+
+    def __init__(self, *, formatter_class: type[argparse.HelpFormatter] = argparse.HelpFormatter,
+                 **kwargs: Any) -> None:
+        import functools
+
+        # HelpFormatter's own default: the terminal's columns less 2.
+        super().__init__(formatter_class=functools.partial(formatter_class, width=_columns() - 2),
+                         **kwargs)
+
+
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line's parser; given `command`, with only that command's subparser
     (what parsing a command line of it needs: every call would otherwise build all of them)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fentry-build",
         description="Userspace live patching for C programs built with gcc -pg -mfentry.",
     )

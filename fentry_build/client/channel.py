@@ -31,11 +31,14 @@ import socket
 import stat
 import struct
 import time
-from pathlib import Path
-from typing import NamedTuple
 
 from fentry_build.client import procfs
 from fentry_build.errors import FentryError
+from fentry_build.record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 OFF_MARKER = "/memfd:fentry-control-off: "
 _SUN_PATH_MAX = 107
@@ -50,14 +53,17 @@ class NoChannel(FentryError):
         self.reason = reason
 
 
-class Target(NamedTuple):
+class Target(Record):
     """A process as the client sees it (read from /proc once)."""
 
-    pid: int       # in our pid namespace
-    own_pid: int   # in its own pid namespace: its socket is <folder>/<own_pid>.sock
-    euid: int
-    state: str     # R, S, D, T, t, Z, ...
-    name: str
+    __slots__ = ("pid", "own_pid", "euid", "state", "name")
+
+    def __init__(self, pid: int, own_pid: int, euid: int, state: str, name: str) -> None:
+        self.pid = pid          # in our pid namespace
+        self.own_pid = own_pid  # in its own pid namespace: its socket is <folder>/<own_pid>.sock
+        self.euid = euid
+        self.state = state      # R, S, D, T, t, Z, ...
+        self.name = name
 
     @classmethod
     def of(cls, pid: int) -> Target:
@@ -90,11 +96,14 @@ class Target(NamedTuple):
                               "cannot answer; continue it in the debugger and retry")
 
 
-class Place(NamedTuple):
+class Place(Record):
     """Where a target's socket is: its path as the target sees it, and how we reach it."""
 
-    path: str            # e.g. /tmp/fentry-0/1234.sock, in the target's mount namespace
-    reach: str           # the folder as we open it: /proc/PID/root/<folder>, or <folder>
+    __slots__ = ("path", "reach")
+
+    def __init__(self, path: str, reach: str) -> None:
+        self.path = path    # e.g. /tmp/fentry-0/1234.sock, in the target's mount namespace
+        self.reach = reach  # the folder as we open it: /proc/PID/root/<folder>, or <folder>
 
     @property
     def folder(self) -> str:
@@ -106,6 +115,8 @@ class Place(NamedTuple):
 
     def local_path(self) -> Path:
         """The socket's path from here (the target's own when it shares our mount namespace)."""
+        from pathlib import Path
+
         return Path(self.reach) / self.name
 
 

@@ -12,19 +12,26 @@ once - so that tools handling many processes call them in a loop.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
-import termios
 import time
-from pathlib import Path
-from typing import Any
 
 from fentry_build.client import channel
 from fentry_build.client.channel import Target
 from fentry_build.client.protocol import ProcessRefused, refusal_code
 from fentry_build.errors import FentryError
+
+# Neither typing nor pathlib at run time: this module is on the path of every command for
+# one process (fentry_build/record.py says why).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from os import PathLike
+    from pathlib import Path
+    from typing import Any
+
+    Reply = dict[str, Any]  # the same as protocol.Reply
+    Process = int | Target
 
 DEFAULT_TIMEOUT = 10.0
 APPLY_TIMEOUT = 60.0  # loading validates every site and syncs every core
@@ -32,10 +39,6 @@ APPLY_TIMEOUT = 60.0  # loading validates every site and syncs every core
 #: time: an operation it started keeps running (callbacks have their own limit, 5 s each).
 STARTED_GRACE = 30.0
 REPLY_MAX = 64 * 1024 * 1024
-
-Reply = dict[str, Any]  # the same as protocol.Reply
-Process = int | Target
-
 
 def target_of(process: Process) -> Target:
     return process if isinstance(process, Target) else Target.of(process)
@@ -51,6 +54,9 @@ def socket_path(process: Process) -> Path:
 
 def _unread(sock: socket.socket) -> int:
     """Bytes we sent that the other end has not read yet (SIOCOUTQ); -1 if unknown."""
+    import fcntl  # only past a deadline: two extension modules fewer at each command's start
+    import termios
+
     try:
         raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
         return int.from_bytes(raw, "little", signed=True)
@@ -134,19 +140,20 @@ def _pid(process: Process) -> int:
     return process.pid if isinstance(process, Target) else process
 
 
-def apply(process: Process, patch: Path, timeout: float = APPLY_TIMEOUT) -> Reply:
+def apply(process: Process, patch: str | PathLike[str], timeout: float = APPLY_TIMEOUT) -> Reply:
     """Load the patch .so into the process; ``{"ok", "name", "sha256", "functions"}``.
 
     The path sent is absolute (the process has its own working directory) but keeps the
     file's own name, symlink or not: the patch's name comes from it.
     """
-    path = Path(os.path.abspath(patch))
-    if not path.exists():
-        raise FentryError(f"patch {patch} does not exist; build it first (meson compile patches)")
-    if not path.is_file():
-        raise FentryError(f"patch {patch} is not a regular file")
-    reply = request(process, {"op": "load", "path": str(path)}, timeout=timeout)
-    return _checked(reply, f"apply {path.name} to pid {_pid(process)}")
+    path = os.path.abspath(patch)
+    if not os.path.exists(path):
+        raise FentryError(f"patch {os.fspath(patch)} does not exist; build it first (meson "
+                          "compile patches)")
+    if not os.path.isfile(path):
+        raise FentryError(f"patch {os.fspath(patch)} is not a regular file")
+    reply = request(process, {"op": "load", "path": path}, timeout=timeout)
+    return _checked(reply, f"apply {os.path.basename(path)} to pid {_pid(process)}")
 
 
 def _patch_spelling(name: str) -> str:
@@ -343,7 +350,6 @@ def _cost_rows(costs: dict[str, Any]) -> list[tuple[str, object]]:
 __all__ = [
     "DEFAULT_TIMEOUT",
     "APPLY_TIMEOUT",
-    "Process",
     "apply",
     "revert",
     "unload",

@@ -8,40 +8,50 @@ what is mapped into it) read a target process through these functions.
 from __future__ import annotations
 
 import os
-import struct
-from pathlib import Path
-from typing import NamedTuple
 
 from fentry_build.errors import FentryError
+from fentry_build.record import Record
+
+# No pathlib or typing here: the command line reads a process through this module
+# before every request (record.py says why that matters).
 
 
-class Mapping(NamedTuple):
+class Mapping(Record):
     """One line of /proc/PID/maps."""
 
-    start: int
-    end: int
-    perms: str
-    offset: int
-    inode: int
-    path: str  # "" for anonymous memory; "[vdso]", "[stack]"...
+    __slots__ = ("start", "end", "perms", "offset", "inode", "path")
+
+    def __init__(self, start: int, end: int, perms: str, offset: int, inode: int,
+                 path: str) -> None:
+        self.start = start
+        self.end = end
+        self.perms = perms
+        self.offset = offset
+        self.inode = inode
+        self.path = path  # "" for anonymous memory; "[vdso]", "[stack]"...
 
     @property
     def executable(self) -> bool:
         return "x" in self.perms
 
 
-class ProcStatus(NamedTuple):
+class ProcStatus(Record):
     """What /proc/PID/status says about who the process is and what state it is in."""
 
-    name: str
-    state: str
-    ppid: int
-    tracer: int
-    uids: tuple[int, ...]  # real, effective, saved, fs
-    gids: tuple[int, ...]
-    seccomp: int
-    nspids: tuple[int, ...] = ()  # its pid in each pid namespace, ours first, its own last
-    tgid: int = 0                 # the process a thread id belongs to (= pid for a process)
+    __slots__ = ("name", "state", "ppid", "tracer", "uids", "gids", "seccomp", "nspids", "tgid")
+
+    def __init__(self, name: str, state: str, ppid: int, tracer: int, uids: tuple[int, ...],
+                 gids: tuple[int, ...], seccomp: int, nspids: tuple[int, ...] = (),
+                 tgid: int = 0) -> None:
+        self.name = name
+        self.state = state
+        self.ppid = ppid
+        self.tracer = tracer
+        self.uids = uids      # real, effective, saved, fs
+        self.gids = gids
+        self.seccomp = seccomp
+        self.nspids = nspids  # its pid in each pid namespace, ours first, its own last
+        self.tgid = tgid      # the process a thread id belongs to (= pid for a process)
 
     @property
     def own_pid(self) -> int:
@@ -49,17 +59,22 @@ class ProcStatus(NamedTuple):
         return self.nspids[-1] if self.nspids else 0
 
 
-def proc_dir(pid: int) -> Path:
+def proc_dir(pid: int) -> str:
     """/proc/PID; FentryError when there is no such process."""
-    p = Path("/proc") / str(pid)
-    if pid <= 0 or not p.is_dir():
+    p = f"/proc/{pid}"
+    if pid <= 0 or not os.path.isdir(p):
         raise FentryError(f"no process with pid {pid}")
     return p
 
 
+def _read_text(path: str, errors: str | None = None) -> str:
+    with open(path, encoding="utf-8", errors=errors) as f:
+        return f.read()
+
+
 def read_status(pid: int) -> ProcStatus:
     try:
-        text = (proc_dir(pid) / "status").read_text()
+        text = _read_text(f"{proc_dir(pid)}/status")
     except (FileNotFoundError, ProcessLookupError):
         raise FentryError(f"no process with pid {pid}") from None
     fields = {}
@@ -90,7 +105,8 @@ def effective_uid(pid: int) -> int:
 def read_environ(pid: int) -> dict[str, str] | None:
     """The environment the process started with, or None when we may not read it."""
     try:
-        raw = (proc_dir(pid) / "environ").read_bytes()
+        with open(f"{proc_dir(pid)}/environ", "rb") as f:
+            raw = f.read()
     except (PermissionError, FileNotFoundError, ProcessLookupError):
         return None
     if not raw:  # a zombie, or a process that cleared it: nothing to go by
@@ -105,7 +121,7 @@ def read_environ(pid: int) -> dict[str, str] | None:
 
 def read_maps(pid: int) -> list[Mapping]:
     try:
-        text = (proc_dir(pid) / "maps").read_text()
+        text = _read_text(f"{proc_dir(pid)}/maps")
     except PermissionError:
         raise FentryError(f"cannot read /proc/{pid}/maps: permission denied; attach as the "
                           "user the process runs as, or as root") from None
@@ -125,7 +141,7 @@ def read_maps(pid: int) -> list[Mapping]:
 def read_comm(pid: int) -> str:
     """The process's name (/proc/PID/comm), "?" when it cannot be read."""
     try:
-        return (Path("/proc") / str(pid) / "comm").read_text().strip()
+        return _read_text(f"/proc/{pid}/comm").strip()
     except OSError:
         return "?"
 
@@ -136,7 +152,7 @@ def read_mem_u64(pid: int, addr: int) -> int | None:
         with open(f"/proc/{pid}/mem", "rb") as f:
             f.seek(addr)
             data = f.read(8)
-        return int(struct.unpack("<Q", data)[0]) if len(data) == 8 else None
+        return int.from_bytes(data, "little") if len(data) == 8 else None
     except (OSError, OverflowError):
         return None
 
@@ -144,7 +160,7 @@ def read_mem_u64(pid: int, addr: int) -> int | None:
 def fd_links(pid: int) -> list[tuple[int, str]] | None:
     """(fd, readlink of /proc/PID/fd/fd) for each open descriptor of `pid`; None when we may
     not look (another user's process, or one that is not dumpable)."""
-    fds = proc_dir(pid) / "fd"
+    fds = f"{proc_dir(pid)}/fd"
     try:
         names = os.listdir(fds)
     except PermissionError:
@@ -154,7 +170,7 @@ def fd_links(pid: int) -> list[tuple[int, str]] | None:
     links = []
     for name in names:
         try:
-            links.append((int(name), os.readlink(fds / name)))
+            links.append((int(name), os.readlink(f"{fds}/{name}")))
         except (OSError, ValueError):
             continue  # closed meanwhile
     return links
@@ -166,11 +182,14 @@ def socket_inodes(links: list[tuple[int, str]]) -> set[int]:
             if target.startswith("socket:[") and target.endswith("]")}
 
 
-class UnixListener(NamedTuple):
+class UnixListener(Record):
     """A listening unix stream socket bound to a path (a line of /proc/PID/net/unix)."""
 
-    inode: int
-    path: str  # as bound, in the binding process's mount namespace
+    __slots__ = ("inode", "path")
+
+    def __init__(self, inode: int, path: str) -> None:
+        self.inode = inode
+        self.path = path  # as bound, in the binding process's mount namespace
 
 
 _SO_ACCEPTCON = 0x10000
@@ -180,7 +199,7 @@ _SOCK_STREAM = 1
 def unix_listeners(pid: int) -> list[UnixListener]:
     """The listening unix stream sockets with a path in the network namespace of `pid`."""
     try:
-        text = (proc_dir(pid) / "net" / "unix").read_text(errors="surrogateescape")
+        text = _read_text(f"{proc_dir(pid)}/net/unix", errors="surrogateescape")
     except PermissionError:
         return []
     except (FileNotFoundError, ProcessLookupError):
@@ -229,7 +248,7 @@ def in_root(pid: int, path: str) -> str:
 def has_capability(cap: int) -> bool:
     """Is capability number `cap` in our effective set (root without /proc: yes)?"""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in _read_text("/proc/self/status").splitlines():
             if line.startswith("CapEff:"):
                 return bool(int(line.split()[1], 16) >> cap & 1)
     except OSError:

@@ -7,9 +7,13 @@ shim/core/codes.h.  tests/test_protocol_doc.py fails when this module and those 
 
 from __future__ import annotations
 
-from typing import Any
-
 from fentry_build.errors import FentryError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not imported at run time (fentry_build/record.py says why)
+    from typing import Any
+
+    Reply = dict[str, Any]
 
 #: The version this client speaks; ``status`` reports the process's as "protocol"
 #: (absent: version 1, before error codes, deadlines and history).
@@ -40,8 +44,6 @@ CLIENTS_MAX = 16
 #: request line (from acceptance or its previous reply) and for reading each reply.
 REQUEST_SECONDS = 10
 
-Reply = dict[str, Any]
-
 
 class ProcessRefused(FentryError):
     """The process answered a request with ``"ok": false``: its ``code`` and one line."""
@@ -58,5 +60,5 @@ def refusal_code(reply: Reply) -> str:
     return code if isinstance(code, str) and code else "failed"
 
 
-__all__ = ["PROTOCOL_VERSION", "CODES", "LINE_MAX", "CLIENTS_MAX", "REQUEST_SECONDS", "Reply",
+__all__ = ["PROTOCOL_VERSION", "CODES", "LINE_MAX", "CLIENTS_MAX", "REQUEST_SECONDS",
            "ProcessRefused", "refusal_code"]

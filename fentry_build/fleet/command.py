@@ -5,25 +5,27 @@ the exit status (fleet/multi.py: 0 all, 3 some, 1 none)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from fentry_build.client import control
 from fentry_build.errors import FentryError
 from fentry_build.fleet import targets
 from fentry_build.fleet.targets import Selection
 
-if TYPE_CHECKING:
-    from fentry_build.fleet import patchdir
-
 # A command aimed at one process (--pid PID) imports only the client of that process:
 # the fleet's modules (threads, patch files, the patch directory) are imported where a
-# command needs them, so that `fentry-build status --pid PID` starts fast (benchmarks/
-# scaling/rows_cli.py measures it).
+# command needs them, and neither typing nor pathlib (fentry_build/record.py), so that
+# `fentry-build status --pid PID` starts fast (benchmarks/scaling/rows_cli.py measures it).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+    from typing import Any
 
-Reply = dict[str, Any]
+    from fentry_build.fleet import patchdir
+
+    Reply = dict[str, Any]
 
 
 def _short(sha: object) -> str:
@@ -71,7 +73,7 @@ def _print_single(reply: Reply, fmt: Callable[[Reply], str], as_json: bool) -> i
 # ---- apply, revert, unload, list, status --------------------------------------------------
 
 
-def _apply_one(pid: int, patch: Path, timeout: float) -> Reply:
+def _apply_one(pid: int, patch: str, timeout: float) -> Reply:
     """One process, as apply always did: a patch of another build is refused with the
     command that builds it for the running one (client/advice.py), when it can be told."""
     from fentry_build.client.protocol import ProcessRefused
@@ -81,21 +83,26 @@ def _apply_one(pid: int, patch: Path, timeout: float) -> Reply:
     except ProcessRefused as e:
         if e.code != "wrong_build":
             raise
+        from pathlib import Path
+
         from fentry_build.client import advice
 
-        command = advice.rebuild_command(pid, patch)
+        command = advice.rebuild_command(pid, Path(patch))
         if command is None:
             raise
         raise FentryError(f"{e}; to build it for the running one and apply it: {command}") from None
 
 
-def apply(sel: Selection, patch: Path, *, as_json: bool, dry_run: bool, timeout: float) -> int:
+def apply(sel: Selection, patch_file: str, *, as_json: bool, dry_run: bool, timeout: float) -> int:
     targets.check(sel, patch_build=True)
     if sel.single and not dry_run:  # as it always was
-        return _print_single(_apply_one(sel.pids[0], patch, timeout), format_apply, as_json)
+        return _print_single(_apply_one(sel.pids[0], patch_file, timeout), format_apply, as_json)
+    from pathlib import Path
+
     from fentry_build.binary.patchinfo import read_patch
     from fentry_build.fleet import ops
 
+    patch = Path(patch_file)
     info = read_patch(patch)  # a file that is no patch is refused before any process is asked
     pids = targets.choose(sel, patch_build=info.build_id)
     if sel.single:
@@ -108,7 +115,9 @@ def apply(sel: Selection, patch: Path, *, as_json: bool, dry_run: bool, timeout:
 def _by_patch_file(sel: Selection, name: str) -> tuple[str, str | None]:
     """revert/unload --all PATCH.so (no --program, --build-id): the patch's name, and its
     build as the processes to ask."""
-    if sel.all and not (sel.program or sel.build_id) and name.endswith(".so") and Path(name).is_file():
+    if sel.all and not (sel.program or sel.build_id) and name.endswith(".so") and os.path.isfile(name):
+        from pathlib import Path
+
         from fentry_build.binary.patchinfo import read_patch
 
         info = read_patch(Path(name))

@@ -4,9 +4,9 @@ with ``--program PATH`` / ``--build-id ID`` (or, for a patch, the build it is fo
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
 
 from fentry_build.errors import FentryError
+from fentry_build.record import Record
 
 _HEX = re.compile(r"[0-9a-f]{2,128}")
 
@@ -24,13 +24,17 @@ def check_build_id(text: str) -> str:
     return value
 
 
-class Selection(NamedTuple):
+class Selection(Record):
     """What the command line asked for."""
 
-    pids: tuple[int, ...] = ()
-    all: bool = False
-    program: str | None = None
-    build_id: str | None = None
+    __slots__ = ("pids", "all", "program", "build_id")
+
+    def __init__(self, pids: tuple[int, ...] = (), all: bool = False, program: str | None = None,
+                 build_id: str | None = None) -> None:
+        self.pids = pids
+        self.all = all
+        self.program = program
+        self.build_id = build_id
 
     @property
     def single(self) -> bool:
