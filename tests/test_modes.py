@@ -28,6 +28,7 @@ import pytest
 
 import fentry_build
 from fentry_build import paths
+from fentry_build.binary import dynamic
 from fentry_build.build import sharedshim
 from fentry_build.client import attach, attach_checks, attach_gdb, attach_plan, mapped, procfs
 from fentry_build.errors import FentryError
@@ -643,7 +644,7 @@ def test_the_plan_names_glibc_functions_and_the_slot(built: dict[str, Path], run
                                                      servers: list[ModesServer], shim_so: Path) -> None:
     s = start(servers, built["server"], rundir, busy=1)
     maps = procfs.read_maps(s.pid)
-    objects = mapped.loaded_objects(s.pid, maps)
+    objects = mapped.loaded_objects(s.pid, maps, attach_plan.SYMBOLS)
     plan = attach_plan.build_plan(s.pid, maps, objects, shim_so)
     assert plan.version == attach_plan.PLAN_VERSION == attach_gdb.PLAN_VERSION
     assert set(plan.functions) == set(attach_plan.TARGET_FUNCTIONS)
@@ -658,6 +659,63 @@ def test_the_plan_names_glibc_functions_and_the_slot(built: dict[str, Path], run
     labels = {label for _, _, label in plan.ranges["leaf"]}
     assert {"accept", "__fentry__"} <= labels
     assert attach_checks.shim_presence(s.pid, objects) is None
+
+
+def _full_scan(elf: Any, names: frozenset[str]) -> dict[str, list[tuple[int, int, bool]]]:
+    """Every definition of `names` in .dynsym, read symbol by symbol (the reference)."""
+    from elftools.elf.sections import SymbolTableSection
+
+    dynsym, versym = elf.get_section_by_name(".dynsym"), elf.get_section_by_name(".gnu.version")
+    assert isinstance(dynsym, SymbolTableSection)
+    found: dict[str, list[tuple[int, int, bool]]] = {}
+    for index, sym in enumerate(dynsym.iter_symbols()):
+        if (index and sym.name in names and sym["st_shndx"] != "SHN_UNDEF"
+                and sym["st_info"]["type"] in dynamic.DEFINED_KINDS):
+            ndx = versym.get_symbol(index)["ndx"] if versym is not None else 0
+            hidden = isinstance(ndx, int) and bool(ndx & dynamic.VERSYM_HIDDEN)
+            found.setdefault(sym.name, []).append((sym["st_value"], sym["st_size"], not hidden))
+    return found
+
+
+@pytest.mark.parametrize("hash_style", ["libc", "gnu", "sysv"])
+def test_attach_finds_every_version_of_a_symbol_as_a_full_scan_does(hash_style: str,
+                                                                     tmp_path: Path) -> None:
+    """The symbols attach needs are looked up through .gnu.hash (a C library has 3,000); the
+    result must be a full scan's, every version of each name included, and a file without
+    .gnu.hash is scanned whole."""
+    from elftools.elf.elffile import ELFFile
+
+    if hash_style == "libc":
+        [lib] = {m.path for m in procfs.read_maps(os.getpid()) if Path(m.path).name.startswith("libc.so")}
+        names = attach_plan.SYMBOLS | mapped.CLASSIFYING_SYMBOLS
+    else:  # two versions of one name (the older hidden), and names in many buckets
+        src, vers = tmp_path / "v.c", tmp_path / "v.map"
+        src.write_text("".join(f"int f{i}(void) {{ return {i}; }}\n" for i in range(200))
+                       + "int old_g(void) { return 1; }\nint new_g(void) { return 2; }\n"
+                       + '__asm__(".symver old_g, g@V1");\n__asm__(".symver new_g, g@@V2");\n')
+        vers.write_text("V1 { global: f*; g; local: *; };\nV2 { global: g; } V1;\n")
+        lib = str(tmp_path / "libv.so")
+        run(["gcc", "-shared", "-fPIC", "-o", lib, str(src), f"-Wl,--version-script={vers}",
+             f"-Wl,--hash-style={hash_style}"])
+        names = frozenset({"g", "f0", "f77", "f199", "missing"})
+    with open(lib, "rb") as f:
+        elf = ELFFile(f)
+        assert (elf.get_section_by_name(".gnu.hash") is None) == (hash_style == "sysv")
+        found = dynamic.dynamic_symbols(elf, names)
+        assert found == _full_scan(elf, names)
+    if hash_style == "libc":
+        assert len(found["dlopen"]) >= 1 and [e[2] for e in found["dlopen"]].count(True) == 1
+    else:
+        assert sorted(e[2] for e in found["g"]) == [False, True] and "missing" not in found
+
+
+def test_a_loaded_object_refuses_a_name_it_did_not_read(built: dict[str, Path], rundir: Path,
+                                                        servers: list[ModesServer]) -> None:
+    s = start(servers, built["server"], rundir, busy=1)
+    objects = mapped.loaded_objects(s.pid, procfs.read_maps(s.pid))
+    [libc] = [o for o in objects if o.is_libc]
+    with pytest.raises(KeyError, match="dlopen was not looked up"):
+        libc.address("dlopen")
 
 
 # ---- Meson: instrument_dep and the shared shim -------------------------------------------

@@ -39,7 +39,7 @@ from fentry_build.client import control, procfs
 from fentry_build.client.attach_checks import (
     check_attachable, check_library_reachable, check_permission, foreign_fentry, shim_presence,
 )
-from fentry_build.client.attach_plan import DEFAULT_TRIES, AttachPlan, build_plan
+from fentry_build.client.attach_plan import DEFAULT_TRIES, SYMBOLS, AttachPlan, build_plan
 from fentry_build.client.mapped import loaded_objects
 from fentry_build.errors import FentryError
 
@@ -122,7 +122,7 @@ def attach(pid: int, *, library: Path | None = None, tries: int = DEFAULT_TRIES)
     st = procfs.read_status(pid)
     check_permission(pid, st)
     maps = procfs.read_maps(pid)
-    objects = loaded_objects(pid, maps)
+    objects = loaded_objects(pid, maps, SYMBOLS)
     main = next((o for o in objects if o.is_main), None)
     program = main.path if main else os.path.realpath(f"/proc/{pid}/exe")
     presence = shim_presence(pid, objects)

@@ -35,6 +35,9 @@ LEAF_FUNCTIONS = frozenset({
 # What gdb calls in the target, from the C library.
 TARGET_FUNCTIONS = ("dlopen", "dlerror", "dlsym", "pthread_sigmask", "pthread_setcancelstate")
 
+#: The dynamic symbols the plan reads of the mapped objects (mapped.loaded_objects()).
+SYMBOLS = LEAF_FUNCTIONS | frozenset(TARGET_FUNCTIONS)
+
 DEFAULT_TRIES = 60
 
 Range = list[Any]  # [start, end, label]: run-time addresses, end excluded
@@ -82,7 +85,7 @@ def build_plan(pid: int, maps: list[Mapping], objects: list[LoadedObject], libra
             start, size = o.start_sym if o.start_sym else (o.entry, 64)
             entry.append([o.base + start, o.base + start + max(size, 1), "_start"])
     for fname in sorted(LEAF_FUNCTIONS):
-        for value, size, _ in libc.dynsym.get(fname, []):
+        for value, size, _ in libc.definitions(fname):
             if size:
                 leaf.append([libc.base + value, libc.base + value + size, fname])
     leaf += [[m.start, m.end, "vdso"] for m in maps if m.path == "[vdso]"]
@@ -120,5 +123,5 @@ def _dedupe(ranges: list[list[Any]]) -> list[list[Any]]:
     return out
 
 
-__all__ = ["DEFAULT_TRIES", "LEAF_FUNCTIONS", "PLAN_VERSION", "TARGET_FUNCTIONS", "AttachPlan",
-           "build_plan"]
+__all__ = ["DEFAULT_TRIES", "LEAF_FUNCTIONS", "PLAN_VERSION", "SYMBOLS", "TARGET_FUNCTIONS",
+           "AttachPlan", "build_plan"]

@@ -21,6 +21,9 @@ from fentry_build.errors import FentryError
 
 FENTRY = "__fentry__"
 SHIM_MARKER = "fentry_current_mode"  # exported by the shim only (fentry.h)
+#: The dynamic symbols that say what an object is (LoadedObject's properties); attach reads
+#: these and those its plan needs (attach_plan.SYMBOLS) of each object, no others.
+CLASSIFYING_SYMBOLS = frozenset({FENTRY, SHIM_MARKER, "__libc_start_main", "malloc"})
 
 
 @dataclass
@@ -34,6 +37,7 @@ class LoadedObject:
     soname: str = ""
     entry: int = 0            # e_entry (link time)
     dynsym: dict[str, list[tuple[int, int, bool]]] = field(default_factory=dict)  # name -> (value, size, default version)
+    read: frozenset[str] = CLASSIFYING_SYMBOLS  # the names looked up in .dynsym
     fentry_slots: list[int] = field(default_factory=list)  # link-time GOT slot addresses
     defines_fentry: bool = False  # in .dynsym or .symtab
     start_sym: tuple[int, int] | None = None  # _start (value, size) from .symtab
@@ -42,12 +46,19 @@ class LoadedObject:
     def exec_ranges(self) -> list[tuple[int, int]]:
         return [(m.start, m.end) for m in self.mappings if m.executable]
 
+    def definitions(self, name: str) -> list[tuple[int, int, bool]]:
+        """(link-time value, size, is the default version) of each definition of `name`."""
+        if name not in self.read:
+            raise KeyError(f"{name} was not looked up in {self.path} (add it to the names "
+                           "loaded_objects() reads)")
+        return self.dynsym.get(name, [])
+
     def defines(self, name: str) -> bool:
-        return name in self.dynsym
+        return bool(self.definitions(name))
 
     def address(self, name: str) -> int:
         """Run-time address of the default version of a defined dynamic symbol."""
-        entries = self.dynsym.get(name)
+        entries = self.definitions(name)
         if not entries:
             raise FentryError(f"{self.path} does not define {name}")
         chosen = next((e for e in entries if e[2]), entries[0])
@@ -106,9 +117,12 @@ def _open_mapped(pid: int, obj: LoadedObject) -> Any:
     raise FentryError(f"cannot read {obj.path} as mapped into process {pid}")
 
 
-def loaded_objects(pid: int, maps: list[Mapping]) -> list[LoadedObject]:
-    """The ELF files mapped into `pid`.  One that cannot be read is left out, except the
-    program itself."""
+def loaded_objects(pid: int, maps: list[Mapping],
+                   symbols: frozenset[str] = CLASSIFYING_SYMBOLS) -> list[LoadedObject]:
+    """The ELF files mapped into `pid`, with the definitions of `symbols` (and of
+    CLASSIFYING_SYMBOLS) in each.  One that cannot be read is left out, except the program
+    itself."""
+    symbols = symbols | CLASSIFYING_SYMBOLS
     exe = os.readlink(f"/proc/{pid}/exe") if os.path.exists(f"/proc/{pid}/exe") else ""
     groups: dict[str, list[Mapping]] = {}
     for m in maps:
@@ -118,7 +132,7 @@ def loaded_objects(pid: int, maps: list[Mapping]) -> list[LoadedObject]:
     for path, mappings in groups.items():
         if not any(m.offset == 0 for m in mappings):
             continue
-        obj = LoadedObject(path, mappings, is_main=(path == exe))
+        obj = LoadedObject(path, mappings, is_main=(path == exe), read=symbols)
         try:
             with _open_mapped(pid, obj) as f:
                 if f.read(4) != b"\x7fELF":
@@ -131,7 +145,7 @@ def loaded_objects(pid: int, maps: list[Mapping]) -> list[LoadedObject]:
                 obj.soname = dynamic.soname(elf)
                 zero = min((m for m in mappings if m.offset == 0), key=lambda m: m.start)
                 obj.base = zero.start - dynamic.first_load_vaddr(elf) if elf["e_type"] == "ET_DYN" else 0
-                obj.dynsym = dynamic.dynamic_symbols(elf)
+                obj.dynsym = dynamic.dynamic_symbols(elf, symbols)
                 obj.defines_fentry = FENTRY in obj.dynsym
                 if obj.is_main:
                     _read_symtab(elf, obj)
@@ -147,4 +161,4 @@ def loaded_objects(pid: int, maps: list[Mapping]) -> list[LoadedObject]:
     return objects
 
 
-__all__ = ["FENTRY", "SHIM_MARKER", "LoadedObject", "loaded_objects"]
+__all__ = ["CLASSIFYING_SYMBOLS", "FENTRY", "SHIM_MARKER", "LoadedObject", "loaded_objects"]
