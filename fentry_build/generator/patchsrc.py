@@ -125,10 +125,18 @@ class RecordReader:
         self._by_new: dict[str, Replacement] = {}
         self._refs: dict[str, Reference] = {}
         self._once: dict[str, int] = {}
+        self._in_main: dict[Path, bool] = {}  # resolve() is a system call per path component
+
+    def _is_main(self, file: Path) -> bool:
+        """Is `file` (a record's) the patch itself, not a header it includes?"""
+        known = self._in_main.get(file)
+        if known is None:
+            known = self._in_main[file] = file.resolve() == self._main
+        return known
 
     def _where(self, rec: Record) -> str:
         """`patch:line` (the patch as the generator was given it; a header by its own path)."""
-        path = self._path if rec.file.resolve() == self._main else rec.file
+        path = self._path if self._is_main(rec.file) else rec.file
         return f"{path}:{rec.line}"
 
     def _error(self, rec: Record, message: str) -> FentryError:
@@ -152,7 +160,7 @@ class RecordReader:
                 raise self._error(rec, f"the {ordinal} argument of {macro} must be {what}, "
                                   f"not '{value}'; {REPLACE_USAGE}")
         file = self._file(rec, file_arg, macro, REPLACE_USAGE)
-        where = None if rec.file.resolve() == self._main else rec.file
+        where = None if self._is_main(rec.file) else rec.file
         rep = Replacement(old, new, file, rec.line, rec.kind == "replace", where)
         earlier = self._by_target.get((old, file))
         if earlier is not None:
