@@ -21,6 +21,7 @@ from pathlib import Path
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from fentry_build.binary import dynamic
 from fentry_build.binary.elf import ELF_ERRORS, BuildIdReader
 from fentry_build.client import procfs
 from fentry_build.errors import FentryError
@@ -64,6 +65,13 @@ def _defines(elf: ELFFile, names: tuple[str, ...], section: str) -> bool:
                for name in names for sym in symtab.get_symbol_by_name(name) or [])
 
 
+def _links_shim(elf: ELFFile) -> bool:
+    """Does the file define the shim: exported (found through .gnu.hash, as attach finds
+    symbols), else in .symtab (read whole: only when it is not exported)?"""
+    return bool(dynamic.dynamic_symbols(elf, frozenset(SHIM_SYMBOLS))) \
+        or _defines(elf, SHIM_SYMBOLS[:1], ".symtab")
+
+
 def read_facts(path: str, shim: bool = True) -> ElfFacts | None:
     """The build-id of the ELF file at `path` and (if `shim`) whether the shim is linked into it."""
     try:
@@ -73,8 +81,7 @@ def read_facts(path: str, shim: bool = True) -> ElfFacts | None:
             f.seek(0)
             elf = ELFFile(f)
             build_id = BuildIdReader.read(elf)
-            linked = shim and (_defines(elf, SHIM_SYMBOLS, ".dynsym")
-                               or _defines(elf, SHIM_SYMBOLS[:1], ".symtab"))
+            linked = shim and _links_shim(elf)
             return ElfFacts(build_id.hex() if build_id is not None else None, linked)
     except (OSError, *ELF_ERRORS):
         return None
