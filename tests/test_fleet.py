@@ -76,6 +76,28 @@ def test_ps_finds_the_master_and_every_worker(prefork: Prefork, prefork_build: t
     assert all(line.rstrip().endswith("none") for line in body)
 
 
+def test_ps_and_all_look_past_a_process_whose_name_is_not_utf8(
+        prefork: Prefork, prefork_build: tuple[Path, Path], tmp_path: Path) -> None:
+    """Every process of the host is looked at: one whose name and executable's path are not
+    UTF-8 (/proc shows their bytes) is read like any other, not a traceback."""
+    odd = os.fsencode(tmp_path) + b"/sl\xff\xfeep"
+    with open("/bin/sleep", "rb") as src, open(odd, "wb") as dst:
+        dst.write(src.read())
+    os.chmod(odd, 0o755)
+    sleeper = subprocess.Popen([odd, "300"])
+    try:
+        assert b"\xff\xfe" in Path(f"/proc/{sleeper.pid}/status").read_bytes().splitlines()[0]
+        out = cli("ps", "--json")
+        assert out.returncode == 0 and not out.stderr, out.stderr
+        assert set(prefork.pids) <= set(_pids(json_lines(out.stdout)))
+        listed = cli("status", "--all", "--program", str(prefork_build[0]), "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert sorted(_pids(json_lines(listed.stdout))) == sorted(prefork.pids)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_apply_all_patches_the_master_and_workers_and_new_workers_inherit_it(
         prefork: Prefork, prefork_build: tuple[Path, Path]) -> None:
     prog, patch = prefork_build

@@ -411,6 +411,31 @@ def test_attach_twenty_processes_with_eight_busy_threads(built: dict[str, Path],
 
 @needs_gdb
 @pytest.mark.slow
+def test_attach_to_a_process_that_maps_a_file_whose_path_is_not_utf8(
+        built: dict[str, Path], shim_so: Path, rundir: Path, servers: list[ModesServer],
+        tmp_path: Path) -> None:
+    """/proc/PID/maps shows a path's bytes; one that is not UTF-8 (here a library preloaded
+    from such a folder) is read by attach and by the gdb side like any other."""
+    folder = os.fsencode(tmp_path) + b"/lib\xff\xfe"
+    os.mkdir(folder)
+    lib = folder + b"/libm.so.6"
+    [libm] = {m.path for m in procfs.read_maps(os.getpid()) if Path(m.path).name == "libm.so.6"} or \
+        [next(str(p) for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu")
+              if (p := Path(d) / "libm.so.6").exists())]
+    with open(libm, "rb") as src, open(lib, "wb") as dst:
+        dst.write(src.read())
+    s = start(servers, built["server"], rundir, env={"LD_PRELOAD": os.fsdecode(lib)})
+    s.wait_busy_results(2)
+    assert b"/lib\xff\xfe/libm.so.6" in Path(f"/proc/{s.pid}/maps").read_bytes()
+    proc = cli("attach", "--pid", str(s.pid), "--json")
+    assert proc.returncode == 0, proc.stderr
+    applied = cli("apply", "--pid", str(s.pid), str(built["patch"]))
+    assert applied.returncode == 0, applied.stderr
+    assert s.compute(11) == 33 and s.alive()
+
+
+@needs_gdb
+@pytest.mark.slow
 def test_attach_to_a_program_linked_with_the_shim_does_nothing(built: dict[str, Path], rundir: Path,
                                                                servers: list[ModesServer]) -> None:
     s = start(servers, built["linked"], rundir, busy=2)

@@ -240,12 +240,12 @@ def _backtrace(thread: Any) -> tuple[list[int], bool, bool]:
 
 def _stack_room(pid: int, sp: int) -> int | None:
     """Bytes between sp and the bottom of its mapping; None for the growing main stack."""
-    with open(f"/proc/{pid}/maps") as maps:
+    with open(f"/proc/{pid}/maps", "rb") as maps:  # bytes: a mapped file's path may not be UTF-8
         for line in maps:
             fields = line.split()
-            start, end = (int(x, 16) for x in fields[0].split("-"))
+            start, end = (int(x, 16) for x in fields[0].split(b"-"))
             if start <= sp < end:
-                return None if len(fields) > 5 and fields[5] == "[stack]" else sp - start
+                return None if len(fields) > 5 and fields[5] == b"[stack]" else sp - start
     return 0
 
 

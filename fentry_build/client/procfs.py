@@ -67,8 +67,11 @@ def proc_dir(pid: int) -> str:
     return p
 
 
-def _read_text(path: str, errors: str | None = None) -> str:
-    with open(path, encoding="utf-8", errors=errors) as f:
+def _read_text(path: str) -> str:
+    """A /proc file as text.  Names and paths in it are bytes, not always UTF-8 (a program
+    may name itself or its files anything): undecodable bytes become surrogates, as os.fsdecode
+    makes them, so that they name the same files again."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         return f.read()
 
 
@@ -199,7 +202,7 @@ _SOCK_STREAM = 1
 def unix_listeners(pid: int) -> list[UnixListener]:
     """The listening unix stream sockets with a path in the network namespace of `pid`."""
     try:
-        text = _read_text(f"{proc_dir(pid)}/net/unix", errors="surrogateescape")
+        text = _read_text(f"{proc_dir(pid)}/net/unix")
     except PermissionError:
         return []
     except (FileNotFoundError, ProcessLookupError):
