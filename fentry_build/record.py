@@ -11,6 +11,9 @@ from __future__ import annotations
 
 
 class Record:
+    """A value of the fields its class lists in ``__slots__`` (one level: a Record's
+    subclass is not subclassed again)."""
+
     __slots__: tuple[str, ...] = ()
 
     def _fields(self) -> tuple[object, ...]:

@@ -177,3 +177,18 @@ def test_a_command_line_parses_the_same_with_its_command_alone() -> None:
         if words[0] != "--version":
             out = shown.stdout + shown.stderr
             assert all(name in out for name in cli_mod._COMMANDS), out
+
+
+def test_a_record_is_a_read_only_value_compared_and_shown_by_its_fields() -> None:
+    """The client's values (fentry_build/record.py) behave as the NamedTuples they replace,
+    but for being tuples: equal and hashed by their fields, shown with them, read-only."""
+    from fentry_build.client.channel import Place, Target
+    from fentry_build.fleet.targets import Selection
+
+    a, b = Target(1, 1, 0, "S", "x"), Target(1, 1, 0, "S", "x")
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != Target(2, 2, 0, "S", "x") and a != Place("/p", "/p")
+    assert repr(a) == "Target(pid=1, own_pid=1, euid=0, state='S', name='x')"
+    with pytest.raises(AttributeError, match="Target.pid is read-only"):
+        a.pid = 2
+    assert Selection() == Selection((), False, None, None) and not Selection().single
