@@ -40,6 +40,7 @@ APPLY_TIMEOUT = 60.0  # loading validates every site and syncs every core
 STARTED_GRACE = 30.0
 REPLY_MAX = 64 * 1024 * 1024
 
+
 def target_of(process: Process) -> Target:
     return process if isinstance(process, Target) else Target.of(process)
 
