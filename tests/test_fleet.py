@@ -21,6 +21,7 @@ from support import fleet
 from support.builds import ServerBuild
 from support.cli import assert_one_error_line, cli
 from support.fleet import Prefork, clean_env, json_lines
+from support.procs import spawn
 from support.servers import Server, assert_buggy, assert_fixed, start_server
 
 from fentry_build.binary.patchinfo import read_patch
@@ -84,7 +85,7 @@ def test_ps_and_all_look_past_a_process_whose_name_is_not_utf8(
     with open("/bin/sleep", "rb") as src, open(odd, "wb") as dst:
         dst.write(src.read())
     os.chmod(odd, 0o755)
-    sleeper = subprocess.Popen([odd, "300"])
+    sleeper = spawn([odd, b"300"])
     try:
         assert b"\xff\xfe" in Path(f"/proc/{sleeper.pid}/status").read_bytes().splitlines()[0]
         out = cli("ps", "--json")

@@ -35,6 +35,7 @@ from fentry_build.errors import FentryError
 
 from support.builds import PROGRAMS, build_patch, build_program, meson, run
 from support.cli import CLI_TIMEOUT, NOBODY, cli
+from support.procs import spawn
 from support.servers import BUSY, ModesServer, _read_line, proc_status
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
@@ -449,9 +450,8 @@ def test_attach_to_a_program_linked_with_the_shim_does_nothing(built: dict[str, 
 
 
 def test_attach_refuses_a_program_that_is_not_instrumented(cache_home: Path) -> None:
-    sleeper = subprocess.Popen(["sleep", "300"])
+    sleeper = spawn(["sleep", "300"])
     try:
-        time.sleep(0.1)
         proc = cli("attach", "--pid", str(sleeper.pid))
         assert proc.returncode == 1
         assert proc.stderr.startswith(f"fentry-build: error: process {sleeper.pid} (")
