@@ -12,12 +12,20 @@ from typing import Any
 EXEC_TIMEOUT = 60.0
 
 
+def _exe(pid: int) -> str | None:
+    """What /proc/PID/exe names; None once the process has exited (a zombie has none)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
 def spawn(argv: list[str] | list[bytes], **popen: Any) -> subprocess.Popen[bytes]:
     """Popen(argv), returned once /proc/PID/exe no longer names this Python."""
     ours = os.readlink("/proc/self/exe")
     proc = subprocess.Popen(argv, **popen)
     deadline = time.monotonic() + EXEC_TIMEOUT
-    while os.readlink(f"/proc/{proc.pid}/exe") == ours:
+    while _exe(proc.pid) == ours:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait()
