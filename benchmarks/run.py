@@ -776,7 +776,13 @@ def write_results(path: Path, command: str, mach: dict[str, str], s: Settings, q
     L += ["", "## Where the apply time goes", ""] + apply_breakdown(a, s)
     L += ["", "## What would make the shim faster", ""] + shim_changes(m, a, s)
     L += [""] + scaling + [""]
-    path.write_text("\n".join(L))
+    text = "\n".join(L)
+    # --no-scaling: the report's scaling section, and what was written by hand after it,
+    # stay as they are.
+    old = path.read_text() if path.exists() else ""
+    if not scaling and harness.BEGIN in old:
+        text = text.rstrip("\n") + "\n\n" + harness.BEGIN + old.split(harness.BEGIN, 1)[1]
+    path.write_text(text)
 
 
 # ---- main ----------------------------------------------------------------------------
@@ -796,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-xray", action="store_true", help="skip the LLVM XRay rows")
     ap.add_argument("--scaling-only", action="store_true",
                     help="only the scaling section; it replaces the one in the report")
-    ap.add_argument("--no-scaling", action="store_true", help="skip the scaling section")
+    ap.add_argument("--no-scaling", action="store_true", help="skip the scaling section (the report keeps the one it has)")
     ap.add_argument("--rows", default=None,
                     help="comma-separated keys of the scaling rows to run (default: all)")
     args = ap.parse_args(argv)

@@ -72,3 +72,21 @@ def test_a_scaling_only_run_replaces_its_section_and_keeps_the_rest(tmp_path: Pa
     assert text.startswith("# earlier results\n\n" + begin) and text.endswith(end + "\n\nafter\n")
     assert "old rows" not in text and "| `apply_jump_one` |" in text
     assert "| `dispatch_miss` |" not in text  # only the row asked for ran
+
+
+def test_a_run_without_scaling_keeps_the_reports_scaling_section(tmp_path: Path) -> None:
+    """`--no-scaling` rewrites the micro, apply and macro sections and leaves the scaling
+    section, and what follows it (written by hand), as they were."""
+    report = tmp_path / "RESULTS.md"
+    begin = "<!-- scaling section: written by benchmarks/run.py; do not edit by hand -->"
+    end = "<!-- end of the scaling section -->"
+    report.write_text(f"# earlier results\n\nold micro\n\n{begin}\nold rows\n{end}\n\nafter\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
+    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--no-scaling", "--results",
+                           str(report)], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = report.read_text()
+    assert text.startswith("# fentry_build benchmark results") and "old micro" not in text
+    assert "| jump, patched (site = jmp) |" in text
+    assert text.endswith(f"\n\n{begin}\nold rows\n{end}\n\nafter\n")
