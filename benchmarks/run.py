@@ -802,7 +802,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-xray", action="store_true", help="skip the LLVM XRay rows")
     ap.add_argument("--scaling-only", action="store_true",
                     help="only the scaling section; it replaces the one in the report")
-    ap.add_argument("--no-scaling", action="store_true", help="skip the scaling section (the report keeps the one it has)")
+    ap.add_argument("--no-scaling", action="store_true",
+                    help="skip the scaling section (the report keeps the one it has)")
     ap.add_argument("--rows", default=None,
                     help="comma-separated keys of the scaling rows to run (default: all)")
     args = ap.parse_args(argv)

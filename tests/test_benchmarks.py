@@ -21,12 +21,21 @@ RUN = ROOT / "benchmarks" / "run.py"
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not RUN.is_file(), reason="benchmarks/ is not in this tree")]
 
+#: The markers around the scaling section of a report (benchmarks/scaling/harness.py).
+BEGIN = "<!-- scaling section: written by benchmarks/run.py; do not edit by hand -->"
+END = "<!-- end of the scaling section -->"
+
+
+def quick_run(*args: str) -> subprocess.CompletedProcess[str]:
+    """`run.py --quick ARGS`, without the FENTRY_ variables of this environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
+    return subprocess.run([sys.executable, str(RUN), "--quick", *args], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=ROOT)
+
 
 def test_quick_benchmark_runs_every_variant_and_checks_it(tmp_path: Path) -> None:
     report = tmp_path / "RESULTS.md"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
-    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--results", str(report)],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    proc = quick_run("--results", str(report))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "every variant ran and checked its result" in proc.stderr
 
@@ -60,16 +69,11 @@ def test_quick_benchmark_runs_every_variant_and_checks_it(tmp_path: Path) -> Non
 def test_a_scaling_only_run_replaces_its_section_and_keeps_the_rest(tmp_path: Path) -> None:
     """`--scaling-only --rows KEY` runs one row and splices its section into the report."""
     report = tmp_path / "RESULTS.md"
-    begin = "<!-- scaling section: written by benchmarks/run.py; do not edit by hand -->"
-    end = "<!-- end of the scaling section -->"
-    report.write_text(f"# earlier results\n\n{begin}\nold rows\n{end}\n\nafter\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
-    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--scaling-only", "--rows",
-                           "apply_jump_one", "--results", str(report)],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    report.write_text(f"# earlier results\n\n{BEGIN}\nold rows\n{END}\n\nafter\n")
+    proc = quick_run("--scaling-only", "--rows", "apply_jump_one", "--results", str(report))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = report.read_text()
-    assert text.startswith("# earlier results\n\n" + begin) and text.endswith(end + "\n\nafter\n")
+    assert text.startswith("# earlier results\n\n" + BEGIN) and text.endswith(END + "\n\nafter\n")
     assert "old rows" not in text and "| `apply_jump_one` |" in text
     assert "| `dispatch_miss` |" not in text  # only the row asked for ran
 
@@ -78,15 +82,10 @@ def test_a_run_without_scaling_keeps_the_reports_scaling_section(tmp_path: Path)
     """`--no-scaling` rewrites the micro, apply and macro sections and leaves the scaling
     section, and what follows it (written by hand), as they were."""
     report = tmp_path / "RESULTS.md"
-    begin = "<!-- scaling section: written by benchmarks/run.py; do not edit by hand -->"
-    end = "<!-- end of the scaling section -->"
-    report.write_text(f"# earlier results\n\nold micro\n\n{begin}\nold rows\n{end}\n\nafter\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
-    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--no-scaling", "--results",
-                           str(report)], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=ROOT)
+    report.write_text(f"# earlier results\n\nold micro\n\n{BEGIN}\nold rows\n{END}\n\nafter\n")
+    proc = quick_run("--no-scaling", "--results", str(report))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = report.read_text()
     assert text.startswith("# fentry_build benchmark results") and "old micro" not in text
     assert "| jump, patched (site = jmp) |" in text
-    assert text.endswith(f"\n\n{begin}\nold rows\n{end}\n\nafter\n")
+    assert text.endswith(f"\n\n{BEGIN}\nold rows\n{END}\n\nafter\n")
