@@ -88,8 +88,11 @@ class Proc:
     def __init__(self, binary: Path, rundir: Path, env: dict[str, str] | None = None) -> None:
         full = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
         full.update({"FENTRY_RUNTIME_DIR": str(rundir), **(env or {})})
-        self.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     bufsize=0, env=full, cwd=rundir)
+        self.stderr = rundir / f"stderr.{time.monotonic_ns()}"
+        with open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, bufsize=0, env=full,
+                                         cwd=rundir)
         self.pid = self.proc.pid
         assert self.line() == "ready"
 
@@ -292,3 +295,68 @@ def test_where_code_cannot_be_written_a_prepared_programs_functions_are_refused(
     assert done.stderr.count("\n") == 1 and "prepared at build time" in done.stderr
     assert p.ask("a") == f"original={N} patched=0"  # unchanged
     assert control.list_patches(p.pid)["patches"] == []
+
+
+# ---- start-up in runtime form: the site list and a failed rewrite -------------------------------
+
+
+def mcount_descents(binary: Path) -> int:
+    """How often the program's recorded site list (__mcount_loc, PIE: each entry a RELATIVE
+    relocation's addend) goes down: the shim sorts it at start."""
+    with open(binary, "rb") as stream:
+        elf = ELFFile(stream)
+        loc = elf.get_section_by_name("__mcount_loc")
+        rela = elf.get_section_by_name(".rela.dyn")
+        assert loc is not None and rela is not None
+        by_offset = {r["r_offset"]: r["r_addend"] for r in rela.iter_relocations()}
+        sites = [by_offset[loc["sh_addr"] + 8 * i] for i in range(loc["sh_size"] // 8)]
+    return sum(b < a for a, b in zip(sites, sites[1:]))
+
+
+def test_a_start_up_rewrite_refused_half_way_puts_every_call_back(
+        builds: Builds, procs: list[Proc], tmp_path: Path) -> None:
+    # Functions 64-byte aligned: the sites span 190 KiB, more than one write at start (64 KiB
+    # at most each); the second is refused, after the first went in.
+    binary = build_program(write_sources(tmp_path / "src"), tmp_path / "spread",
+                           cflags=["-falign-functions=64"], sites="runtime")
+    patch_c = tmp_path / "plus1000.c"
+    shutil.copyfile(builds.runtime_patch.parent.parent / "plus1000.c", patch_c)
+    patch = build_patch(binary, patch_c, tmp_path / "plus1000.so")
+    lib = tmp_path / "failpwrite.so"
+    run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(PROGRAMS / "failpwrite.c"), "-ldl"])
+    p = start(procs, binary, tmp_path, LD_PRELOAD=str(lib), FAILPWRITE_AT="2")
+    status = control.status(p.pid)
+    assert "failpwrite: refused write 2" in p.stderr.read_text()
+    assert status["mode"] == "dispatch" and status["sites"] == "calls"
+    assert "could not be rewritten" in status["mode_reason"]
+    assert p.ask("a") == f"original={N} patched=0"
+    # f_1..f_3 were in the first write: their calls are back, so dispatch mode patches them.
+    done = cli("apply", "--pid", str(p.pid), str(patch))
+    assert done.returncode == 0, done.stderr
+    assert p.ask("a") == f"original={N - len(PATCHED)} patched={len(PATCHED)}"
+
+
+def test_a_site_list_far_out_of_order_is_sorted_at_start(tmp_path: Path, procs: list[Proc]) -> None:
+    # Every other function cold: gcc moves those to .text.unlikely, which the linker puts
+    # before .text, while the site list keeps the order of the sources.
+    srcs = write_sources(tmp_path / "src")
+    for f in srcs:
+        if f.name.startswith("funcs_"):
+            f.write_text(re.sub(r"^long (f_\d*[13579])\(long x\) \{",
+                                r"__attribute__((cold)) long \1(long x) {", f.read_text(),
+                                flags=re.M))
+    binary = build_program(srcs, tmp_path / "cold", sites="runtime")
+    assert mcount_descents(binary) > 64  # more than the shim moves one by one: a full sort
+    patch_c = tmp_path / "plus1000.c"
+    patch_c.write_text("#include <fentry.h>\n" + "".join(
+        f"static long f_{i}_new(long x) {{ return x + {i} + 1000; }}\nFENTRY_REPLACE(f_{i}, f_{i}_new);\n"
+        for i in (1, 2, 2001, 2998)))
+    patch = build_patch(binary, patch_c, tmp_path / "plus1000.so")
+    p = start(procs, binary, tmp_path)
+    status = control.status(p.pid)
+    assert status["mode"] == "jump" and status["sites"] == "runtime"
+    assert p.ask("a") == f"original={N} patched=0"
+    done = cli("apply", "--pid", str(p.pid), str(patch))
+    assert done.returncode == 0, done.stderr
+    assert p.ask("a") == f"original={N - 4} patched=4"
+    assert [p.ask(f"c {i}") for i in (1, 2, 3, 2001, 2998)] == ["1008", "1009", "10", "3008", "4005"]
