@@ -58,13 +58,19 @@ def generator_env() -> dict[str, str]:
     return env
 
 
+def place_header(reg: Path) -> Path:
+    """The placement header the generator writes beside the registration `reg` (x.reg.c)."""
+    return reg.with_name(reg.name.removesuffix(".reg.c") + ".place.h")
+
+
 def generator_command(binary: Path, patch_c: Path, reg: Path,
                       cflags: Sequence[str] = ()) -> list[str]:
     """The generator's command line for a patch (run it with generator_env()): what the
-    Meson subproject runs; the scaling benchmark times it (benchmarks/scaling/rows_generator.py).
-    After --: the line the patch is compiled with (the generator compiles the patch too)."""
+    Meson snippet runs, the placement header included; the scaling benchmark times it
+    (benchmarks/scaling/rows_generator.py).  After --: the line the patch is compiled with
+    (the generator compiles the patch too)."""
     return [sys.executable, "-m", "fentry_build.gen", "--binary", str(binary), "--patch",
-            str(patch_c), "-o", str(reg), "--", "gcc", *cflags]
+            str(patch_c), "-o", str(reg), "--place", str(place_header(reg)), "--", "gcc", *cflags]
 
 
 def clang() -> str | None:
@@ -145,7 +151,8 @@ class Builder:
         return self.link_patch(patch_c, reg, so, cflags)
 
     def link_patch(self, patch_c: Path, reg: Path, so: Path, cflags: Sequence[str] = ()) -> Path:
-        """The patch and its registration (the generator's output) linked into `so`."""
+        """The patch and its registration (the generator's output) linked into `so`, its
+        replacements placed as the placement header says."""
         run(["gcc", "-O2", "-g", "-shared", "-fPIC", *cflags, f"-I{paths.include_dir()}",
-             "-o", str(so), str(patch_c), str(reg)])
+             "-include", str(place_header(reg)), "-o", str(so), str(patch_c), str(reg)])
         return so

@@ -128,6 +128,15 @@ def test_site_forms_are_the_headers() -> None:
         assert length is not None and int(length.group(1)) == form.length, (form, comment)
 
 
+def test_the_spin_operand_bytes_are_the_shims() -> None:
+    # Placement (generator) and preparation (build) compute with them; poke.c writes them.
+    from fentry_build.binary.elf import SPIN_REL8
+
+    text = (paths.shim_dir() / "arch" / "x86_64" / "sites.h").read_text()
+    found = {int(n): int(v, 16) for n, v in re.findall(r"#define SITE_REL8_(\d) (0x[0-9a-f]+)", text)}
+    assert found == SPIN_REL8
+
+
 def test_the_scan_records_fentry_h_writes_are_the_ones_the_generator_reads() -> None:
     # fentry.h (FENTRY_GEN_SCAN) writes records of these kinds; generator/patchsrc.py reads them.
     from fentry_build.generator import patchsrc, scan

@@ -272,6 +272,41 @@ def test_main_writes_the_output_and_leaves_no_temporary(pie_glibc: Path, tmp_pat
     assert [p.name for p in out.parent.iterdir()] == ["reg.c"]
 
 
+def test_the_placement_header_starts_each_replacement_where_its_site_jumps(
+        tmp_path: Path) -> None:
+    # Its first use: the patch's compile line already -include's the header (as the Meson
+    # snippet's does), which does not exist yet; the generator writes a placeholder first.
+    prog = build_program([write(tmp_path / "prog.c", PROGRAM_C)], tmp_path / "prog")
+    patch = write(tmp_path / "fix.c", PATCH_C)
+    reg, place, dep = tmp_path / "fix_reg.c", tmp_path / "fix_place.h", tmp_path / "fix.d"
+    line = ["gcc", "-include", str(place)]
+    assert gen.main(["--binary", str(prog), "--patch", str(patch), "-o", str(reg), "--place",
+                     str(place), "--depfile", str(dep), "--", *line]) == 0
+    text = place.read_text()
+    want = {new: function(prog, old).site.jump_residue(function(prog, old).addr)  # type: ignore[union-attr]
+            for old, new in (("compute", "compute_fixed"), ("helper", "helper_fixed"))}
+    assert "#define FENTRY_PLACE 1\n" in text
+    assert dict(re.findall(r"#define FENTRY_PLACE__(\w+) (\d+)", text)) == \
+        {k: str(v) for k, v in want.items()}
+    assert str(place) not in dep.read_text()  # its own output: no input of the rule
+    so = tmp_path / "fix.so"
+    run(["gcc", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", f"-I{paths.include_dir()}",
+         *line[1:], "-o", str(so), str(patch), str(reg)])
+    with open(so, "rb") as stream:
+        symtab = ELFFile(stream).get_section_by_name(".symtab")
+        assert isinstance(symtab, SymbolTableSection)
+        for new, residue in want.items():
+            (sym,) = symtab.get_symbol_by_name(new)
+            assert sym["st_value"] % 256 == residue
+    # Without the header, FENTRY_REPLACE is what it always was: nothing placed.
+    run(["gcc", "-O2", "-shared", "-fPIC", f"-I{paths.include_dir()}", "-o", str(so), str(patch),
+         str(reg)])
+    with open(so, "rb") as stream:
+        symtab = ELFFile(stream).get_section_by_name(".symtab")
+        assert isinstance(symtab, SymbolTableSection)
+        assert {symtab.get_symbol_by_name(n)[0]["st_value"] % 16 for n in want} == {0}
+
+
 def test_one_generator_run_opens_the_binary_once_and_checks_its_build_id_once(
         pie_glibc: Path, tmp_path: Path) -> None:
     from unittest import mock

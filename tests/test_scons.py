@@ -21,7 +21,7 @@ from fentry_build.binary.elf import SiteForm, read_binary
 from fentry_build.build import flags, sharedshim
 from fentry_build.build import scons as fscons
 
-from support.builds import PROGRAMS
+from support.builds import PROGRAMS, assert_placed
 
 SCons = pytest.importorskip("SCons", reason="scons is not installed (pip install scons)")
 
@@ -90,6 +90,7 @@ def test_scons_patches_builds_the_patch_beside_the_program(hello: Path) -> None:
     so = hello / "my_patch.so"
     assert so.is_file()
     assert not (hello / "libmy_patch.so").exists()
+    assert_placed(hello / "hello", so, {"my_function": "my_patch"})
     assert run_program(hello / "hello", so) == PATCHED_OUTPUT
     assert run_program(hello / "hello") == ORIGINAL_OUTPUT
     assert not list(hello.rglob("gmon.out"))

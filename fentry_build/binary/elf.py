@@ -88,6 +88,14 @@ class SiteForm(enum.Enum):
         return self in (SiteForm.PREPARED_6, SiteForm.PREPARED_5)
 
 
+#: The operand byte every jump-mode form of a site keeps, by site length: the rel8 of its spin
+#: (`eb fd` / `eb fe`, a jump to the site's own first byte), and the low byte of its patched
+#: `jmp rel32` (shim/arch/x86_64/sites.h: SITE_REL8_6, SITE_REL8_5).
+SPIN_REL8 = {6: 0xFD, 5: 0xFE}
+#: A patched site's jump reaches only addresses of one residue modulo this (its low byte is fixed).
+JUMP_ROW = 256
+
+
 @dataclass(frozen=True)
 class FentrySite:
     """The call to __fentry__ at a function's entry."""
@@ -99,6 +107,12 @@ class FentrySite:
     @property
     def length(self) -> int:
         return self.form.length
+
+    def jump_residue(self, function_addr: int) -> int:
+        """The residue modulo JUMP_ROW of every address this site's patched jump can reach,
+        for the function at `function_addr` (a load base, page-aligned, keeps it)."""
+        end = function_addr + self.offset + self.length
+        return (end + SPIN_REL8[self.length]) % JUMP_ROW
 
 
 @dataclass(frozen=True)

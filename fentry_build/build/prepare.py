@@ -41,6 +41,7 @@ from fentry_build.binary.elf import (
     FentryTarget,
     FunctionSymbolReader,
     MemoryImage,
+    SPIN_REL8,
     SiteForm,
     unreadable,
 )
@@ -83,9 +84,9 @@ class PrepareResult:
 def unpatched_bytes(form: SiteForm, call: bytes) -> bytes:
     """The unpatched form of a call site (the last three bytes stay: sites.h)."""
     if form is SiteForm.ADDR32_CALL:
-        return b"\x67\xa9\xfd" + call[3:6]
+        return b"\x67\xa9" + bytes([SPIN_REL8[6]]) + call[3:6]
     if form is SiteForm.CALL_REL32:
-        return b"\xa9\xfe" + call[2:5]
+        return b"\xa9" + bytes([SPIN_REL8[5]]) + call[2:5]
     raise ValueError(form)
 
 

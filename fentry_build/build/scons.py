@@ -207,22 +207,27 @@ def _patch(env: Any, program: Any, workdir: Any, name: str, source: Any) -> tupl
     pdir = workdir.Dir("patches")
     src = env.File(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
     benv = env.Clone()  # the user's flags (headers of the program), never -pg
-    benv.Append(CPPPATH=["$FENTRY_INCLUDE_DIR"])
-    reg = benv.Command(
-        target=pdir.File(f"{name}_reg.c"),
+    place = pdir.File(f"{name}_place.h")
+    # The placement header: each replacement starts where its site can jump straight to it.
+    benv.Append(CPPPATH=["$FENTRY_INCLUDE_DIR"], CCFLAGS=["-include", place.abspath])
+    generated = benv.Command(
+        target=[pdir.File(f"{name}_reg.c"), place],
         source=[program[0], src],  # the program first: a relinked program regenerates it
         # After --: the line the patch is compiled with (SHCCCOM's), so that the generator
         # finds its FENTRY_* uses and checks its types as this build compiles it.
         action=[["$FENTRY_PYTHON", "-m", "fentry_build.gen", "--target=$FENTRY_TARGET",
-                 "--binary", "${SOURCES[0]}", "--patch", "${SOURCES[1]}", "-o", "$TARGET",
-                 "--", "$SHCC", "$SHCFLAGS", "$SHCCFLAGS", "$_CCCOMCOM"]],
+                 "--binary", "${SOURCES[0]}", "--patch", "${SOURCES[1]}", "-o", "${TARGETS[0]}",
+                 "--place", "${TARGETS[1]}", "--", "$SHCC", "$SHCFLAGS", "$SHCCFLAGS",
+                 "$_CCCOMCOM"]],
         ENV=_generator_env(env),
     )
-    env.Depends(reg, [env.File(str(t)) for t in sorted(paths.templates_dir().glob("*.c.j2"))])
+    reg = generated[0:1]
+    env.Depends(generated, [env.File(str(t)) for t in sorted(paths.templates_dir().glob("*.j2"))])
 
     suffix = env.subst("$SHOBJSUFFIX")
     objs = (benv.SharedObject(target=pdir.File(name + suffix), source=src)
             + benv.SharedObject(target=pdir.File(f"{name}_reg" + suffix), source=reg))
+    env.Depends(objs, place)  # -include'd: no scanner sees it
     so = benv.LoadableModule(target=program[0].dir.File(f"{name}.so"), source=objs,
                              LDMODULEPREFIX="", LDMODULESUFFIX=".so")
     return reg, so

@@ -25,7 +25,7 @@ from fentry_build.errors import FentryError
 from fentry_build.generator.inline import CopyFinder, describe, no_dwarf_note
 from fentry_build.generator.patchsrc import PatchSource, patch_source
 from fentry_build.generator.protocheck import PrototypeCheck
-from fentry_build.generator.render import render
+from fentry_build.generator.render import placements, render, render_placement
 from fentry_build.generator.resolve import ResolvedReplacement, resolve_patch, resolve_refs
 from fentry_build.generator.scan import PatchCompile, scan
 
@@ -73,7 +73,8 @@ def _stderr_warning(message: str) -> None:
 
 
 def generate(binary: Path, patch: Path, warn: Warn | None = None, *, strict: bool = False,
-             compile: PatchCompile | None = None, inputs: list[Path] | None = None) -> str:
+             compile: PatchCompile | None = None, inputs: list[Path] | None = None,
+             places: dict[str, int] | None = None) -> str:
     """The registration source for the patch source `patch` against the built `binary`.
 
     Raises FentryError (one line naming the function and the fix) for anything the
@@ -82,15 +83,17 @@ def generate(binary: Path, patch: Path, warn: Warn | None = None, *, strict: boo
     warnings, one line each, sent to `warn` (default: stderr) - or, with `strict`, the
     first is a FentryError.  `compile` is how the patch's build compiles it (default:
     PatchCompile.find: its compile_commands.json entry, else plain gcc).  `inputs`, when
-    given, receives the files the result depends on (for a depfile).
+    given, receives the files the result depends on (for a depfile); `places`, when given,
+    each replacement's placement (render_placement).
     """
     with Program.open(binary) as program:
-        return generate_for(program, patch, warn, strict=strict, compile=compile, inputs=inputs)
+        return generate_for(program, patch, warn, strict=strict, compile=compile, inputs=inputs,
+                            places=places)
 
 
 def generate_for(program: Program, patch: Path, warn: Warn | None = None, *,
                  strict: bool = False, compile: PatchCompile | None = None,
-                 inputs: list[Path] | None = None) -> str:
+                 inputs: list[Path] | None = None, places: dict[str, int] | None = None) -> str:
     """generate() for a program that is open already (its build-id is checked here, once)."""
     info = program.info
     build_id = check_build_id(info)
@@ -126,6 +129,8 @@ def generate_for(program: Program, patch: Path, warn: Warn | None = None, *,
                 emit(message)
             else:
                 check.run(work, scanned.object, emit, strict)
+    if places is not None:
+        places.update(placements(resolved))
     return render(info, build_id, source, resolved, refs)
 
 
@@ -162,6 +167,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--depfile", type=Path, help="also write a make rule of the files the registration "
                    "depends on (the program, the patch and its headers, compile_commands.json): "
                    "Meson's depfile:")
+    p.add_argument("--place", type=Path, metavar="HEADER",
+                   help="also write the placement header: -include it in the patch's compile line "
+                        "and each replacement starts where its site can jump straight to it "
+                        "(docs/how-it-works.md, Placement)")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit 1) where the generator would warn: inlined copies or IPA clones "
                         f"of a replaced function, no DWARF to check for them (also: {STRICT_ENV}=1)")
@@ -177,9 +186,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         binary = resolve_target(args.binary, args.target, args.build_id, args.store)
         compile = PatchCompile.find(args.patch, args.output.parent, args.compile_line or None)
         inputs: list[Path] = []
+        places: dict[str, int] = {}
+        if args.place is not None and not args.place.exists():
+            # The patch's compile line -include's it, and the scan compiles with that line.
+            write_atomically(args.place, render_placement(binary.name, args.patch.name, None))
         text = generate(binary, args.patch, strict=args.strict or strict_from_environment(),
-                        compile=compile, inputs=inputs)
+                        compile=compile, inputs=inputs, places=places)
         write_atomically(args.output, text)
+        if args.place is not None:
+            write_atomically(args.place, render_placement(binary.name, args.patch.name, places))
+            # Its own output is no input of the generator (Ninja would see a cycle).
+            inputs = [p for p in inputs if os.path.abspath(p) != os.path.abspath(args.place)]
         if args.depfile is not None:
             write_atomically(args.depfile, depfile(args.output, inputs))
     except FentryError as e:

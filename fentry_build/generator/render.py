@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from fentry_build import jinja
-from fentry_build.binary.elf import BinaryInfo, site_bytes_hex
+from fentry_build.binary.elf import JUMP_ROW, BinaryInfo, site_bytes_hex
 from fentry_build.generator.patchsrc import CALLBACK_MACROS, PatchSource
 from fentry_build.generator.resolve import ResolvedRef, ResolvedReplacement
 
 TEMPLATE = "registration.c.j2"
+PLACEMENT_TEMPLATE = "placement.h.j2"
 
 
 def _func_context(r: ResolvedReplacement, patch_name: str) -> dict[str, Any]:
@@ -63,4 +64,22 @@ def render(binary: BinaryInfo, build_id: bytes, patch: PatchSource,
     )
 
 
-__all__ = ["TEMPLATE", "render"]
+def placements(resolved: Sequence[ResolvedReplacement]) -> dict[str, int]:
+    """Each replacement's entry residue (mod JUMP_ROW): where its site's patched jump can go
+    straight to it (the first use decides for a replacement of several functions)."""
+    places: dict[str, int] = {}
+    for r in resolved:
+        site = r.function.site
+        assert site is not None
+        places.setdefault(r.replacement.new, site.jump_residue(r.function.addr))
+    return places
+
+
+def render_placement(target: str, patch_name: str, places: dict[str, int] | None) -> str:
+    """The placement header (fentry.h, FENTRY_PLACE); `places` None: the placeholder written
+    before the first run, which places nothing."""
+    return jinja.environment().get_template(PLACEMENT_TEMPLATE).render(
+        target=target, patch_name=patch_name, places=places, row=JUMP_ROW)
+
+
+__all__ = ["PLACEMENT_TEMPLATE", "TEMPLATE", "placements", "render", "render_placement"]

@@ -143,6 +143,27 @@ struct fentry_patch {
 		(void *)&new
 
 /*
+ * Placement.  A jump-mode site is `jmp rel32` whose low byte is fixed (its spin form's
+ * operand, docs/how-it-works.md), so it can jump straight only to an address of one
+ * residue mod 256, which depends on where the old function lies in the program.  The
+ * generator's placement header (`python -m fentry_build.gen ... --place FILE`, which the
+ * patch's build -include's) defines FENTRY_PLACE and, for each replacement `new`,
+ * FENTRY_PLACE__new: that residue.  With it, FENTRY_REPLACE also redeclares `new` aligned
+ * to 256 with that many bytes of padding before its entry (gcc's patchable_function_entry
+ * puts NOPs there, never run), so that the site jumps straight to `new` once the shim has
+ * loaded the patch within 2 GiB of the program (else through a trampoline, as without it).
+ * A replacement costs up to 255 bytes more; its code is unchanged.
+ */
+#if defined(FENTRY_PLACE) && !defined(FENTRY_GEN_SCAN) && !defined(FENTRY_GEN_CHECK)
+#undef FENTRY_REPLACE
+#define FENTRY_REPLACE(old, new, ...)                                                 \
+	__typeof__(new) new __attribute__((aligned(256),                                  \
+		patchable_function_entry(FENTRY_PLACE__##new, FENTRY_PLACE__##new)));     \
+	__attribute__((used, visibility("hidden"))) void *const fentry_repl__##new =      \
+		(void *)&new
+#endif
+
+/*
  * FENTRY_REPLACE_UNCHECKED(old, new [, "file.c"]) - FENTRY_REPLACE without the prototype
  * check the generator makes when the patch is built (the compiler compares `new`'s type
  * with `old`'s, read from the program's DWARF).  Only for a deliberate difference that is

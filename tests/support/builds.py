@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from elftools.elf.elffile import ELFFile
 
 from fentry_build import paths
+from fentry_build.binary.elf import JUMP_ROW, read_binary
 from fentry_build.build import flags, ldwrap, meson_init, sharedshim
 
 TESTS = Path(__file__).resolve().parent.parent
@@ -107,14 +109,30 @@ def build_program(
 
 
 def build_patch(binary: Path, patch_c: Path, out: Path, *, cflags: list[str] | None = None) -> Path:
-    """Generate the registration with the real generator and link the patch .so."""
+    """Generate the registration and the placement header with the real generator and link
+    the patch .so, as the Meson snippet does."""
     reg = out.with_suffix(".reg.c")
+    place = out.with_suffix(".place.h")
     # The generator compiles the patch with the flags its build uses (after --).
     run([sys.executable, "-m", "fentry_build.gen", "--binary", str(binary), "--patch", str(patch_c),
-         "-o", str(reg), "--", "gcc", *(cflags or [])])
+         "-o", str(reg), "--place", str(place), "--", "gcc", *(cflags or [])])
     run(["gcc", "-O2", "-g", "-shared", "-fPIC", *(cflags or []), f"-I{paths.include_dir()}",
-         "-o", str(out), str(patch_c), str(reg)])
+         "-include", str(place), "-o", str(out), str(patch_c), str(reg)])
     return out
+
+
+def assert_placed(program: Path, patch_so: Path, pairs: dict[str, str]) -> None:
+    """Each replacement `new` of the built patch starts at the address residue the site of
+    its `old` in the program jumps to (the placement header was -include'd as it should)."""
+    info = read_binary(program)
+    with open(patch_so, "rb") as stream:
+        symtab = ELFFile(stream).get_section_by_name(".symtab")
+        assert symtab is not None, f"{patch_so} has no .symtab"
+        found = {s.name: s["st_value"] for s in symtab.iter_symbols() if s.name in pairs.values()}
+    for old, new in pairs.items():
+        (f,) = [f for f in info.functions if f.name == old]
+        assert f.site is not None
+        assert found[new] % JUMP_ROW == f.site.jump_residue(f.addr), (old, new, hex(found[new]))
 
 
 # ---- Meson ------------------------------------------------------------------------------
