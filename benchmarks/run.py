@@ -199,9 +199,12 @@ def build_micro(b: build.Builder, with_clang: bool, runtime: Path) -> list[Micro
     v += [MicroVariant(f"form_{f}", label, [str(forms), f], env(), {"mode": f, "sum_ok": "1"},
                        group="forms")
           for f, label in (("local", "no site: direct call of the replacement's code"),
-                           ("near", "site `e9 rel32` straight to the code (within 2 GiB)"),
-                           ("tramp", "site `e9 rel32` → trampoline `ff 25` → shared library "
-                                     "(poke.c today)"),
+                           ("near", "site `e9 rel32` straight to the code (within 2 GiB): a "
+                                    "placed patch loaded near (poke.c)"),
+                           ("near2", "site `e9 rel32` → trampoline `e9 rel32` → the code: a "
+                                     "patch loaded near, not placed"),
+                           ("tramp", "site `e9 rel32` → trampoline `ff 25` → shared library: "
+                                     "a patch not loaded near"),
                            ("mem", "site `ff 25 rel32`: `jmp *slot(%rip)` → shared library"))]
     if with_clang:
         clang_plain = b.plain(tiny, "micro_clang", cc="clang")

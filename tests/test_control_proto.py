@@ -230,11 +230,11 @@ def test_status(host: Host) -> None:
     assert reply == {
         "ok": True, "protocol": 2, "pid": host.pid, "program": os.path.realpath(host.proc.args[0]),
         "build_id": "0102030405060708090a0b0c0d0e0f1011121314", "mode": "dispatch",
-        "mode_reason": "stub loader", "rewrite_error": None, "sites": "calls",
+        "mode_reason": "stub loader", "rewrite_error": None, "sites": "calls", "far_reason": None,
         "patches_active": 0, "patches_loaded": 0,
         "costs": {"startup": {"seconds": 0.0, "sites_written": 0}, "last_apply": None,
                   "last_revert": None, "last_unload": None, "sites_written": 0, "batches": 0,
-                  "last_batch_seconds": 0.0, "trampolines": 0,
+                  "last_batch_seconds": 0.0, "trampolines": 0, "sites_direct": 0,
                   "unload_checks": {"runs": 0, "threads_blocked": 0, "threads_signalled": 0},
                   "memory": {"tables": 0, "trampolines": 0, "sites": 0, "patch_copies": 0,
                              "patch_mappings": 0}},

@@ -47,11 +47,17 @@ def test_status_and_list_report_durations_sites_and_memory(
     assert mem["patch_copies"] == fix.stat().st_size
     assert mem["patch_mappings"] == patch["mapped_bytes"]
     assert mem["tables"] > 0  # jump mode keeps its redirects in the table too
+    status = ok("status", "--pid", pid)
     if mode == "jump":
         assert costs["sites_written"] > before and costs["batches"] >= 1
-        assert costs["trampolines"] >= 1 and mem["trampolines"] > 0
+        # Loaded near the program and placed by the generator: every site jumps straight
+        # to its replacement, no trampoline in between.
+        assert patch["near"] is True and status["far_reason"] is None
+        assert costs["sites_direct"] == len(patch["functions"]) and costs["trampolines"] == 0
     else:
         assert costs["sites_written"] == 0 and costs["trampolines"] == 0
+        assert costs["sites_direct"] == 0 and patch["near"] is False
+        assert status["far_reason"].startswith("dispatch mode")
 
     ok("revert", "--pid", pid, "fix_parse")
     ok("unload", "--pid", pid, "fix_parse")

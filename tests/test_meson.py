@@ -17,7 +17,7 @@ from fentry_build.binary.elf import SiteForm, read_binary
 from fentry_build.build import meson_init
 from fentry_build.errors import FentryError
 
-from support.builds import PROGRAMS, copy_example, meson, meson_cmd, setup_and_compile
+from support.builds import PROGRAMS, assert_placed, copy_example, meson, meson_cmd, setup_and_compile
 
 CLI = [sys.executable, "-m", "fentry_build"]
 
@@ -48,6 +48,8 @@ def test_plain_compile_builds_the_program_and_no_patch(hello: Path) -> None:
 def test_meson_compile_patches_puts_each_patch_beside_the_program(hello: Path) -> None:
     meson("compile", "-C", "build", "patches", cwd=hello)
     assert (hello / "build" / "my_patch.so").is_file()
+    assert_placed(hello / "build" / "hello", hello / "build" / "my_patch.so",
+                  {"my_function": "my_patch"})
     plain = run(hello / "build" / "hello")
     assert plain.stdout == "my function: 123!\n"
     patched = run(hello / "build" / "hello",
@@ -232,6 +234,11 @@ def test_server_example_builds_every_patch_at_the_buildtypes_users_use(
         control.apply(server.pid, project / "build" / "fix_stats.so")
         assert ask(server.port, "BAD").startswith("ERR unknown command")
         assert ask(server.port, "STATS").startswith("OK requests=2 errors=1 last_error=")
+        # Loaded near the program, placed by the snippet's header: no trampoline.
+        (patch,) = control.list_patches(server.pid)["patches"]
+        costs = control.status(server.pid)["costs"]
+        assert patch["near"] is True and costs["trampolines"] == 0
+        assert costs["sites_direct"] == len(patch["functions"]) >= 1
     finally:
         server.stop()
 
@@ -307,14 +314,19 @@ def test_the_generator_names_the_callers_of_a_copy_dwarf_does_not_record(tmp_pat
 
 @pytest.mark.slow
 def test_a_snippet_of_an_older_release_still_builds_its_patches(tmp_path: Path) -> None:
-    # meson.build files written before --depfile: the generator finds the patch's compile
-    # line in the build folder's compile_commands.json (from -o's folder) all the same.
+    # meson.build files written before --depfile and --place: the generator finds the patch's
+    # compile line in the build folder's compile_commands.json (from -o's folder) all the
+    # same, and the patch works unplaced (through a trampoline).
     project = copy_example("hello", tmp_path / "hello")
     build = project / "meson.build"
     old = build.read_text().replace(
-        "    depfile: name + '_reg.d',", "").replace(
-        ",\n              '--depfile', '@DEPFILE@']", "]")
-    assert "--depfile" not in old and "'-o', '@OUTPUT@']" in old
+        "    depfile: name + '_reg.d',        # the patch's headers, its compile line\n", "").replace(
+        "output: [name + '_reg.c', name + '_place.h'],", "output: name + '_reg.c',").replace(
+        "'-o', '@OUTPUT0@',\n              '--place', '@OUTPUT1@', '--depfile', '@DEPFILE@']",
+        "'-o', '@OUTPUT@']").replace(
+        "    c_args: ['-include', reg[1].full_path()],  # replacements placed for a direct jump\n", "")
+    assert "--depfile" not in old and "--place" not in old and "'-o', '@OUTPUT@']" in old
+    assert "_place.h" not in old and "full_path" not in old
     build.write_text(old)
     setup_and_compile(project)
     meson("compile", "-C", "build", "patches", cwd=project)

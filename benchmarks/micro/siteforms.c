@@ -5,13 +5,16 @@
  * site), rewritten here once, before the timed loop, with mprotect (single-threaded).
  *
  *   local   no site at all: call local_repl(), the replacement's code in the program
- *   near    site = e9 <rel32> 90 straight to local_repl() (a replacement within 2 GiB)
+ *   near    site = e9 <rel32> 90 straight to local_repl() (a replacement within 2 GiB, at
+ *           the residue its site reaches: a placed patch loaded near, what poke.c writes)
+ *   near2   site = e9 <rel32> 90 to a trampoline e9 <rel32> to local_repl() (a patch loaded
+ *           near but not placed)
  *   tramp   site = e9 <rel32> 90 to a trampoline ff 25 00000000 <target:8> that reaches
- *           tiny_direct() in a shared library: what poke.c writes today
+ *           tiny_direct() in a shared library (a patch poke.c could not load near)
  *   mem     site = ff 25 <rel32>: jmp *slot(%rip), the slot being the trampoline's
  *           8-byte target word: one indirect jump instead of a jump and an indirect jump
  *
- * Usage: siteforms N local|near|tramp|mem.  Prints key=value pairs like micro.c.
+ * Usage: siteforms N local|near|near2|tramp|mem.  Prints key=value pairs like micro.c.
  */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -25,6 +28,7 @@
 #include "tiny.h"
 
 #define TRAMP_AT (1 << 20) /* the trampoline page: 1 MiB after the code, as poke.c tries */
+#define NEAR2_AT 512       /* near2's trampoline, in that page                        */
 
 /* The unpatched site: the 6-byte NOP jump mode writes over `67 e8 <rel32>`. */
 __attribute__((noinline, aligned(64))) long site_fn(long x)
@@ -95,7 +99,7 @@ int main(int argc, char **argv)
 	double t0, t1, w0, w1, best = 1e300, total = 0;
 
 	if (argc < 3 || (n = atol(argv[1])) <= 0) {
-		fprintf(stderr, "usage: siteforms N local|near|tramp|mem\n");
+		fprintf(stderr, "usage: siteforms N local|near|near2|tramp|mem\n");
 		return 2;
 	}
 	form = argv[2];
@@ -107,13 +111,19 @@ int main(int argc, char **argv)
 	}
 	memcpy(tramp + 6, &far, 8);
 	memcpy(page, tramp, sizeof(tramp));
+	/* near2's trampoline, further on in the same page: e9 <rel32> to local_repl(). */
+	r = rel32((uintptr_t)page + NEAR2_AT + 5, (uintptr_t)&local_repl);
+	page[NEAR2_AT] = 0xe9;
+	memcpy(page + NEAR2_AT + 1, &r, 4);
 	mprotect(page, 4096, PROT_READ | PROT_EXEC);
 
 	if (strcmp(form, "local") == 0) {
 		run = run_local;
-	} else if (strcmp(form, "near") == 0 || strcmp(form, "tramp") == 0) {
-		r = rel32(fn + 5, strcmp(form, "near") == 0 ? (uintptr_t)&local_repl
-							    : (uintptr_t)page);
+	} else if (strcmp(form, "near") == 0 || strcmp(form, "near2") == 0 ||
+		   strcmp(form, "tramp") == 0) {
+		r = rel32(fn + 5, strcmp(form, "near") == 0    ? (uintptr_t)&local_repl
+				  : strcmp(form, "near2") == 0 ? (uintptr_t)page + NEAR2_AT
+							       : (uintptr_t)page);
 		site[0] = 0xe9;
 		memcpy(site + 1, &r, 4);
 		site[5] = 0x90;

@@ -316,12 +316,26 @@ def format_status(reply: Reply) -> str:
         *([("rewrites", f"impossible: {reply['rewrite_error']}; apply and revert are refused")]
           if reply.get("rewrite_error") else []),
         ("patches", f"{reply.get('patches_active')} active, {reply.get('patches_loaded')} loaded"),
+        *_placement_rows(reply),
         ("protocol", reply.get("protocol", 1)),
     ]
     costs = reply.get("costs")
     if isinstance(costs, dict):
         rows += _cost_rows(costs)
     return "\n".join(f"{key + ':':<10} {value}" for key, value in rows)
+
+
+def _placement_rows(reply: Reply) -> list[tuple[str, object]]:
+    """Jump mode: where the patches' code lies (a site jumps straight only to code within 2 GiB)."""
+    if reply.get("mode") != "jump" or not reply.get("patches_loaded"):
+        return []
+    if reply.get("far_reason"):
+        return [("placement", f"far from the program ({reply['far_reason']}): patched sites go "
+                              "through trampolines")]
+    costs = reply.get("costs")
+    direct = costs.get("sites_direct") if isinstance(costs, dict) else None
+    return [("placement", "near the program" + (f": {direct} sites jump straight to their "
+                                                "replacement" if direct is not None else ""))]
 
 
 def _kib(n: object) -> str:

@@ -116,6 +116,7 @@ static void list_patch(const struct fentry_patch_info *p, void *arg)
 	fentry_buf_printf(l->out, ",\"apply_seconds\":%.6f,\"copy_bytes\":%llu,\"mapped_bytes\":%llu",
 			  isfinite(p->apply_seconds) ? p->apply_seconds : 0.0,
 			  (unsigned long long)p->copy_bytes, (unsigned long long)p->mapped_bytes);
+	fentry_buf_printf(l->out, ",\"near\":%s", p->near ? "true" : "false");
 	fentry_buf_printf(l->out, ",\"applied_at\":%.6f,\"functions\":[", at);
 	for (i = 0; p->funcs && i < p->nfuncs; i++) {
 		if (i)
@@ -302,6 +303,7 @@ static void op_status(struct fentry_buf *out)
 {
 	static struct fentry_module main_module; /* 4 KiB: only one thread answers requests */
 	char exe[4096], id[2 * FENTRY_BUILD_ID_MAX + 1], rewrite[FENTRY_ERR_MAX];
+	char far[FENTRY_ERR_MAX];
 	unsigned loaded = 0;
 	ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
 	int have_id = fentry_module_main(&main_module) == 0 && main_module.build_id_len > 0 &&
@@ -321,6 +323,7 @@ static void op_status(struct fentry_buf *out)
 	put_string_member(out, "rewrite_error",
 			  fentry_loader_rewrite_error(rewrite, sizeof rewrite));
 	put_string_member(out, "sites", fentry_sites_form());
+	put_string_member(out, "far_reason", fentry_loader_far_reason(far, sizeof far));
 	fentry_buf_printf(out, ",\"patches_active\":%u,\"patches_loaded\":%u",
 			  fentry_active_count(), loaded);
 	fentry_costs_json(out); /* core/costs.c */

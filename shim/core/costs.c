@@ -36,7 +36,9 @@ FENTRY_HIDDEN void fentry_costs_json(struct fentry_buf *out)
 	fentry_buf_printf(out, ",\"sites_written\":%llu,\"batches\":%llu,\"last_batch_seconds\":%.6f",
 			  (unsigned long long)c.poke.sites_written, (unsigned long long)c.poke.batches,
 			  (double)c.poke.last_batch_ns / 1e9);
-	fentry_buf_printf(out, ",\"trampolines\":%llu", (unsigned long long)c.poke.trampolines);
+	fentry_buf_printf(out, ",\"trampolines\":%llu,\"sites_direct\":%llu",
+			  (unsigned long long)c.poke.trampolines,
+			  (unsigned long long)c.poke.sites_direct);
 	fentry_buf_printf(out, ",\"unload_checks\":{\"runs\":%llu,\"threads_blocked\":%llu,"
 			  "\"threads_signalled\":%llu}", (unsigned long long)c.checks.checks,
 			  (unsigned long long)c.checks.threads_blocked,

@@ -32,6 +32,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "arch/x86_64/near.h"
 #include "arch/x86_64/poke.h"
 #include "arch/x86_64/sites.h"
 #include "arch/x86_64/stackscan.h"
@@ -57,6 +58,7 @@ struct loaded_patch {
 	int stuck;                       /* a callback overran its time limit and may still
 	                                    run the patch's code: never dlclose() it      */
 	double apply_seconds;            /* how long the apply that activated it last took */
+	int near;                        /* its code is within a rel32 jump of the program's */
 };
 
 /*
@@ -721,6 +723,47 @@ static int try_unload(struct loaded_patch *p, char *err)
 }
 
 /*
+ * Why the newest patch's code is not within a rel32 jump of the program's ("" when it is,
+ * or before any patch loaded).  Under loader_lock (status copies it).
+ */
+static char far_reason[FENTRY_ERR_MAX];
+
+/*
+ * dlopen() the patch's copy; in jump mode steered near the program's code, so that its
+ * sites can jump straight to the replacements (arch/x86_64/near.c).  Where it landed is
+ * checked: p->near, and far_reason for status.
+ */
+static int load_near(struct loaded_patch *p, const char *path, char *err)
+{
+	struct fentry_near near = { 0 };
+	const char *why = NULL;
+	uintptr_t code[FENTRY_MODULE_SEGMENTS][2];
+	size_t ncode;
+	int rc;
+
+	if (!fentry_jump_mode()) {
+		snprintf(far_reason, sizeof far_reason, "dispatch mode: replacements are called "
+			 "through the table");
+		return fentry_patchfile_load(&p->file, path, NULL, NULL, err);
+	}
+	fentry_sites_code(&near.lo, &near.hi);
+	rc = fentry_patchfile_load(&p->file, path, &near, &why, err);
+	if (rc < 0)
+		return rc;
+	ncode = fentry_patchfile_code(&p->file, code, FENTRY_MODULE_SEGMENTS);
+	p->near = ncode > 0 && ncode <= FENTRY_MODULE_SEGMENTS && near.hi != 0;
+	for (size_t i = 0; p->near && i < ncode; i++)
+		p->near = fentry_near_reaches(near.lo, near.hi, code[i][0], code[i][1]);
+	if (p->near)
+		far_reason[0] = '\0';
+	else
+		snprintf(far_reason, sizeof far_reason, "%s: %s", p->name,
+			 why ? why : "the kernel placed it out of reach of the program (a gap "
+				     "was filled while it loaded?)");
+	return 0;
+}
+
+/*
  * Load, validate and activate a patch not loaded before, replacing `old` (the current
  * version of the same name, or NULL); takes over the copy in pf.
  */
@@ -738,7 +781,7 @@ static int load_new(const char *path, struct fentry_patchfile *pf, const char *n
 	snprintf(p->name, sizeof(p->name), "%s", name);
 	snprintf(p->path, sizeof(p->path), "%s", path);
 
-	rc = fentry_patchfile_load(&p->file, path, err);
+	rc = load_near(p, path, err);
 	if (rc < 0)
 		goto bad;
 	p->desc = dlsym(p->file.handle, FENTRY_PATCH_SYMBOL);
@@ -927,6 +970,14 @@ out:
 	return rc;
 }
 
+FENTRY_HIDDEN const char *fentry_loader_far_reason(char *buf, size_t size)
+{
+	pthread_mutex_lock(&loader_lock);
+	snprintf(buf, size, "%s", far_reason);
+	pthread_mutex_unlock(&loader_lock);
+	return buf[0] ? buf : NULL;
+}
+
 FENTRY_HIDDEN void fentry_foreach_patch(void (*fn)(const struct fentry_patch_info *, void *),
 					void *arg)
 {
@@ -950,6 +1001,7 @@ FENTRY_HIDDEN void fentry_foreach_patch(void (*fn)(const struct fentry_patch_inf
 		info->nfuncs = p->desc->nfuncs;
 		info->funcs = p->desc->funcs;
 		info->func_state = p->in_effect;
+		info->near = p->near;
 		fn(info, arg);
 	}
 	pthread_mutex_unlock(&loader_lock);

@@ -30,6 +30,7 @@ struct fentry_patch_info {
 	const struct fentry_func *funcs; /* valid while the patch stays loaded (always) */
 	const char *func_state;  /* per function: 1 if this patch's replacement is the one in
 	                            effect (top of that function's stack), else 0 */
+	int near;                /* its code is within a rel32 jump of the program's code */
 };
 
 /*
@@ -95,5 +96,11 @@ FENTRY_HIDDEN unsigned fentry_active_count(void);
  * and buf returned; NULL while code can be rewritten (or in dispatch mode).
  */
 FENTRY_HIDDEN const char *fentry_loader_rewrite_error(char *buf, size_t size);
+/*
+ * Why the newest patch's code was not placed within a rel32 jump of the program's code
+ * (arch/x86_64/near.c), copied into buf under the loader's lock; NULL when it was (or no
+ * patch was loaded yet).
+ */
+FENTRY_HIDDEN const char *fentry_loader_far_reason(char *buf, size_t size);
 
 #endif /* FENTRY_LOADER_H */

@@ -223,6 +223,25 @@ static int check_headers(const uint8_t *m, uint64_t size, const char *path, char
 	return 0;
 }
 
+/* The address space dlopen() maps for it: from its first PT_LOAD's page to its last's end. */
+static uint64_t load_span(const uint8_t *m)
+{
+	const Elf64_Ehdr *eh = (const Elf64_Ehdr *)m;
+	uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), lo = UINT64_MAX, hi = 0;
+
+	for (unsigned i = 0; i < eh->e_phnum; i++) {
+		const Elf64_Phdr *ph = (const Elf64_Phdr *)(m + eh->e_phoff) + i;
+
+		if (ph->p_type != PT_LOAD || ph->p_vaddr + ph->p_memsz < ph->p_vaddr)
+			continue;
+		lo = ph->p_vaddr < lo ? ph->p_vaddr : lo;
+		hi = ph->p_vaddr + ph->p_memsz > hi ? ph->p_vaddr + ph->p_memsz : hi;
+	}
+	if (hi <= lo || hi > UINT64_MAX - page)
+		return 0;
+	return ((hi + page - 1) & ~(page - 1)) - (lo & ~(page - 1));
+}
+
 /*
  * The dynamic symbol table defines the descriptor FENTRY_PATCH_SYMBOL.  Checked before
  * dlopen(), so that a mistaken `apply libc.so.6` never runs the library's constructors.
@@ -282,6 +301,8 @@ static int check_copy(struct fentry_patchfile *pf, const char *path, char *err)
 	rc = check_headers(m, pf->size, path, err);
 	if (rc == 0)
 		rc = check_descriptor_symbol(m, pf->size, path, err);
+	if (rc == 0)
+		pf->span = load_span(m);
 	munmap((void *)m, pf->size);
 	return rc;
 }
@@ -413,7 +434,8 @@ static void show_as(struct fentry_patchfile *pf, struct link_map *lm, const char
 	__atomic_store_n(&lm->l_name, shown, __ATOMIC_RELEASE);
 }
 
-FENTRY_HIDDEN int fentry_patchfile_load(struct fentry_patchfile *pf, const char *path, char *err)
+FENTRY_HIDDEN int fentry_patchfile_load(struct fentry_patchfile *pf, const char *path,
+					struct fentry_near *near, const char **near_why, char *err)
 {
 	struct bases before = { 0 };
 	struct link_map *lm = NULL;
@@ -428,7 +450,13 @@ FENTRY_HIDDEN int fentry_patchfile_load(struct fentry_patchfile *pf, const char 
 		free(before.v);
 		return fail(err, "%s: out of memory", path);
 	}
+	if (near) {
+		near->span = pf->span;
+		*near_why = fentry_near_hold(near);
+	}
 	pf->handle = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+	if (near)
+		fentry_near_release(near); /* an empty hold when it was not steered */
 	if (!pf->handle) {
 		const char *s;
 

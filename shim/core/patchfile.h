@@ -6,6 +6,7 @@
 #include <sys/types.h>
 #include <time.h>
 
+#include "arch/x86_64/near.h"
 #include "core/sha256.h"
 #include "core/util.h"
 
@@ -26,6 +27,7 @@ struct fentry_patchfile {
 	char sha256_hex[FENTRY_SHA256_HEX + 1];
 	struct timespec mtime;                    /* of the file when it was copied: when it
 	                                             was built (or installed)              */
+	uint64_t span;                            /* address space its PT_LOADs map (pages)  */
 	void *handle;                             /* dlopen()'s, once loaded                 */
 	uintptr_t base;                           /* the object's load base                  */
 	char *shown_name;                         /* the link map's name while loaded (what
@@ -43,10 +45,13 @@ FENTRY_HIDDEN void fentry_patchfile_init(void);
 FENTRY_HIDDEN int fentry_patchfile_copy(const char *path, struct fentry_patchfile *pf, char *err);
 /*
  * dlopen() the copy (this runs the patch's constructors) under a fresh name; `path`
- * names the patch in messages and becomes the link map's name for debuggers.  -code with
- * one line in err; the copy is kept either way.
+ * names the patch in messages and becomes the link map's name for debuggers.  With
+ * `near` (its lo, hi: the code to reach), the load is steered within reach of a rel32 jump
+ * from there (arch/x86_64/near.c); *near_why is then NULL, or why it was not steered.
+ * -code with one line in err; the copy is kept either way.
  */
-FENTRY_HIDDEN int fentry_patchfile_load(struct fentry_patchfile *pf, const char *path, char *err);
+FENTRY_HIDDEN int fentry_patchfile_load(struct fentry_patchfile *pf, const char *path,
+					struct fentry_near *near, const char **near_why, char *err);
 /* Unload (dlclose) and drop the copy; pf is empty afterwards.  Callers made sure no
  * thread can run the object's code. */
 FENTRY_HIDDEN void fentry_patchfile_close(struct fentry_patchfile *pf);

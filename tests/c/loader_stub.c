@@ -167,6 +167,13 @@ const char *fentry_loader_rewrite_error(char *buf, size_t size)
 	return NULL;
 }
 
+const char *fentry_loader_far_reason(char *buf, size_t size)
+{
+	(void)buf;
+	(void)size;
+	return NULL;
+}
+
 const char *fentry_sites_form(void)
 {
 	return "calls";

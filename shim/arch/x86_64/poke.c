@@ -745,10 +745,11 @@ static uintptr_t trampoline_for(uintptr_t target, unsigned residue)
 		/* Staged again if a batch that failed made it and never wrote it. */
 		return t->written || stage(t) == 0 ? t->addr : 0;
 	/*
-	 * Direct when the replacement is near (areas lie within 1 GiB of the program, and
-	 * so does it then); a patch .so is usually much farther: through the 8-byte slot.
+	 * Direct when the replacement is within reach of the trampoline (a patch loaded near
+	 * the program: near.c); else through the 8-byte slot.  The first trampoline maps the
+	 * first area, so the reach is judged from the place it got.
 	 */
-	if (areas && target - areas->base + ((uintptr_t)1 << 30) < ((uintptr_t)1 << 31)) {
+	{
 		int64_t rel;
 
 		at = tramp_alloc(residue, TRAMP_DIRECT_LEN);
@@ -821,6 +822,18 @@ static int jump_bytes(const struct fentry_site *s, uintptr_t to, uint8_t *out)
 	return out[op + 1] == site_rel8(s->len) ? 0 : -1; /* the invariant: never fails */
 }
 
+/* Does a site holding `bytes` (and jumping to `target`, 0: unpatched) jump straight there? */
+static int straight(const struct fentry_site *s, const uint8_t *bytes, uintptr_t target)
+{
+	unsigned op = site_op_at(s->len);
+	int32_t rel;
+
+	if (target == 0 || bytes[op] != SITE_OP_JMP)
+		return 0;
+	memcpy(&rel, bytes + op + 1, 4);
+	return s->addr + s->len + (uintptr_t)(intptr_t)rel == target;
+}
+
 FENTRY_HIDDEN int fentry_poke_site_is_ours(const struct fentry_site *s)
 {
 	return memcmp((const void *)s->addr, s->bytes, s->len) == 0;
@@ -871,8 +884,17 @@ FENTRY_HIDDEN int fentry_poke_batch(struct fentry_site **batch, const uintptr_t 
 			o->to[site_op_at(s->len)] = SITE_OP_TEST;
 		} else {
 			unsigned residue = (unsigned)((s->addr + s->len + site_rel8(s->len)) % TRAMP_ROW);
-			uintptr_t to = trampoline_for(next[i], residue);
+			uintptr_t to;
 
+			/*
+			 * Straight to the replacement when it lies within reach (the patch was
+			 * loaded near: near.c) at the address residue the site's jump can take (the
+			 * generator placed it there: FENTRY_PLACE in fentry.h): one direct jump.
+			 * Else through a trampoline at that residue.
+			 */
+			if (next[i] % TRAMP_ROW == residue && jump_bytes(s, next[i], o->to) == 0)
+				continue;
+			to = trampoline_for(next[i], residue);
 			if (to == 0 || jump_bytes(s, to, o->to) < 0) {
 				free(ops);
 				free(buf);
@@ -912,6 +934,8 @@ FENTRY_HIDDEN int fentry_poke_batch(struct fentry_site **batch, const uintptr_t 
 		for (size_t i = 0; i < n; i++) {
 			struct site_op *o = &ops[i];
 
+			stats.sites_direct -= (uint64_t)straight(o->s, o->s->bytes, o->s->target);
+			stats.sites_direct += (uint64_t)straight(o->s, o->to, o->target);
 			memcpy(o->s->bytes, o->to, o->len);
 			o->s->target = o->target;
 		}

@@ -56,6 +56,7 @@ struct fentry_poke_stats {
 	uint64_t startup_ns;        /* wall time of fentry_poke_prepare_all()                  */
 	uint64_t startup_sites;     /* sites it wrote (0 when none needed writing)             */
 	uint64_t trampolines;       /* trampolines in use                                      */
+	uint64_t sites_direct;      /* patched sites jumping straight to their replacement     */
 	uint64_t trampoline_bytes;  /* address space mapped for them (pages written are private) */
 	uint64_t heap_bytes;        /* the shim's bookkeeping of sites and trampolines         */
 };
