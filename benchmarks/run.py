@@ -533,15 +533,13 @@ def analysis(micro: dict[str, MicroVariant], apply: dict[str, ApplyVariant],
         so = median(micro["jump_patched"].ns) / median(micro["direct_so"].ns)
         out.append(
             f"- **jump, patched** costs {extra:+.2f} ns per call{cyc(extra)} over a direct call "
-            "of the same code: a patched site is `jmp rel32` (`67 e9 fd …`; its low byte is "
-            "the spin's, so the target is a trampoline placed at that residue mod 256 near "
-            "the program) whose `jmp *0(%rip)` reaches the replacement - two taken branches. "
-            "That is the floor without the replacement itself within 2 GiB of the site and at "
-            "the residue its site needs: the site forms table shows one direct jump (`near`) "
-            "and the two-jump forms. The replacement lives in a shared object that glibc maps "
-            "far (more than 2 GiB) from the program; loading the patch's code near the "
-            f"program was not done (an ordinary call into a shared library through the PLT "
-            f"costs the same order: the patched call is {so:.2f}× that).")
+            "of the same code. A patched site is `jmp rel32` (`67 e9 fd …`): straight to the "
+            "replacement when the patch was loaded within 2 GiB of the program and its "
+            "replacement placed at the residue its site reaches (one taken branch: the site "
+            "forms table's `near`), else through a trampoline (`near2`: two direct jumps; "
+            "`tramp`: a jump and an indirect jump). This run's patched call is "
+            f"{so:.2f}× a call into a shared library through the PLT; `fentry-build status` "
+            "of the benchmark's process says why its patch was not near (`far_reason`).")
     if "dispatch, unpatched" in missed:
         extra = median(micro["dispatch_unpatched"].ns) - plain
         out.append(
