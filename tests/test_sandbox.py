@@ -123,3 +123,21 @@ def test_dispatch_mode_applies_and_reverts_under_the_same_filters(
         assert show(p) == OLD
     assert control.status(p.pid)["rewrite_error"] is None
     finish(p)
+
+
+def test_a_filter_refusing_the_address_space_reservation_leaves_the_patch_far_and_working(
+        sandboxed: tuple[Path, Path], started: list[LineProgram], tmp_path: Path) -> None:
+    # Jump mode steers a patch's load near the program with mmap(MAP_FIXED_NOREPLACE)
+    # reservations (shim/arch/x86_64/near.c); refused, the patch loads where glibc puts it
+    # and its site goes through a trampoline: applied all the same, and status says why.
+    p = start(sandboxed, started, tmp_path, "jump")
+    forbid(p, "mmap-noreplace")
+    applied = cli("apply", "--pid", str(p.pid), str(sandboxed[1]))
+    assert applied.returncode == 0, applied.stderr
+    assert show(p) == NEW
+    status = control.status(p.pid)
+    assert "mmap() of address space to steer the load is refused" in status["far_reason"]
+    assert status["costs"]["trampolines"] == 1 and status["costs"]["sites_direct"] == 0
+    assert cli("revert", "--pid", str(p.pid), "sandboxed_patch").returncode == 0
+    assert show(p) == OLD
+    finish(p)

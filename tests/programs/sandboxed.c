@@ -5,6 +5,8 @@
  *
  * Commands on stdin, one per line:
  *   forbid membarrier | forbid pwrite64   install the filter; prints "forbidden NAME"
+ *   forbid mmap-noreplace                 the same for mmap() with MAP_FIXED_NOREPLACE (what
+ *                                         the shim reserves address space with)
  *   show                                 prints "calc N": sandboxed_calc(20) now
  *   q                                    prints "calls=N new=N wrong=N" and exits 0
  * Prints "ready" first.
@@ -19,6 +21,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -71,6 +74,27 @@ static int forbid(long nr)
 	return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog);
 }
 
+/* Every thread: mmap() with MAP_FIXED_NOREPLACE in its flags fails with EPERM from now on. */
+static int forbid_mmap_noreplace(void)
+{
+	struct sock_filter code[] = {
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_mmap, 0, 3),
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[3])),
+		BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, MAP_FIXED_NOREPLACE, 0, 1),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA)),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+	};
+	struct sock_fprog prog = {.len = sizeof code / sizeof code[0], .filter = code};
+
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+		return -1;
+	return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog);
+}
+
 int main(void)
 {
 	pthread_t t[WORKERS];
@@ -86,6 +110,12 @@ int main(void)
 			long nr = line[7] == 'm' ? SYS_membarrier : SYS_pwrite64;
 
 			if (forbid(nr) != 0) {
+				printf("seccomp failed: %s\n", strerror(errno));
+				return 2;
+			}
+			printf("forbidden %s\n", line + 7);
+		} else if (strcmp(line, "forbid mmap-noreplace") == 0) {
+			if (forbid_mmap_noreplace() != 0) {
 				printf("seccomp failed: %s\n", strerror(errno));
 				return 2;
 			}

@@ -197,8 +197,11 @@ FENTRY_HIDDEN const char *fentry_near_hold(struct fentry_near *n)
 			continue;
 		p = mmap((void *)lo, hi - lo, PROT_NONE,
 			 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+		if (p == MAP_FAILED && errno == EEXIST)
+			continue; /* filled meanwhile: where the object lands is checked after */
 		if (p == MAP_FAILED)
-			continue; /* filled meanwhile (EEXIST), or refused: checked after the load */
+			return give_up(n, &m, "mmap() of address space to steer the load is refused "
+				       "(a seccomp filter, or no memory for the mapping)");
 		if ((uintptr_t)p != lo) { /* a kernel older than 4.17 took it as a hint */
 			munmap(p, hi - lo);
 			return give_up(n, &m, "this kernel has no MAP_FIXED_NOREPLACE");

@@ -591,6 +591,16 @@ static struct tramp_area *new_area(void)
 				break;
 			p = mmap((void *)hint, TRAMP_AREA, PROT_READ | PROT_EXEC,
 				 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+			if (p == MAP_FAILED && errno != EEXIST) {
+				/* The flag refused (a seccomp filter, a kernel before 4.17): the
+				 * address as a hint, kept only if the kernel took it. */
+				p = mmap((void *)hint, TRAMP_AREA, PROT_READ | PROT_EXEC,
+					 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			}
+			if (p != MAP_FAILED && (uintptr_t)p != hint) { /* a hint not taken */
+				munmap(p, TRAMP_AREA);
+				p = MAP_FAILED;
+			}
 			if (p == MAP_FAILED)
 				continue;
 			a->base = (uintptr_t)p;
