@@ -516,6 +516,26 @@ def test_bad_binaries_give_one_line_and_no_traceback(
     assert str(binary) in err and not out.exists()
 
 
+def test_debug_info_pyelftools_cannot_read_is_skipped(pie_glibc: Path, tmp_path: Path) -> None:
+    # A .debug_aranges whose segment selector size is not 0: pyelftools raises
+    # NotImplementedError ("Segmentation not implemented"; the ELF fuzzer found it).  DWARF
+    # is optional for reading functions: the registration is written all the same.
+    binary = tmp_path / "prog"
+    shutil.copy(pie_glibc, binary)
+    with open(binary, "rb") as stream:
+        sec = ELFFile(stream).get_section_by_name(".debug_aranges")
+        assert sec is not None
+        offset = sec["sh_offset"]
+    data = bytearray(binary.read_bytes())
+    data[offset + 11] = 1  # unit_length(4) version(2) debug_info_offset(4) address_size(1)
+    binary.write_bytes(bytes(data))
+    out = tmp_path / "reg.c"
+    patch = write(tmp_path / "p.c", "#include <fentry.h>\nstatic int c2(int x) { return x; }\n"
+                                    "FENTRY_REPLACE(compute, c2);\n")
+    assert gen.main(["--binary", str(binary), "--patch", str(patch), "-o", str(out)]) == 0
+    assert '.name = "compute"' in out.read_text()
+
+
 def test_truncated_elf_and_missing_files(pie_glibc: Path, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     cut = tmp_path / "cut"

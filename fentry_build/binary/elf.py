@@ -21,8 +21,10 @@ from elftools.elf.sections import NoteSection, Symbol, SymbolTableSection
 from fentry_build.errors import FentryError
 
 # What pyelftools raises on malformed debug info: DWARF is optional, so none is fatal.
+# NotImplementedError: what it says of a form it does not read (e.g. segmented
+# .debug_aranges, a segment selector size other than 0 - found by tests/test_fuzz.py).
 DWARF_ERRORS = (DWARFError, ELFError, ConstructError, KeyError, ValueError, IndexError,
-                AttributeError, AssertionError, TypeError)
+                AttributeError, AssertionError, TypeError, NotImplementedError)
 
 FENTRY_SYMBOL = "__fentry__"
 
