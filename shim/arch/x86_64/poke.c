@@ -1046,12 +1046,15 @@ static int prepare_quiet(size_t n, uint8_t (*orig)[SITE_MAX_LEN], uint8_t *buf, 
 	return 0;
 }
 
-/* Put the first `done` sites back as `orig` holds them (a quiet start-up that failed). */
+/*
+ * Put the first `done` sites back as `orig` holds them (a quiet start-up that failed); last
+ * to first, so that a site listed twice ends with the bytes its first entry found.
+ */
 static int unprepare_quiet(size_t done, uint8_t (*orig)[SITE_MAX_LEN])
 {
 	int rc = 0;
 
-	for (size_t k = 0; k < done; k++) {
+	for (size_t k = done; k-- > 0;) {
 		unsigned len;
 		uintptr_t a = fentry_sites_addr(k, &len);
 
