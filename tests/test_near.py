@@ -222,12 +222,12 @@ def test_a_program_that_is_not_pie_is_not_steered_and_status_says_why(
 def test_steered_loads_leave_every_other_thread_allocating_and_calling(
         built: dict[str, Path], tmp_path: Path) -> None:
     # Threads map and unmap 4 KiB..32 MiB, malloc through brk and mmap, start threads, and
-    # call the patched function, all while 300 loads are steered near the program.
+    # call the patched function, all while 150 loads are steered near the program.
     env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
     env.update(FENTRY_RUNTIME_DIR=str(tmp_path), FENTRY_MODE="jump")
-    out = subprocess.run([str(built["prog"]), "churn", str(built["placed"]), "300"], env=env,
+    out = subprocess.run([str(built["prog"]), "churn", str(built["placed"]), "150"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     counts = dict(kv.split("=") for kv in out.stdout.split())
-    assert counts["cycles"] == "300" and counts["wrong"] == "0" and counts["failed"] == "0"
+    assert counts["cycles"] == "150" and counts["wrong"] == "0" and counts["failed"] == "0"
     assert int(counts["patched_seen"]) > 0

@@ -35,18 +35,18 @@ PATCHED = [1, 2, 3]
 TIMEOUT = 30.0
 
 
-def write_sources(d: Path) -> list[Path]:
+def write_sources(d: Path, n: int = N) -> list[Path]:
     d.mkdir(parents=True, exist_ok=True)
     files = []
-    for start in range(0, N, 100):
+    for start in range(0, n, 100):
         f = d / f"funcs_{start // 100:02d}.c"
         f.write_text("".join(f"long f_{i}(long x);\nlong f_{i}(long x) {{ return x + {i}; }}\n"
                              for i in range(start, start + 100)))
         files.append(f)
     table = d / "table.c"
-    table.write_text("".join(f"long f_{i}(long);\n" for i in range(N)) +
-                     "long (*const fns[])(long) = {" + ",".join(f"f_{i}" for i in range(N)) +
-                     f"}};\nconst long nfns = {N};\n")
+    table.write_text("".join(f"long f_{i}(long);\n" for i in range(n)) +
+                     "long (*const fns[])(long) = {" + ",".join(f"f_{i}" for i in range(n)) +
+                     f"}};\nconst long nfns = {n};\n")
     return [*files, table, PROGRAMS / "prepared_main.c"]
 
 
@@ -315,10 +315,11 @@ def mcount_descents(binary: Path) -> int:
 
 def test_a_start_up_rewrite_refused_half_way_puts_every_call_back(
         builds: Builds, procs: list[Proc], tmp_path: Path) -> None:
-    # Functions 64-byte aligned: the sites span 190 KiB, more than one write at start (64 KiB
-    # at most each); the second is refused, after the first went in.
-    binary = build_program(write_sources(tmp_path / "src"), tmp_path / "spread",
-                           cflags=["-falign-functions=64"], sites="runtime")
+    # 600 functions 256-byte aligned: the sites span 150 KiB, more than one write at start
+    # (64 KiB at most each); the second is refused, after the first went in.
+    n = 600
+    binary = build_program(write_sources(tmp_path / "src", n), tmp_path / "spread",
+                           cflags=["-falign-functions=256"], sites="runtime")
     patch_c = tmp_path / "plus1000.c"
     shutil.copyfile(builds.runtime_patch.parent.parent / "plus1000.c", patch_c)
     patch = build_patch(binary, patch_c, tmp_path / "plus1000.so")
@@ -329,17 +330,19 @@ def test_a_start_up_rewrite_refused_half_way_puts_every_call_back(
     assert "failpwrite: refused write 2" in p.stderr.read_text()
     assert status["mode"] == "dispatch" and status["sites"] == "calls"
     assert "could not be rewritten" in status["mode_reason"]
-    assert p.ask("a") == f"original={N} patched=0"
+    assert p.ask("a") == f"original={n} patched=0"
     # f_1..f_3 were in the first write: their calls are back, so dispatch mode patches them.
     done = cli("apply", "--pid", str(p.pid), str(patch))
     assert done.returncode == 0, done.stderr
-    assert p.ask("a") == f"original={N - len(PATCHED)} patched={len(PATCHED)}"
+    assert p.ask("a") == f"original={n - len(PATCHED)} patched={len(PATCHED)}"
 
 
 def test_a_site_list_far_out_of_order_is_sorted_at_start(tmp_path: Path, procs: list[Proc]) -> None:
     # Every other function cold: gcc moves those to .text.unlikely, which the linker puts
-    # before .text, while the site list keeps the order of the sources.
-    srcs = write_sources(tmp_path / "src")
+    # before .text, while the site list keeps the order of the sources (200 entries out of
+    # order).
+    n = 400
+    srcs = write_sources(tmp_path / "src", n)
     for f in srcs:
         if f.name.startswith("funcs_"):
             f.write_text(re.sub(r"^long (f_\d*[13579])\(long x\) \{",
@@ -350,13 +353,13 @@ def test_a_site_list_far_out_of_order_is_sorted_at_start(tmp_path: Path, procs: 
     patch_c = tmp_path / "plus1000.c"
     patch_c.write_text("#include <fentry.h>\n" + "".join(
         f"static long f_{i}_new(long x) {{ return x + {i} + 1000; }}\nFENTRY_REPLACE(f_{i}, f_{i}_new);\n"
-        for i in (1, 2, 2001, 2998)))
+        for i in (1, 2, 201, 398)))
     patch = build_patch(binary, patch_c, tmp_path / "plus1000.so")
     p = start(procs, binary, tmp_path)
     status = control.status(p.pid)
     assert status["mode"] == "jump" and status["sites"] == "runtime"
-    assert p.ask("a") == f"original={N} patched=0"
+    assert p.ask("a") == f"original={n} patched=0"
     done = cli("apply", "--pid", str(p.pid), str(patch))
     assert done.returncode == 0, done.stderr
-    assert p.ask("a") == f"original={N - 4} patched=4"
-    assert [p.ask(f"c {i}") for i in (1, 2, 3, 2001, 2998)] == ["1008", "1009", "10", "3008", "4005"]
+    assert p.ask("a") == f"original={n - 4} patched=4"
+    assert [p.ask(f"c {i}") for i in (1, 2, 3, 201, 398)] == ["1008", "1009", "10", "1208", "1405"]
