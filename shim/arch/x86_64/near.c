@@ -28,9 +28,9 @@
  *     is never reserved, nor anything above the highest mapping under the stack.
  *   - MAP_FIXED_NOREPLACE: a reservation never replaces anything; a gap another thread
  *     filled meanwhile is skipped (the object may then land farther: checked after).
- *   - The gap above [heap] is reserved too: a brk() of another thread inside the window
- *     fails, and glibc's malloc then takes that memory from mmap() (it handles a failed
- *     brk, and later brk() calls work again).
+ *   - The gap above [heap] is reserved too: a brk() inside the window (another thread's,
+ *     or a malloc() of dlopen() itself) fails, and glibc's malloc then takes that memory
+ *     from mmap() (it handles a failed brk, and later brk() calls work again).
  * Whether the object did land within reach is checked after the load, site by site
  * (poke.c): a site it does not reach goes through the trampoline, as before.
  */
