@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import os
 import re
-import resource
-import select
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,42 +26,22 @@ from fentry_build import paths
 from fentry_build.client import control
 
 from support.builds import PROGRAMS, build_patch, build_program, run
+from support.lineprog import LineProgram
 
 TIMEOUT = 60.0
 REACH = 2**31
 
 
-class Proc:
-    """`near serve`: lines in, lines out."""
+class Proc(LineProgram):
+    """`near serve` in jump mode: lines in, lines out."""
 
-    def __init__(self, binary: Path, rundir: Path, preexec: object = None) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
-        env.update(FENTRY_RUNTIME_DIR=str(rundir), FENTRY_MODE="jump")
-        self.proc = subprocess.Popen([str(binary), "serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0, env=env, cwd=rundir,
-                                     preexec_fn=preexec)  # type: ignore[arg-type]
-        self.pid = self.proc.pid
+    def __init__(self, binary: Path, rundir: Path, address_space: int | None = None) -> None:
+        super().__init__([str(binary), "serve"], rundir, "jump", address_space=address_space)
         assert self.line() == "ready"
 
-    def line(self) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            if select.select([self.proc.stdout], [], [], 0.2)[0]:
-                out = self.proc.stdout.readline()
-                assert out, f"exited with status {self.proc.wait()}"
-                return out.decode().strip()
-        raise AssertionError("no answer")
-
     def ask(self, text: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text.encode() + b"\n")
+        self.send(text)
         return self.line()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
 
 
 @pytest.fixture
@@ -72,11 +49,11 @@ def procs() -> Iterator[list[Proc]]:
     started: list[Proc] = []
     yield started
     for p in started:
-        p.stop()
+        p.kill()
 
 
-def start(procs: list[Proc], binary: Path, rundir: Path, preexec: object = None) -> Proc:
-    p = Proc(binary, rundir, preexec)
+def start(procs: list[Proc], binary: Path, rundir: Path, address_space: int | None = None) -> Proc:
+    p = Proc(binary, rundir, address_space)
     procs.append(p)
     return p
 
@@ -187,14 +164,9 @@ def test_an_unplaced_patch_loads_near_and_goes_through_a_direct_trampoline(
     assert costs["sites_direct"] == 0 and costs["trampolines"] == 1
 
 
-def limit_address_space() -> None:
-    limit = 64 << 30  # far more than the program uses, but a limit all the same
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
 def test_with_an_address_space_limit_the_load_is_not_steered_and_status_says_why(
         built: dict[str, Path], procs: list[Proc], tmp_path: Path) -> None:
-    p = start(procs, built["prog"], tmp_path, limit_address_space)
+    p = start(procs, built["prog"], tmp_path, address_space=64 << 30)  # a limit, if a high one
     control.apply(p.pid, built["placed"])
     assert p.ask("c") == "63"
     status = control.status(p.pid)

@@ -138,7 +138,8 @@ struct fentry_patch {
  * compiler does not.  The expansion exports the replacement's address to the
  * registration source the generator writes beside the patch.
  */
-#define FENTRY_REPLACE(old, new, ...)                                                 \
+#define FENTRY_REPLACE(old, new, ...) FENTRY__EXPORT_REPLACEMENT(new)
+#define FENTRY__EXPORT_REPLACEMENT(new)                                               \
 	__attribute__((used, visibility("hidden"))) void *const fentry_repl__##new =      \
 		(void *)&new
 
@@ -159,8 +160,7 @@ struct fentry_patch {
 #define FENTRY_REPLACE(old, new, ...)                                                 \
 	__typeof__(new) new __attribute__((aligned(256),                                  \
 		patchable_function_entry(FENTRY_PLACE__##new, FENTRY_PLACE__##new)));     \
-	__attribute__((used, visibility("hidden"))) void *const fentry_repl__##new =      \
-		(void *)&new
+	FENTRY__EXPORT_REPLACEMENT(new)
 #endif
 
 /*

@@ -4,6 +4,7 @@ variables of one test (its own runtime folder, the mode)."""
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -17,16 +18,22 @@ class LineProgram:
     """A test program that prints lines and reads commands on stdin."""
 
     def __init__(self, argv: list[str], rundir: Path, mode: str, *,
-                 env: dict[str, str] | None = None, block_all: bool = False) -> None:
+                 env: dict[str, str] | None = None, block_all: bool = False,
+                 address_space: int | None = None) -> None:
+        """`block_all`: started with every signal blocked; `address_space`: with that
+        RLIMIT_AS (bytes)."""
         full = {k: v for k, v in os.environ.items() if not k.startswith("FENTRY_")}
         full.update({"FENTRY_RUNTIME_DIR": str(rundir), "FENTRY_MODE": mode, **(env or {})})
 
-        def block() -> None:  # in the child, before exec: the mask survives exec
-            signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        def before_exec() -> None:  # in the child: the mask and the limit survive exec
+            if block_all:
+                signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            if address_space is not None:
+                resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      bufsize=0, env=full, cwd=rundir,
-                                     preexec_fn=block if block_all else None)
+                                     preexec_fn=before_exec if block_all or address_space else None)
         self.pid = self.proc.pid
 
     def line(self) -> str:

@@ -745,8 +745,9 @@ static int write_trampolines(uint8_t *buf)
 static uintptr_t trampoline_for(uintptr_t target, unsigned residue)
 {
 	struct tramp *t;
-	uintptr_t at = 0;
+	uintptr_t at;
 	size_t len = TRAMP_INDIRECT_LEN;
+	int64_t rel;
 
 	if ((2 * (tmap_n + 1) > tmap_cap) && tmap_rebuild(tmap_cap ? 2 * tmap_cap : 64, 0, 0) < 0)
 		return 0;
@@ -759,18 +760,14 @@ static uintptr_t trampoline_for(uintptr_t target, unsigned residue)
 	 * the program: near.c); else through the 8-byte slot.  The first trampoline maps the
 	 * first area, so the reach is judged from the place it got.
 	 */
-	{
-		int64_t rel;
-
-		at = tramp_alloc(residue, TRAMP_DIRECT_LEN);
-		if (at == 0)
-			return 0;
-		rel = (int64_t)target - (int64_t)(at + TRAMP_DIRECT_LEN);
-		if (rel >= INT32_MIN && rel <= INT32_MAX)
-			len = TRAMP_DIRECT_LEN;
-		else
-			tramp_free(at, TRAMP_DIRECT_LEN);
-	}
+	at = tramp_alloc(residue, TRAMP_DIRECT_LEN);
+	if (at == 0)
+		return 0;
+	rel = (int64_t)target - (int64_t)(at + TRAMP_DIRECT_LEN);
+	if (rel >= INT32_MIN && rel <= INT32_MAX)
+		len = TRAMP_DIRECT_LEN;
+	else
+		tramp_free(at, TRAMP_DIRECT_LEN);
 	if (len == TRAMP_INDIRECT_LEN && (at = tramp_alloc(residue, len)) == 0)
 		return 0;
 	t->target = target;
